@@ -1,0 +1,15 @@
+"""kvbucket: crash-safe bucketed SSD storage for LLM KV-cache blocks.
+
+>>> from kvbucket import BucketStore
+>>> with BucketStore.open("/tmp/kv") as store:          # doctest: +SKIP
+...     bucket_id = store.batch_offload({"page-0": b"..."})
+...     store.batch_get(["page-0"])
+"""
+
+from .config import BucketConfig
+from .index import ObjectMeta
+from .recovery import RecoveryReport
+from .store import BucketStore, StoreStats
+
+__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "RecoveryReport", "StoreStats"]
+__version__ = "0.1.0"

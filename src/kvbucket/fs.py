@@ -1,0 +1,154 @@
+"""The I/O seam: every system call the store makes on its directory.
+
+The store never calls ``os`` directly for anything that touches its files; it
+calls a :class:`FileSystem`. Production uses this class as is. Tests subclass
+it to record operations (power-loss simulation), to kill the process at the
+Nth step (crash sweeps) or to raise ``EIO``/``ENOSPC`` or write short (fault
+injection). Subclasses override the primitive methods (those without a
+leading ``write_``/``read_``); the loops in :meth:`write_all` and
+:meth:`read_into` are built on them, so an override sees every real call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Sequence
+
+__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK"]
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+WRITE_CHUNK = 4 << 20
+"""Bytes per write call: 1-4 MiB calls run several times faster than one huge
+``pwritev`` on the machines we measured (docs/BENCHMARKS.md)."""
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class FileSystem:
+    """POSIX file operations, one method per system call."""
+
+    # -- primitives -------------------------------------------------------
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags | os.O_CLOEXEC, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def pwritev(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        return os.pwritev(fd, buffers, offset)
+
+    def preadv(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        return os.preadv(fd, buffers, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path, follow_symlinks=False)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def fsync_dir(self, path: str) -> None:
+        """Make the directory's entries (creates, renames, unlinks) durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def lock(self, fd: int) -> bool:
+        """Take an exclusive ``flock`` without blocking; False when another holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def advise_dontneed(self, fd: int) -> None:
+        """Drop the file's pages from the page cache (benchmarks: cold reads)."""
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    # -- loops built on the primitives ------------------------------------
+    def write_all(self, fd: int, views: Sequence[memoryview], offset: int) -> int:
+        """Write ``views`` back to back at ``offset``, looping over short
+        writes, in calls of at most :data:`IOV_MAX` pieces and about
+        :data:`WRITE_CHUNK` bytes. Returns the bytes written."""
+        total = 0
+        for chunk in _chunks(views, WRITE_CHUNK, IOV_MAX):
+            while chunk:
+                written = self.pwritev(fd, chunk, offset + total)
+                if written <= 0:
+                    raise OSError(f"pwritev wrote {written} bytes")
+                total += written
+                chunk = _advance(chunk, written)
+        return total
+
+    def read_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``, looping over short reads; returns the
+        bytes read, fewer than ``len(view)`` only at end of file."""
+        done = 0
+        while done < len(view):
+            got = self.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
+        return done
+
+    def read_file(self, path: str) -> bytes:
+        """The whole content of a small file (a meta)."""
+        fd = self.open(path, os.O_RDONLY)
+        try:
+            size = self.fstat(fd).st_size
+            buf = bytearray(size)
+            got = self.read_into(fd, memoryview(buf), 0)
+            return bytes(buf[:got])
+        finally:
+            self.close(fd)
+
+
+def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> list[list[memoryview]]:
+    """Split ``views`` into runs of at most ``max_pieces`` views and about
+    ``max_bytes`` bytes; a larger view is split into ``max_bytes`` slices."""
+    chunks: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    size = 0
+    for view in views:
+        start = 0
+        while start < len(view):
+            piece = view[start : start + max_bytes - size]
+            current.append(piece)
+            start += len(piece)
+            size += len(piece)
+            if size >= max_bytes or len(current) >= max_pieces:
+                chunks.append(current)
+                current, size = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _advance(chunk: list[memoryview], written: int) -> list[memoryview]:
+    """What remains of ``chunk`` after ``written`` bytes of it went out."""
+    while chunk and written >= len(chunk[0]):
+        written -= len(chunk[0])
+        chunk = chunk[1:]
+    if written:
+        chunk = [chunk[0][written:], *chunk[1:]]
+    return chunk

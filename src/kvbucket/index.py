@@ -1,0 +1,168 @@
+"""The in-memory index: key -> object location, and bucket id -> bucket.
+
+Lean enough for tens of millions of keys: a key maps to an ``int`` slot, and
+the slot's fields live in flat typed arrays (about 28 bytes a key) instead of
+a Python object per key.
+
+Invariants (callers hold the store's index lock):
+* a key is in :attr:`Index.slots` exactly when it is in the ``keys`` of the
+  bucket its slot names, and that bucket is in :attr:`Index.buckets`;
+* ``Bucket.logical`` is the sum of the sizes of its live keys;
+* :attr:`Index.logical_bytes` and :attr:`Index.physical_bytes` are the sums of
+  the buckets' fields.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .format import ALIGNMENT
+
+__all__ = ["ObjectMeta", "Bucket", "Index"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """Where one object lives."""
+
+    bucket_id: int
+    """The bucket holding the object."""
+    offset: int
+    """Byte offset of the value in the bucket's data file."""
+    size: int
+    """Value length in bytes."""
+    checksum: int
+    """CRC32C of the value."""
+
+
+@dataclass(eq=False, slots=True)
+class Bucket:
+    """One committed bucket: its files' sizes and its live keys."""
+
+    bucket_id: int
+    data_length: int
+    """Length of the data file as the meta records it."""
+    aligned: bool
+    """Values start on :data:`~kvbucket.format.ALIGNMENT` boundaries (direct I/O)."""
+    physical: int
+    """Allocated bytes of the data and meta files (``st_blocks * 512``)."""
+    keys: list[str] = field(default_factory=list)
+    logical: int = 0
+    """Sum of the live values' sizes."""
+    used: int = 0
+    """Bytes of the data file that live values occupy (padding included)."""
+    access: int = 0
+    """LRU stamp: larger is more recently read or written."""
+    pins: int = 0
+    """Reads in flight; the data descriptor stays open while > 0."""
+    fd: int = -1
+    """Cached read descriptor of the data file, or -1."""
+    retired: bool = False
+    """Taken out of the index; close ``fd`` once ``pins`` drops to 0."""
+
+    def footprint(self, size: int) -> int:
+        """Bytes a value of ``size`` occupies in this bucket's data file."""
+        return -(-size // ALIGNMENT) * ALIGNMENT if self.aligned else size
+
+    @property
+    def dead(self) -> int:
+        """Bytes of the data file that no live value uses."""
+        return self.data_length - self.used
+
+
+class Index:
+    """Keys, their locations, and the buckets that hold them."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.buckets: dict[int, Bucket] = {}
+        self._bucket = array("q")
+        self._offset = array("Q")
+        self._size = array("Q")
+        self._crc = array("I")
+        self._free: list[int] = []
+        self.logical_bytes = 0
+        self.physical_bytes = 0
+        self.dead_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.slots
+
+    def get(self, key: str) -> ObjectMeta | None:
+        slot = self.slots.get(key)
+        if slot is None:
+            return None
+        return ObjectMeta(self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot])
+
+    def add_bucket(self, bucket: Bucket, records: Iterable[tuple[str, int, int, int]]) -> None:
+        """Insert ``bucket`` with its objects ``(key, offset, size, crc)``.
+
+        A key already indexed moves to ``bucket`` (recovery resolves a key
+        present in two buckets in favour of the newer one); the caller then
+        rewrites the older bucket's meta.
+        """
+        self.buckets[bucket.bucket_id] = bucket
+        for key, offset, size, crc in records:
+            if key in self.slots:
+                self.drop_keys([key])
+            self._put(key, bucket.bucket_id, offset, size, crc)
+            bucket.keys.append(key)
+            bucket.logical += size
+            bucket.used += bucket.footprint(size)
+        self.logical_bytes += bucket.logical
+        self.physical_bytes += bucket.physical
+        self.dead_bytes += bucket.dead
+
+    def drop_bucket(self, bucket_id: int) -> Bucket:
+        """Remove a bucket and all its keys; return it."""
+        bucket = self.buckets.pop(bucket_id)
+        for key in bucket.keys:
+            self._release(self.slots.pop(key))
+        self.logical_bytes -= bucket.logical
+        self.physical_bytes -= bucket.physical
+        self.dead_bytes -= bucket.dead
+        bucket.retired = True
+        return bucket
+
+    def drop_keys(self, keys: Iterable[str]) -> None:
+        """Remove objects from their buckets (their bytes become dead)."""
+        for key in keys:
+            slot = self.slots.pop(key)
+            bucket = self.buckets[self._bucket[slot]]
+            size = self._size[slot]
+            bucket.keys.remove(key)
+            bucket.logical -= size
+            bucket.used -= bucket.footprint(size)
+            self.logical_bytes -= size
+            self.dead_bytes += bucket.footprint(size)
+            self._release(slot)
+
+    def set_physical(self, bucket: Bucket, physical: int) -> None:
+        """Record a new allocated size for ``bucket`` (after its meta was rewritten)."""
+        self.physical_bytes += physical - bucket.physical
+        bucket.physical = physical
+
+    def records(self, bucket: Bucket) -> list[tuple[str, ObjectMeta]]:
+        """The live objects of ``bucket``, in its key order."""
+        return [(key, self.get(key)) for key in bucket.keys]  # type: ignore[misc]
+
+    def _put(self, key: str, bucket_id: int, offset: int, size: int, crc: int) -> None:
+        if self._free:
+            slot = self._free.pop()
+            self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot] = bucket_id, offset, size, crc
+        else:
+            slot = len(self._bucket)
+            self._bucket.append(bucket_id)
+            self._offset.append(offset)
+            self._size.append(size)
+            self._crc.append(crc)
+        self.slots[key] = slot
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+

@@ -1,0 +1,94 @@
+"""The ``LOCK`` file: one writer per directory, and the bucket-id high-water mark.
+
+A writer holds an exclusive ``flock`` on ``LOCK`` for as long as the store is
+open; the kernel drops it when the process dies, so a crashed writer never
+blocks the next one.
+
+The file also records the highest bucket id ever handed out, so ids keep
+increasing after the newest buckets are deleted. It holds two slots in
+separate 512-byte sectors; each slot is ``magic, high-water mark, crc32c``.
+A write goes to the slot holding the lower valid value, so a torn write can
+only destroy a slot whose value is already superseded by the other.
+
+Invariant: before any file of bucket ``b`` is unlinked, a slot records a value
+``>= b`` and has been fsynced (in strict durability).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from .checksum import crc32c
+from .errors import StoreLocked
+from .format import LOCK_NAME
+from .fs import FileSystem
+
+__all__ = ["StoreLock"]
+
+_SLOT = struct.Struct("<8sQI")
+_MAGIC = b"KVBLOCK\x00"
+_SLOT_OFFSETS = (0, 512)
+
+
+class StoreLock:
+    """The held writer lock of one store directory."""
+
+    def __init__(self, fs: FileSystem, directory: str, fd: int, durable: bool) -> None:
+        self._fs = fs
+        self._directory = directory
+        self._fd = fd
+        self._durable = durable
+        self._slots = [self._read_slot(offset) for offset in _SLOT_OFFSETS]
+
+    @classmethod
+    def acquire(cls, fs: FileSystem, directory: str, durable: bool) -> StoreLock:
+        """Create (if needed) and lock ``LOCK``, or raise :class:`StoreLocked`."""
+        path = os.path.join(directory, LOCK_NAME)
+        fd = fs.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            if not fs.lock(fd):
+                raise StoreLocked(
+                    f"{directory} is in use by another writer process. One directory has "
+                    "one writer: give each process (each rank) its own sub-directory, "
+                    "or open this one with readonly=True."
+                )
+            lock = cls(fs, directory, fd, durable)
+        except BaseException:
+            fs.close(fd)
+            raise
+        return lock
+
+    @property
+    def high_water_mark(self) -> int:
+        """The highest bucket id recorded as handed out (0 when none)."""
+        return max(self._slots)
+
+    def raise_high_water_mark(self, bucket_id: int) -> None:
+        """Durably record that ids up to ``bucket_id`` have been handed out."""
+        if bucket_id <= self.high_water_mark:
+            return
+        slot = self._slots.index(min(self._slots))
+        payload = _SLOT.pack(_MAGIC, bucket_id, 0)
+        payload = payload[:-4] + struct.pack("<I", crc32c(payload[:-4]))
+        self._fs.write_all(self._fd, [memoryview(payload)], _SLOT_OFFSETS[slot])
+        if self._durable:
+            self._fs.fsync(self._fd)
+            self._fs.fsync_dir(self._directory)
+        self._slots[slot] = bucket_id
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        if self._fd >= 0:
+            self._fs.close(self._fd)
+            self._fd = -1
+
+    def _read_slot(self, offset: int) -> int:
+        buf = bytearray(_SLOT.size)
+        got = self._fs.read_into(self._fd, memoryview(buf), offset)
+        if got != _SLOT.size:
+            return 0
+        magic, value, stored_crc = _SLOT.unpack(buf)
+        if magic != _MAGIC or crc32c(bytes(buf[:-4])) != stored_crc:
+            return 0
+        return value

@@ -1,0 +1,243 @@
+"""Recovery: what a store directory holds, and how open() makes it clean.
+
+:func:`scan_directory` reads a directory without changing anything (open
+with ``readonly=True`` and ``kvbucket fsck`` use it alone). :func:`repair`
+then acts on the scan's findings; a writer's ``open()`` runs both.
+
+After :func:`repair`, the directory holds only ``LOCK``, foreign files
+(never touched), the quarantine folder, and complete bucket pairs whose meta
+verifies and whose data file has the recorded length; and no key is listed
+by two metas. The rules and their arguments are in docs/FORMAT.md,
+"Recovery".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field, replace
+
+from .commit import delete_bucket_files, publish_meta, unlink_if_present
+from .errors import CorruptionError
+from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, data_name, decode_meta, meta_name, parse_name
+from .fs import FileSystem
+from .lockfile import StoreLock
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "repair"]
+
+ORPHAN_DATA = "orphan_data"
+META_WITHOUT_DATA = "meta_without_data"
+INVALID_META = "invalid_meta"
+SHORT_DATA = "short_data"
+LONG_DATA = "long_data"
+EMPTY_BUCKET = "empty_bucket"
+TEMPORARY = "temporary"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem in a store directory and the files it concerns."""
+
+    kind: str
+    """``orphan_data``, ``meta_without_data``, ``invalid_meta``, ``short_data``,
+    ``long_data``, ``empty_bucket`` or ``temporary``."""
+    bucket_id: int
+    files: tuple[str, ...]
+    bytes: int
+    """Sum of the files' sizes."""
+    reason: str
+
+
+@dataclass
+class LoadedBucket:
+    """A bucket whose meta verifies and whose data file has the recorded length."""
+
+    meta: BucketMeta
+    physical: int
+    """Allocated bytes of the data and meta files."""
+    mtime_ns: int
+    """Modification time of the data file (write order of recovered buckets)."""
+
+
+@dataclass
+class DirectoryScan:
+    """What :func:`scan_directory` found."""
+
+    path: str
+    buckets: dict[int, LoadedBucket] = field(default_factory=dict)
+    """Valid buckets, ascending by id."""
+    findings: list[Finding] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    """Names that are not ours (never touched)."""
+    shadowed: dict[int, list[str]] = field(default_factory=dict)
+    """Keys listed by a bucket that a newer bucket also lists (an interrupted
+    compaction); the newer copy wins."""
+    max_id: int = 0
+    """Largest bucket id among all of our file names."""
+
+
+@dataclass
+class RecoveryReport:
+    """What ``open()`` found and did."""
+
+    buckets: int = 0
+    """Valid buckets loaded."""
+    keys: int = 0
+    """Objects loaded."""
+    removed_files: list[str] = field(default_factory=list)
+    """Files that left the directory listing (deleted or quarantined)."""
+    freed_bytes: int = 0
+    """Sum of the sizes of ``removed_files``."""
+    dropped_buckets: list[tuple[int, str]] = field(default_factory=list)
+    """``(bucket_id, reason)`` for every bucket id whose files were removed."""
+    rewritten_buckets: list[int] = field(default_factory=list)
+    """Buckets whose meta was rewritten to drop keys superseded by newer buckets."""
+    foreign_files: list[str] = field(default_factory=list)
+    """Names that are not ours, left untouched."""
+    quarantined: bool = False
+    """Files were moved to ``quarantine/`` rather than deleted."""
+
+
+def scan_directory(path: str | os.PathLike[str], fs: FileSystem | None = None) -> DirectoryScan:
+    """Classify every entry of a store directory; changes nothing."""
+    fs = fs or FileSystem()
+    directory = os.fspath(path)
+    scan = DirectoryScan(directory)
+    ids: dict[int, dict[FileKind, os.stat_result]] = {}
+    for name in sorted(fs.listdir(directory)):
+        parsed = parse_name(name)
+        st = _regular_stat(fs, os.path.join(directory, name)) if parsed else None
+        if parsed is None or st is None:
+            if name not in (LOCK_NAME, QUARANTINE_DIR):
+                scan.foreign.append(name)
+            continue
+        ids.setdefault(parsed[0], {})[parsed[1]] = st
+        scan.max_id = max(scan.max_id, parsed[0])
+    for bucket_id in sorted(ids):
+        _classify(fs, scan, bucket_id, ids[bucket_id])
+    _find_shadowed(scan)
+    return scan
+
+
+def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
+    """``stat`` of a regular file; None for anything else (a directory or
+    link named like ours is foreign)."""
+    try:
+        st = fs.stat(path)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _classify(fs: FileSystem, scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result]) -> None:
+    tmp = files.get(FileKind.TMP)
+    if tmp is not None:
+        scan.findings.append(Finding(TEMPORARY, bucket_id, (f"{bucket_id}.meta.tmp",), tmp.st_size, "temporary file of an unfinished write"))
+    data, meta_st = files.get(FileKind.DATA), files.get(FileKind.META)
+    names = tuple(n for n, st in ((meta_name(bucket_id), meta_st), (data_name(bucket_id), data)) if st is not None)
+    size = sum(st.st_size for st in (meta_st, data) if st is not None)
+    if meta_st is None:
+        if data is not None:
+            scan.findings.append(Finding(ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
+        return
+    problem = _check_pair(fs, scan.path, bucket_id, data)
+    if isinstance(problem, Finding):
+        scan.findings.append(replace(problem, files=names, bytes=size))
+        return
+    physical = (meta_st.st_blocks + data.st_blocks) * 512  # type: ignore[union-attr]
+    scan.buckets[bucket_id] = LoadedBucket(problem, physical, data.st_mtime_ns)  # type: ignore[union-attr]
+
+
+def _check_pair(fs: FileSystem, directory: str, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
+    """The bucket's verified meta, or the finding that rejects it."""
+    try:
+        meta = decode_meta(fs.read_file(os.path.join(directory, meta_name(bucket_id))), bucket_id)
+    except CorruptionError as exc:
+        return Finding(INVALID_META, bucket_id, (), 0, str(exc))
+    except OSError as exc:
+        return Finding(INVALID_META, bucket_id, (), 0, f"meta unreadable: {exc.strerror}")
+    if data is None:
+        return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file")
+    if data.st_size != meta.data_length:
+        kind = SHORT_DATA if data.st_size < meta.data_length else LONG_DATA
+        return Finding(kind, bucket_id, (), 0, f"data file is {data.st_size} bytes, meta records {meta.data_length}")
+    if not meta.records:
+        return Finding(EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
+    return meta
+
+
+def _find_shadowed(scan: DirectoryScan) -> None:
+    """Record keys of older buckets that a newer bucket lists too."""
+    owner: dict[str, int] = {}
+    for bucket_id, loaded in scan.buckets.items():  # ascending ids
+        for record in loaded.meta.records:
+            previous = owner.get(record.key)
+            if previous is not None:
+                scan.shadowed.setdefault(previous, []).append(record.key)
+            owner[record.key] = bucket_id
+
+
+def repair(
+    fs: FileSystem, scan: DirectoryScan, lock: StoreLock, *, quarantine: bool, durable: bool
+) -> RecoveryReport:
+    """Remove (or quarantine) every finding's files and drop shadowed keys;
+    update ``scan.buckets`` to what remains and report it."""
+    report = RecoveryReport(foreign_files=list(scan.foreign), quarantined=quarantine)
+    if scan.findings or scan.shadowed:
+        lock.raise_high_water_mark(scan.max_id)
+    for finding in scan.findings:
+        _remove_files(fs, scan.path, finding, quarantine, report)
+    if scan.findings and durable:
+        fs.fsync_dir(scan.path)
+    for bucket_id, keys in scan.shadowed.items():
+        _drop_shadowed(fs, scan, bucket_id, set(keys), durable, report)
+    report.buckets = len(scan.buckets)
+    report.keys = sum(len(b.meta.records) for b in scan.buckets.values())
+    return report
+
+
+def _remove_files(fs: FileSystem, directory: str, finding: Finding, quarantine: bool, report: RecoveryReport) -> None:
+    action = "quarantined" if quarantine else "removed"
+    for name in finding.files:
+        path = os.path.join(directory, name)
+        if quarantine:
+            fs.mkdir(os.path.join(directory, QUARANTINE_DIR))
+            fs.rename(path, os.path.join(directory, QUARANTINE_DIR, name))
+        else:
+            unlink_if_present(fs, path)
+        report.removed_files.append(name)
+    report.freed_bytes += finding.bytes
+    if finding.kind != TEMPORARY:
+        report.dropped_buckets.append((finding.bucket_id, finding.reason))
+    log.warning("recovery %s %s (bucket %d: %s, %d bytes)", action, ", ".join(finding.files), finding.bucket_id, finding.reason, finding.bytes)
+
+
+def _drop_shadowed(
+    fs: FileSystem, scan: DirectoryScan, bucket_id: int, keys: set[str], durable: bool, report: RecoveryReport
+) -> None:
+    """Finish an interrupted compaction: the older bucket forgets keys the newer one holds."""
+    loaded = scan.buckets[bucket_id]
+    kept = [r for r in loaded.meta.records if r.key not in keys]
+    if not kept:
+        names = [meta_name(bucket_id), data_name(bucket_id)]
+        size = sum(fs.stat(os.path.join(scan.path, name)).st_size for name in names)
+        delete_bucket_files(fs, scan.path, bucket_id, durable=durable)
+        del scan.buckets[bucket_id]
+        reason = "every object superseded by a newer bucket"
+        report.removed_files += names
+        report.freed_bytes += size
+        report.dropped_buckets.append((bucket_id, reason))
+        log.warning("recovery removed bucket %d: %s", bucket_id, reason)
+        return
+    loaded.meta = replace(loaded.meta, records=kept)
+    meta_physical = publish_meta(fs, scan.path, loaded.meta, durable=durable)
+    loaded.physical = _data_physical(fs, scan.path, bucket_id) + meta_physical
+    report.rewritten_buckets.append(bucket_id)
+    log.warning("recovery rewrote the meta of bucket %d without %d superseded keys", bucket_id, len(keys))
+
+
+def _data_physical(fs: FileSystem, directory: str, bucket_id: int) -> int:
+    return fs.stat(os.path.join(directory, data_name(bucket_id))).st_blocks * 512

@@ -1,0 +1,902 @@
+"""BucketStore: the public face of kvbucket.
+
+Concurrency: ``_mutex`` guards the index and bucket descriptors and is held
+only for in-memory work (and opening a read descriptor). ``_writer``
+serialises everything that changes the directory: offload, removal,
+deletion, eviction, compaction. Reads take neither during I/O: they *pin*
+their buckets under ``_mutex``, read through the pinned descriptor, and
+unpin. A bucket deleted meanwhile is unlinked at once, but its descriptor
+stays open until the last pin goes, so a read that has started completes
+with the right bytes (POSIX keeps an unlinked file readable).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .buffers import Buffer, value_views, writable_view
+from .checksum import crc32c, crc32c_of
+from .commit import delete_bucket_files, publish_meta, write_bucket
+from .config import BucketConfig
+from .datafile import open_for_read, read_value
+from .errors import (
+    CapacityExceeded,
+    CorruptionError,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    ReadOnlyStore,
+    SizeMismatch,
+    StorageIOError,
+    StoreClosed,
+)
+from .eviction import Limits, Usage, choose_victims
+from .format import (
+    ALIGNMENT,
+    HEADER_SIZE,
+    MAX_KEY_BYTES,
+    RECORD_SIZE,
+    BucketMeta,
+    MetaRecord,
+    aligned_layout,
+    data_name,
+    packed_layout,
+)
+from .fs import FileSystem
+from .grouping import OffloadGrouper
+from .index import Bucket, Index, ObjectMeta
+from .lockfile import StoreLock
+from .recovery import DirectoryScan, RecoveryReport, repair, scan_directory
+from .usage import measure_directory
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BucketStore", "StoreStats"]
+
+MAX_OPEN_DESCRIPTORS = 256
+"""Read descriptors kept open across calls; older unpinned ones are closed."""
+
+Value = Buffer | Sequence[Buffer]
+Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
+Callback = Callable[[list[str]], object]
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of what the store holds and how close it is to its limits."""
+
+    keys: int
+    buckets: int
+    logical_bytes: int
+    """Value bytes of live objects."""
+    physical_bytes: int
+    """Allocated bytes of everything in the directory (``st_blocks * 512``, as ``du``)."""
+    dead_bytes: int
+    """Bytes of data files that no live object uses (removed objects, padding)."""
+    max_total_size: int
+    max_physical_bytes: int
+    total_keys_limit: int
+    usage_ratio: float
+    """The highest of the three usages relative to its limit (0.0 when unlimited)."""
+    evicted_buckets: int
+    """Buckets evicted since open."""
+    evicted_keys: int
+    """Objects evicted since open."""
+
+
+@dataclass
+class _Object:
+    """One object of a batch being written."""
+
+    key: str
+    views: list[memoryview]
+    size: int
+    crc: int
+
+
+class BucketStore:
+    """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
+
+    def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None) -> None:
+        self._config = config
+        self._fs = fs
+        self._lock = lock
+        self._dir = os.fspath(config.path)
+        self._index = Index()
+        self._mutex = threading.Lock()
+        self._writer = threading.RLock()
+        self._descriptors: OrderedDict[int, Bucket] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._clock = 0
+        self._next_id = 1
+        self._other_physical = 0
+        self._evicted = [0, 0]
+        self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
+        self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
+        self.recovery_report = RecoveryReport()
+
+    # -- opening and closing ------------------------------------------------
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str] | BucketConfig | None = None, /, *, filesystem: FileSystem | None = None, **fields: Any
+    ) -> BucketStore:
+        """Open (creating if needed) the store at ``path``, running recovery.
+
+        ``path`` is a directory or a :class:`BucketConfig`; keyword ``fields``
+        set or override configuration fields. ``filesystem`` replaces the I/O
+        layer (tests use it to inject crashes and faults).
+        """
+        config = _make_config(path, fields)
+        fs = filesystem or FileSystem()
+        directory = os.fspath(config.path)
+        _prepare_directory(fs, directory, config.readonly)
+        lock = None if config.readonly else StoreLock.acquire(fs, directory, config.durability == "strict")
+        store = cls(config, fs, lock)
+        try:
+            store._recover()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    def _recover(self) -> None:
+        scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
+        if self._lock is not None:
+            durable = self._config.durability == "strict"
+            self.recovery_report = self._io(
+                "recovering", lambda: repair(self._fs, scan, self._lock, quarantine=self._config.quarantine, durable=durable)
+            )
+            self._next_id = max(self._lock.high_water_mark, scan.max_id) + 1
+        else:
+            self.recovery_report = RecoveryReport(
+                buckets=len(scan.buckets),
+                keys=sum(len(b.meta.records) for b in scan.buckets.values()),
+                foreign_files=list(scan.foreign),
+            )
+        self._load(scan)
+        self._reconcile_physical()
+
+    def _load(self, scan: DirectoryScan) -> None:
+        """Fill the index from a scan; recovered buckets keep their write order for LRU."""
+        index = Index()
+        by_age = sorted(scan.buckets.items(), key=lambda item: (item[1].mtime_ns, item[0]))
+        stamps = {bucket_id: stamp for stamp, (bucket_id, _) in enumerate(by_age, start=1)}
+        for bucket_id, loaded in scan.buckets.items():
+            meta = loaded.meta
+            bucket = Bucket(bucket_id, meta.data_length, meta.aligned, loaded.physical, access=stamps[bucket_id])
+            index.add_bucket(bucket, ((r.key, r.offset, r.size, r.crc) for r in meta.records))
+        with self._mutex:
+            old, self._index = self._index, index
+            self._clock = len(stamps)
+            for bucket in old.buckets.values():
+                self._retire(bucket)
+
+    def refresh(self) -> None:
+        """Re-read the directory (readonly stores: see buckets committed since open)."""
+        self._check_open()
+        scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
+        with self._writer:
+            self._load(scan)
+            self._reconcile_physical()
+
+    def close(self) -> None:
+        """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`."""
+        with self._writer:
+            with self._mutex:
+                if self._closed:
+                    return
+                self._closed = True
+                for bucket in list(self._index.buckets.values()):
+                    self._retire(bucket)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> BucketStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def config(self) -> BucketConfig:
+        """The validated configuration."""
+        return self._config
+
+    @property
+    def path(self) -> str:
+        """The store directory."""
+        return self._dir
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- writing --------------------------------------------------------------
+    def batch_offload(
+        self,
+        objects: Objects,
+        on_complete: Callable[[list[str], list[ObjectMeta]], object] | None = None,
+        on_evict: Callback | None = None,
+        on_duplicate: str = "error",
+    ) -> int | None:
+        """Write ``objects`` as one new bucket; return its id once it is durable.
+
+        ``objects`` maps keys to values (a buffer, or a list of buffers written
+        back to back); an iterable of ``(key, value)`` pairs works too. A key
+        already stored raises :class:`KeyExists`, unless ``on_duplicate="skip"``
+        (then only new keys are written, and ``None`` is returned when there
+        are none). Buckets evicted to make room are reported to ``on_evict``
+        before their files are deleted. ``on_complete(keys, metas)`` runs
+        after the commit; if it raises, the bucket is rolled back and the
+        error propagates.
+        """
+        if on_duplicate not in ("error", "skip"):
+            raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
+        batch = _prepare_batch(objects)
+        with self._writer:
+            self._check_writable()
+            batch = self._without_stored(batch, skip=on_duplicate == "skip")
+            if not batch:
+                return None
+            self._check_bucket_limits(batch)
+            aligned = self._config.io_mode == "direct"
+            offsets, length = (aligned_layout if aligned else packed_layout)([o.size for o in batch])
+            need = Usage(sum(o.size for o in batch), _physical_estimate(batch, length), len(batch))
+            self._make_room(need, on_evict)
+            bucket_id = self._allocate_id()
+            meta = BucketMeta(bucket_id, length, aligned, [MetaRecord(o.key, off, o.size, o.crc) for o, off in zip(batch, offsets)])
+            physical = self._io(
+                f"writing bucket {bucket_id}",
+                lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable),
+            )
+            bucket = self._commit(meta, physical)
+            if on_complete is not None:
+                self._notify_complete(bucket, meta, on_complete)
+            return bucket_id
+
+    def _commit(self, meta: BucketMeta, physical: int) -> Bucket:
+        bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
+        with self._mutex:
+            self._index.add_bucket(bucket, ((r.key, r.offset, r.size, r.crc) for r in meta.records))
+            self._touch(bucket)
+        return bucket
+
+    def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
+        keys = [r.key for r in meta.records]
+        metas = [ObjectMeta(meta.bucket_id, r.offset, r.size, r.crc) for r in meta.records]
+        try:
+            on_complete(keys, metas)
+        except BaseException:
+            log.warning("on_complete failed for bucket %d; rolling it back", bucket.bucket_id)
+            self._delete_buckets([bucket])
+            raise
+
+    def _without_stored(self, batch: list[_Object], skip: bool) -> list[_Object]:
+        with self._mutex:
+            stored = [o.key for o in batch if o.key in self._index]
+        if stored and not skip:
+            raise KeyExists(f"key {stored[0]!r} is already stored" + (f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""))
+        return [o for o in batch if o.key not in set(stored)] if stored else batch
+
+    def _check_bucket_limits(self, batch: list[_Object]) -> None:
+        if len(batch) == 1:
+            return
+        size = sum(o.size for o in batch)
+        if len(batch) > self._config.bucket_keys_limit:
+            raise InvalidArgument(f"batch of {len(batch)} objects exceeds bucket_keys_limit={self._config.bucket_keys_limit}")
+        if size > self._config.bucket_size_limit:
+            raise InvalidArgument(
+                f"batch of {size} value bytes exceeds bucket_size_limit={self._config.bucket_size_limit}; "
+                "split it (group_for_offload does)"
+            )
+
+    def _allocate_id(self) -> int:
+        bucket_id = self._next_id
+        self._next_id += 1
+        return bucket_id
+
+    # -- reading --------------------------------------------------------------
+    def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
+        """Read each object into the caller's buffer (exactly the object's size).
+
+        Unknown keys raise :class:`KeyNotFound`, wrong sizes
+        :class:`SizeMismatch`, a failed checksum :class:`CorruptionError`; on
+        error the buffers' content is unspecified.
+        """
+        if not destinations:
+            raise InvalidArgument("batch_load needs at least one key")
+        views = {key: writable_view(buf, f"buffer for key {key!r}") for key, buf in _checked_items(destinations)}
+        self._read(views)
+
+    def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""
+        keys = list(keys)
+        if not keys:
+            raise InvalidArgument("batch_get needs at least one key")
+        for key in keys:
+            _check_key(key)
+        with self._mutex:
+            self._check_open()
+            sizes = {key: self._meta_locked(key).size for key in keys}
+        buffers = {key: bytearray(size) for key, size in sizes.items()}
+        self._read({key: memoryview(buf) for key, buf in buffers.items()})
+        return {key: bytes(buf) for key, buf in buffers.items()}
+
+    def _read(self, views: dict[str, memoryview]) -> None:
+        plan = self._pin(views)
+        try:
+            self._run_reads(plan)
+        finally:
+            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values())
+
+    def _pin(self, views: dict[str, memoryview]) -> list[tuple[Bucket, str, ObjectMeta, memoryview]]:
+        """Look up every key and pin its bucket, all under one lock hold."""
+        plan = []
+        with self._mutex:
+            self._check_open()
+            for key, view in views.items():
+                meta = self._meta_locked(key)
+                if len(view) != meta.size:
+                    raise SizeMismatch(f"buffer for key {key!r} is {len(view)} bytes; the object is {meta.size}")
+                plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
+            pinned: list[Bucket] = []
+            try:
+                for bucket in {id(b): b for b, _, _, _ in plan}.values():
+                    self._open_descriptor(bucket)
+                    bucket.pins += 1
+                    pinned.append(bucket)
+                    self._touch(bucket)
+            except BaseException:
+                self._unpin_locked(pinned)
+                raise
+        return plan
+
+    def _run_reads(self, plan: list[tuple[Bucket, str, ObjectMeta, memoryview]]) -> None:
+        if len(plan) == 1 or self._config.io_threads == 1:
+            for item in plan:
+                self._read_one(*item)
+            return
+        plan = sorted(plan, key=lambda item: (item[2].bucket_id, item[2].offset))
+        lanes = min(self._config.io_threads, len(plan))
+        futures = [self._executor().submit(self._read_lane, plan[lane::lanes]) for lane in range(lanes)]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _read_lane(self, items: list[tuple[Bucket, str, ObjectMeta, memoryview]]) -> None:
+        for item in items:
+            self._read_one(*item)
+
+    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: memoryview) -> None:
+        direct = self._config.io_mode == "direct"
+        got = self._io(f"reading key {key!r} from bucket {meta.bucket_id}", lambda: read_value(self._fs, bucket.fd, meta.offset, view, direct))
+        if got != meta.size:
+            raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
+        if self._config.verify_checksums and crc32c(view) != meta.checksum:
+            raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._mutex:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._config.io_threads, thread_name_prefix="kvbucket-io")
+            return self._pool
+
+    def _open_descriptor(self, bucket: Bucket) -> None:
+        """Ensure ``bucket.fd`` is open (under ``_mutex``); bound the cache."""
+        if bucket.fd >= 0:
+            self._descriptors.move_to_end(bucket.bucket_id)
+            return
+        path = os.path.join(self._dir, data_name(bucket.bucket_id))
+        try:
+            bucket.fd = open_for_read(self._fs, path, self._config.io_mode == "direct")
+        except FileNotFoundError as exc:
+            raise KeyNotFound(f"bucket {bucket.bucket_id} was deleted by its writer; refresh() the store") from exc
+        except OSError as exc:
+            raise StorageIOError(f"opening bucket {bucket.bucket_id} failed: {exc.strerror}", exc) from exc
+        self._descriptors[bucket.bucket_id] = bucket
+        while len(self._descriptors) > MAX_OPEN_DESCRIPTORS:
+            oldest = next((b for b in self._descriptors.values() if b.pins == 0), None)
+            if oldest is None:
+                break
+            self._close_descriptor(oldest)
+
+    def _close_descriptor(self, bucket: Bucket) -> None:
+        self._descriptors.pop(bucket.bucket_id, None)
+        if bucket.fd >= 0:
+            fd, bucket.fd = bucket.fd, -1
+            try:
+                self._fs.close(fd)
+            except OSError as exc:
+                log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
+
+    def _unpin(self, buckets: Iterable[Bucket]) -> None:
+        with self._mutex:
+            self._unpin_locked(buckets)
+
+    def _unpin_locked(self, buckets: Iterable[Bucket]) -> None:
+        for bucket in buckets:
+            bucket.pins -= 1
+            if bucket.retired and bucket.pins == 0:
+                self._close_descriptor(bucket)
+
+    def _retire(self, bucket: Bucket) -> None:
+        """Mark a bucket gone from the index (under ``_mutex``)."""
+        bucket.retired = True
+        if bucket.pins == 0:
+            self._close_descriptor(bucket)
+
+    def _touch(self, bucket: Bucket) -> None:
+        self._clock += 1
+        bucket.access = self._clock
+
+    # -- metadata -------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is stored."""
+        with self._mutex:
+            self._check_open()
+            return key in self._index
+
+    def batch_exists(self, keys: Iterable[str]) -> list[bool]:
+        """For each key, whether it is stored."""
+        with self._mutex:
+            self._check_open()
+            slots = self._index.slots
+            return [key in slots for key in keys]
+
+    def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
+        """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
+        with self._mutex:
+            self._check_open()
+            found = ((key, self._index.get(key)) for key in keys)
+            return {key: meta for key, meta in found if meta is not None}
+
+    def scan_meta(self, batch_size: int = 20000) -> Iterator[list[tuple[str, ObjectMeta]]]:
+        """Pages of ``(key, meta)`` in bucket order; a page never splits a bucket
+        unless that bucket alone has more than ``batch_size`` objects."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgument(f"batch_size must be a positive integer; got {batch_size!r}")
+        page: list[tuple[str, ObjectMeta]] = []
+        for bucket_id in self.bucket_ids():
+            with self._mutex:
+                self._check_open()
+                bucket = self._index.buckets.get(bucket_id)
+                records = self._index.records(bucket) if bucket is not None else []
+            if page and len(page) + len(records) > batch_size:
+                yield page
+                page = []
+            while len(records) > batch_size:
+                yield records[:batch_size]
+                records = records[batch_size:]
+            page.extend(records)
+        if page:
+            yield page
+
+    def bucket_ids(self) -> list[int]:
+        """Ids of all buckets, ascending."""
+        with self._mutex:
+            self._check_open()
+            return sorted(self._index.buckets)
+
+    def bucket_keys(self, bucket_id: int) -> list[str]:
+        """Live keys of one bucket."""
+        with self._mutex:
+            self._check_open()
+            return list(self._bucket_locked(bucket_id).keys)
+
+    # -- removal --------------------------------------------------------------
+    def delete_bucket(self, bucket_id: int) -> None:
+        """Delete a bucket and all its objects, durably."""
+        with self._writer:
+            self._check_writable()
+            with self._mutex:
+                bucket = self._bucket_locked(bucket_id)
+            self._delete_buckets([bucket])
+
+    def remove_all(self) -> None:
+        """Delete every bucket, durably."""
+        with self._writer:
+            self._check_writable()
+            with self._mutex:
+                buckets = list(self._index.buckets.values())
+            self._delete_buckets(buckets)
+
+    def remove(self, key: str) -> None:
+        """Remove one object, durably; an unknown key raises :class:`KeyNotFound`."""
+        _check_key(key)
+        if not self.batch_remove([key])[0]:
+            raise KeyNotFound(f"key {key!r} is not stored")
+
+    def batch_remove(self, keys: Iterable[str]) -> list[bool]:
+        """Remove objects, durably; returns, per key, whether it was stored.
+
+        A bucket left without live objects is deleted; otherwise its meta is
+        rewritten without the removed keys (their bytes become dead until
+        :meth:`compact` or eviction reclaims them).
+        """
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        with self._writer:
+            self._check_writable()
+            by_bucket: dict[int, set[str]] = {}
+            with self._mutex:
+                found = []
+                for key in keys:
+                    meta = self._index.get(key)
+                    found.append(meta is not None)
+                    if meta is not None:
+                        by_bucket.setdefault(meta.bucket_id, set()).add(key)
+            for bucket_id, removed in by_bucket.items():
+                self._remove_from_bucket(bucket_id, removed)
+            return found
+
+    def _remove_from_bucket(self, bucket_id: int, removed: set[str]) -> None:
+        with self._mutex:
+            bucket = self._index.buckets[bucket_id]
+            kept = [(key, meta) for key, meta in self._index.records(bucket) if key not in removed]
+        if not kept:
+            self._delete_buckets([bucket])
+            return
+        meta = BucketMeta(bucket_id, bucket.data_length, bucket.aligned, [MetaRecord(k, m.offset, m.size, m.checksum) for k, m in kept])
+        old_meta_physical = self._io("stat", lambda: self._fs.stat(os.path.join(self._dir, f"{bucket_id}.meta")).st_blocks * 512)
+        meta_physical = self._io(f"rewriting the meta of bucket {bucket_id}", lambda: publish_meta(self._fs, self._dir, meta, durable=self._durable))
+        with self._mutex:
+            self._index.drop_keys(removed)
+            self._index.set_physical(bucket, bucket.physical - old_meta_physical + meta_physical)
+
+    def _delete_buckets(self, buckets: Sequence[Bucket]) -> None:
+        """Take buckets out of the index, then delete their files."""
+        if not buckets:
+            return
+        with self._mutex:
+            for bucket in buckets:
+                if not bucket.retired:
+                    self._index.drop_bucket(bucket.bucket_id)
+                self._retire(bucket)
+        self._delete_files([b.bucket_id for b in buckets])
+
+    def _delete_files(self, bucket_ids: list[int]) -> None:
+        def delete() -> None:
+            if self._lock is not None and max(bucket_ids) > self._lock.high_water_mark:
+                self._lock.raise_high_water_mark(self._next_id - 1)
+            for bucket_id in bucket_ids:
+                delete_bucket_files(self._fs, self._dir, bucket_id, durable=False)
+            if self._durable:
+                self._fs.fsync_dir(self._dir)
+
+        self._io(f"deleting bucket(s) {_ids(bucket_ids)}", delete)
+
+    # -- capacity -------------------------------------------------------------
+    def _make_room(self, need: Usage, on_evict: Callback | None) -> None:
+        """Evict so that ``need`` fits, or raise :class:`CapacityExceeded` having changed nothing."""
+        if self._limits.physical and not self._limits.admit(self._usage() + need):
+            self._reconcile_physical()
+        usage = self._usage() + need
+        if self._limits.admit(usage):
+            return
+        if self._config.eviction_policy == "none" or not self._limits.admit(need):
+            raise CapacityExceeded(self._capacity_message(need))
+        with self._mutex:
+            victims = choose_victims(self._index.buckets.values(), self._config.eviction_policy, usage, self._limits)
+        if victims is None:
+            raise CapacityExceeded(self._capacity_message(need))
+        self._evict(victims, on_evict)
+
+    def _capacity_message(self, need: Usage) -> str:
+        usage = self._usage()
+        return (
+            f"a write of {need.logical} bytes ({need.physical} allocated, {need.keys} keys) does not fit: "
+            f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
+            f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes, "
+            f"{usage.keys}/{self._limits.keys or 'unlimited'} keys with eviction_policy={self._config.eviction_policy!r}"
+        )
+
+    def _evict(self, victims: list[Bucket], on_evict: Callback | None) -> list[str]:
+        """Two-phase eviction: out of the index, ``on_evict``, then the files."""
+        keys = [key for bucket in victims for key in bucket.keys]
+        with self._mutex:
+            records = {b.bucket_id: self._index.records(b) for b in victims}
+            for bucket in victims:
+                self._index.drop_bucket(bucket.bucket_id)
+        if on_evict is not None and keys:
+            try:
+                on_evict(list(keys))
+            except BaseException:
+                self._restore(victims, records)
+                raise
+        with self._mutex:
+            for bucket in victims:
+                self._retire(bucket)
+        self._delete_files([b.bucket_id for b in victims])
+        self._evicted[0] += len(victims)
+        self._evicted[1] += len(keys)
+        log.info("evicted %d bucket(s), %d key(s)", len(victims), len(keys))
+        return keys
+
+    def _restore(self, victims: list[Bucket], records: dict[int, list[tuple[str, ObjectMeta]]]) -> None:
+        """Undo phase one of an eviction whose callback failed."""
+        with self._mutex:
+            for bucket in victims:
+                bucket.retired = False
+                bucket.keys, bucket.logical, bucket.used = [], 0, 0
+                entries = ((k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id])
+                self._index.add_bucket(bucket, entries)
+
+    def evict_to_watermark(
+        self, high: float | None = None, low: float | None = None, on_evict: Callback | None = None
+    ) -> list[str]:
+        """When usage is above ``high`` of a limit, evict down to ``low``; return the evicted keys."""
+        high = self._config.eviction_high_watermark if high is None else high
+        low = self._config.eviction_low_watermark if low is None else low
+        if not 0 < low <= high <= 1:
+            raise InvalidArgument(f"watermarks need 0 < low <= high <= 1; got high={high!r}, low={low!r}")
+        with self._writer:
+            self._check_writable()
+            if self._config.eviction_policy == "none":
+                return []
+            self._reconcile_physical()
+            usage = self._usage()
+            if self._limits.ratio(usage) <= high:
+                return []
+            with self._mutex:
+                buckets = list(self._index.buckets.values())
+            victims = choose_victims(buckets, self._config.eviction_policy, usage, self._limits.scaled(low))
+            return self._evict(buckets if victims is None else victims, on_evict)
+
+    def compact(self, min_dead_ratio: float = 0.5) -> int:
+        """Rewrite the live objects of buckets at least ``min_dead_ratio`` dead
+        into new buckets, then delete the old ones; return the allocated bytes freed.
+
+        Crash-safe: an old bucket is deleted only after its objects' new
+        bucket is committed (recovery drops the older copies if a crash
+        comes in between).
+        """
+        if isinstance(min_dead_ratio, bool) or not isinstance(min_dead_ratio, (int, float)) or not 0 <= min_dead_ratio <= 1:
+            raise InvalidArgument(f"min_dead_ratio must be in [0, 1]; got {min_dead_ratio!r}")
+        with self._writer:
+            self._check_writable()
+            with self._mutex:
+                candidates = [b for b in self._index.buckets.values() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
+            freed = 0
+            for group in self._compaction_groups(candidates):
+                freed += self._compact_group(group)
+            return freed
+
+    def _compaction_groups(self, candidates: list[Bucket]) -> Iterator[list[Bucket]]:
+        """Old buckets whose live objects together fit one new bucket."""
+        group: list[Bucket] = []
+        size = keys = 0
+        for bucket in candidates:
+            if group and (size + bucket.logical > self._config.bucket_size_limit or keys + len(bucket.keys) > self._config.bucket_keys_limit):
+                yield group
+                group, size, keys = [], 0, 0
+            group.append(bucket)
+            size += bucket.logical
+            keys += len(bucket.keys)
+        if group:
+            yield group
+
+    def _compact_group(self, group: list[Bucket]) -> int:
+        keys = [key for bucket in group for key in bucket.keys]
+        values = self.batch_get(keys)
+        aligned = self._config.io_mode == "direct"
+        offsets, length = (aligned_layout if aligned else packed_layout)([len(values[k]) for k in keys])
+        with self._mutex:
+            crcs = [self._index.get(k).checksum for k in keys]  # type: ignore[union-attr]
+        bucket_id = self._allocate_id()
+        meta = BucketMeta(bucket_id, length, aligned, [MetaRecord(k, off, len(values[k]), c) for k, off, c in zip(keys, offsets, crcs)])
+        views = [[memoryview(values[k])] for k in keys]
+        physical = self._io(
+            f"writing bucket {bucket_id}", lambda: write_bucket(self._fs, self._dir, meta, views, direct=aligned, durable=self._durable)
+        )
+        before = sum(b.physical for b in group)
+        self._commit(meta, physical)
+        self._delete_buckets(group)
+        return before - physical
+
+    def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
+        """Group ``{key: size}`` into full buckets; carry the partial rest to the next call.
+
+        ``flush=True``, or a remainder older than ``group_max_delay_s``, emits
+        the rest too. Keys already stored or already pending are dropped; an
+        object larger than ``bucket_size_limit`` gets a bucket of its own.
+        """
+        for key, size in sizes.items():
+            _check_key(key)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
+        with self._writer:
+            self._check_open()
+            with self._mutex:
+                slots = self._index.slots
+                return self._grouper.add(sizes, slots.__contains__, flush)
+
+    def pending_group(self) -> list[str]:
+        """Keys carried over by :meth:`group_for_offload`, waiting to fill a bucket."""
+        with self._writer:
+            return self._grouper.pending()
+
+    def stats(self) -> StoreStats:
+        """Counts, sizes and limits; ``physical_bytes`` comes from a fresh directory scan."""
+        self._check_open()
+        with self._writer:
+            self._reconcile_physical()
+            with self._mutex:
+                usage = self._usage_locked()
+                index = self._index
+                return StoreStats(
+                    keys=len(index),
+                    buckets=len(index.buckets),
+                    logical_bytes=index.logical_bytes,
+                    physical_bytes=usage.physical,
+                    dead_bytes=index.dead_bytes,
+                    max_total_size=self._limits.logical,
+                    max_physical_bytes=self._limits.physical,
+                    total_keys_limit=self._limits.keys,
+                    usage_ratio=self._limits.ratio(usage),
+                    evicted_buckets=self._evicted[0],
+                    evicted_keys=self._evicted[1],
+                )
+
+    def _usage(self) -> Usage:
+        with self._mutex:
+            return self._usage_locked()
+
+    def _usage_locked(self) -> Usage:
+        index = self._index
+        return Usage(index.logical_bytes, index.physical_bytes + self._other_physical, len(index))
+
+    def _reconcile_physical(self) -> None:
+        """Re-measure the directory; what buckets do not account for is "other"
+        (LOCK, foreign files, quarantine). A failed scan counts as full."""
+        try:
+            total = measure_directory(self._fs, self._dir)
+        except OSError as exc:
+            log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
+            with self._mutex:
+                self._other_physical = max(self._limits.physical, self._other_physical)
+            return
+        with self._mutex:
+            self._other_physical = max(0, total - self._index.physical_bytes)
+
+    # -- helpers --------------------------------------------------------------
+    @property
+    def _durable(self) -> bool:
+        return self._config.durability == "strict"
+
+    def _io(self, what: str, operation: Callable[[], Any]) -> Any:
+        """Run ``operation``, turning an OSError into :class:`StorageIOError`."""
+        try:
+            return operation()
+        except OSError as exc:
+            if isinstance(exc, StorageIOError):
+                raise
+            raise StorageIOError(f"{what} in {self._dir} failed: {exc.strerror or exc}", exc) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"the store at {self._dir} is closed; open it again")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._config.readonly:
+            raise ReadOnlyStore(f"the store at {self._dir} was opened readonly; open it without readonly=True to write")
+
+    def _meta_locked(self, key: str) -> ObjectMeta:
+        meta = self._index.get(key)
+        if meta is None:
+            raise KeyNotFound(f"key {key!r} is not stored")
+        return meta
+
+    def _bucket_locked(self, bucket_id: int) -> Bucket:
+        bucket = self._index.buckets.get(bucket_id)
+        if bucket is None:
+            raise KeyNotFound(f"bucket {bucket_id!r} does not exist")
+        return bucket
+
+
+def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dict[str, Any]) -> BucketConfig:
+    if isinstance(path, BucketConfig):
+        config = path
+        if fields:
+            try:
+                config = BucketConfig(**{**config.__dict__, **fields})
+            except TypeError as exc:
+                raise InvalidArgument(str(exc)) from exc
+    else:
+        if path is not None:
+            fields = {**fields, "path": path}
+        try:
+            config = BucketConfig(**fields)
+        except TypeError as exc:
+            raise InvalidArgument(f"unknown configuration field: {exc}") from exc
+    return config.validated()
+
+
+def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
+    if os.path.isdir(directory):
+        return
+    if os.path.exists(directory):
+        raise InvalidArgument(f"{directory} exists and is not a directory")
+    if readonly:
+        raise InvalidArgument(f"{directory} does not exist (readonly=True never creates it)")
+    try:
+        fs.mkdir(directory)
+    except OSError as exc:
+        raise StorageIOError(f"creating {directory} failed: {exc.strerror}", exc) from exc
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise InvalidArgument(f"keys must be str; got {type(key).__name__} {key!r}")
+    if not key:
+        raise InvalidArgument("keys must be non-empty")
+    if len(key) > MAX_KEY_BYTES // 4:
+        try:
+            encoded = len(key.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"key {key[:40]!r}... is not valid UTF-8 text") from exc
+        if encoded > MAX_KEY_BYTES:
+            raise InvalidArgument(f"key {key[:40]!r}... is {encoded} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
+    elif not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"key {key!r} is not valid UTF-8 text") from exc
+
+
+def _checked_items(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        _check_key(key)
+        yield key, value
+
+
+def _prepare_batch(objects: Objects) -> list[_Object]:
+    """Validate a batch and turn its values into views; nothing is written yet."""
+    if isinstance(objects, Mapping):
+        items: Iterable[Any] = objects.items()
+    elif isinstance(objects, (str, bytes)) or not isinstance(objects, Iterable):
+        raise InvalidArgument(f"objects must be a mapping or an iterable of (key, value) pairs; got {type(objects).__name__}")
+    else:
+        items = objects
+    batch: list[_Object] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise InvalidArgument(f"each object must be a (key, value) pair; got {item!r:.60}")
+        key, value = item
+        _check_key(key)
+        if key in seen:
+            raise KeyExists(f"key {key!r} appears twice in the batch")
+        seen.add(key)
+        views = value_views(value, f"value of key {key!r}")
+        batch.append(_Object(key, views, sum(len(v) for v in views), crc32c_of(views)))
+    if not batch:
+        raise InvalidArgument("batch_offload needs at least one object")
+    return batch
+
+
+def _physical_estimate(batch: list[_Object], data_length: int) -> int:
+    """Upper bound of the allocated bytes of a new bucket's two files: whole
+    blocks for the data and the meta, plus a block of extent-tree slack per
+    128 MiB of data."""
+    meta_length = HEADER_SIZE + RECORD_SIZE * len(batch) + sum(len(o.key.encode()) for o in batch) + 4
+    blocks = -(-data_length // ALIGNMENT) + -(-meta_length // ALIGNMENT) + 1 + data_length // (128 << 20)
+    return blocks * ALIGNMENT
+
+
+def _ids(bucket_ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in bucket_ids[:5])
+    return shown + (f" and {len(bucket_ids) - 5} more" if len(bucket_ids) > 5 else "")
