@@ -13,3 +13,8 @@ from .store import BucketStore, StoreStats
 
 __all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "RecoveryReport", "StoreStats"]
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# A library stays quiet unless the application configures logging.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

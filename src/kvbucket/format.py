@@ -67,7 +67,7 @@ class FileKind(Enum):
     TMP = ".meta.tmp"
 
 
-_NAME_RE = re.compile(r"^(0|[1-9][0-9]{0,18})(\.bucket|\.meta|\.meta\.tmp)$")
+_NAME_RE = re.compile(r"(0|[1-9][0-9]{0,18})(\.bucket|\.meta|\.meta\.tmp)")
 _KIND_BY_SUFFIX = {kind.value: kind for kind in FileKind}
 
 
@@ -77,7 +77,7 @@ def parse_name(name: str) -> tuple[int, FileKind] | None:
     Ids are canonical decimals (no sign, no leading zero) up to 2**63-1, so
     ``05.meta`` or ``-1.bucket`` are foreign and never touched.
     """
-    match = _NAME_RE.match(name)
+    match = _NAME_RE.fullmatch(name)
     if match is None:
         return None
     bucket_id = int(match.group(1))

@@ -79,7 +79,7 @@ class StoreStats:
     physical_bytes: int
     """Allocated bytes of everything in the directory (``st_blocks * 512``, as ``du``)."""
     dead_bytes: int
-    """Bytes of data files that no live object uses (removed objects, padding)."""
+    """Bytes of data files that no live object uses (removed objects)."""
     max_total_size: int
     max_physical_bytes: int
     total_keys_limit: int
@@ -138,7 +138,12 @@ class BucketStore:
         fs = filesystem or FileSystem()
         directory = os.fspath(config.path)
         _prepare_directory(fs, directory, config.readonly)
-        lock = None if config.readonly else StoreLock.acquire(fs, directory, config.durability == "strict")
+        try:
+            lock = None if config.readonly else StoreLock.acquire(fs, directory, config.durability == "strict")
+        except OSError as exc:
+            if isinstance(exc, StorageIOError):
+                raise
+            raise StorageIOError(f"taking the writer lock of {directory} failed: {exc.strerror or exc}", exc) from exc
         store = cls(config, fs, lock)
         try:
             store._recover()
@@ -287,7 +292,10 @@ class BucketStore:
             stored = [o.key for o in batch if o.key in self._index]
         if stored and not skip:
             raise KeyExists(f"key {stored[0]!r} is already stored" + (f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""))
-        return [o for o in batch if o.key not in set(stored)] if stored else batch
+        if not stored:
+            return batch
+        skipped = set(stored)
+        return [o for o in batch if o.key not in skipped]
 
     def _check_bucket_limits(self, batch: list[_Object]) -> None:
         if len(batch) == 1:
