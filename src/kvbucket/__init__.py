@@ -9,9 +9,10 @@
 from .config import BucketConfig
 from .index import ObjectMeta
 from .recovery import RecoveryReport
+from .pipeline import OffloadQueue
 from .store import BucketStore, StoreStats
 
-__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "RecoveryReport", "StoreStats"]
+__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats"]
 __version__ = "0.1.0"
 
 import logging as _logging

@@ -17,12 +17,17 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
+from itertools import accumulate
+from operator import add
+from typing import NamedTuple
 
 from .checksum import crc32c
-from .errors import CorruptionError
+from .errors import CorruptionError, InvalidArgument
 
 __all__ = [
     "FileKind",
+    "check_key",
     "parse_name",
     "data_name",
     "meta_name",
@@ -86,6 +91,23 @@ def parse_name(name: str) -> tuple[int, FileKind] | None:
     return bucket_id, _KIND_BY_SUFFIX[match.group(2)]
 
 
+def check_key(key: object) -> None:
+    """Raise :class:`InvalidArgument` unless ``key`` is a non-empty ``str`` of
+    at most :data:`MAX_KEY_BYTES` UTF-8 bytes (any character, NUL included)."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"keys must be str; got {type(key).__name__} {key!r}")
+    if not key:
+        raise InvalidArgument("keys must be non-empty")
+    if key.isascii() and len(key) <= MAX_KEY_BYTES:
+        return
+    try:
+        encoded = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"key {key[:40]!r} is not valid UTF-8 text") from exc
+    if encoded > MAX_KEY_BYTES:
+        raise InvalidArgument(f"key {key[:40]!r}... is {encoded} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
+
+
 def data_name(bucket_id: int) -> str:
     return f"{bucket_id}{FileKind.DATA.value}"
 
@@ -98,14 +120,18 @@ def tmp_name(bucket_id: int) -> str:
     return f"{bucket_id}{FileKind.TMP.value}"
 
 
-@dataclass(frozen=True, slots=True)
-class MetaRecord:
-    """One object of a bucket as the meta records it."""
+class MetaRecord(NamedTuple):
+    """One object of a bucket as the meta records it (a tuple, for speed:
+    recovery builds a million of them)."""
 
     key: str
     offset: int
     size: int
     crc: int
+
+
+_new_record = partial(tuple.__new__, MetaRecord)
+"""Build a MetaRecord from a 4-tuple without NamedTuple's Python-level __new__."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,22 +209,29 @@ def decode_meta(raw: bytes, expected_id: int) -> BucketMeta:
 def _decode_records(
     body: memoryview, count: int, records_end: int, data_length: int, bucket_id: int
 ) -> list[MetaRecord]:
-    blob = bytes(body[records_end:])
-    records: list[MetaRecord] = []
-    position = 0
-    seen: set[str] = set()
-    for offset, size, crc, key_length in _RECORD.iter_unpack(body[HEADER_SIZE:records_end]):
-        if key_length == 0 or key_length > MAX_KEY_BYTES or offset + size > data_length:
-            raise CorruptionError(f"meta of bucket {bucket_id} has an invalid record")
-        try:
-            key = blob[position : position + key_length].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CorruptionError(f"meta of bucket {bucket_id} has a key that is not UTF-8") from exc
-        position += key_length
-        if key in seen:
-            raise CorruptionError(f"meta of bucket {bucket_id} lists key {key!r} twice")
-        seen.add(key)
-        records.append(MetaRecord(key, offset, size, crc))
-    if position != len(blob):
+    if count == 0:
+        return []
+    offsets, sizes, crcs, lengths = zip(*_RECORD.iter_unpack(body[HEADER_SIZE:records_end]))
+    if min(lengths) == 0 or max(lengths) > MAX_KEY_BYTES:
+        raise CorruptionError(f"meta of bucket {bucket_id} has an invalid key length")
+    if max(map(add, offsets, sizes)) > data_length:
+        raise CorruptionError(f"meta of bucket {bucket_id} has an object past the end of its data file")
+    keys = _split_keys(bytes(body[records_end:]), lengths, bucket_id)
+    if len(set(keys)) != len(keys):
+        raise CorruptionError(f"meta of bucket {bucket_id} lists a key twice")
+    return list(map(_new_record, zip(keys, offsets, sizes, crcs)))
+
+
+def _split_keys(blob: bytes, lengths: tuple[int, ...], bucket_id: int) -> list[str]:
+    """Cut the key blob at the recorded byte lengths."""
+    ends = list(accumulate(lengths))
+    if ends[-1] != len(blob):
         raise CorruptionError(f"meta of bucket {bucket_id} has inconsistent key lengths")
-    return records
+    starts = [0, *ends[:-1]]
+    if blob.isascii():  # one decode; str indices equal byte indices
+        text = blob.decode("ascii")
+        return [text[a:b] for a, b in zip(starts, ends)]
+    try:
+        return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends)]
+    except UnicodeDecodeError as exc:
+        raise CorruptionError(f"meta of bucket {bucket_id} has a key that is not UTF-8") from exc

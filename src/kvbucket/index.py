@@ -15,8 +15,9 @@ Invariants (callers hold the store's index lock):
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from .format import ALIGNMENT
 
@@ -99,21 +100,35 @@ class Index:
             return None
         return ObjectMeta(self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot])
 
-    def add_bucket(self, bucket: Bucket, records: Iterable[tuple[str, int, int, int]]) -> None:
+    def add_bucket(self, bucket: Bucket, records: Sequence[tuple[str, int, int, int]]) -> None:
         """Insert ``bucket`` with its objects ``(key, offset, size, crc)``.
 
         A key already indexed moves to ``bucket`` (recovery resolves a key
-        present in two buckets in favour of the newer one); the caller then
-        rewrites the older bucket's meta.
+        present in two buckets in favour of the newer one; compaction moves
+        keys to their new bucket).
         """
+        if not records:
+            self.buckets[bucket.bucket_id] = bucket
+            self.physical_bytes += bucket.physical
+            self.dead_bytes += bucket.dead
+            return
+        keys, offsets, sizes, crcs = zip(*records)
+        moved = self.slots.keys() & keys
+        if moved:
+            self.drop_keys(moved)
         self.buckets[bucket.bucket_id] = bucket
-        for key, offset, size, crc in records:
-            if key in self.slots:
-                self.drop_keys([key])
-            self._put(key, bucket.bucket_id, offset, size, crc)
-            bucket.keys.append(key)
-            bucket.logical += size
-            bucket.used += bucket.footprint(size)
+        slots = self._allocate(len(keys))
+        columns = ((self._bucket, (bucket.bucket_id,) * len(keys)), (self._offset, offsets), (self._size, sizes), (self._crc, crcs))
+        for column, values in columns:
+            if isinstance(slots, range):  # fresh slots are contiguous: one slice assignment
+                column[slots.start : slots.stop] = array(column.typecode, values)
+            else:
+                for slot, value in zip(slots, values):
+                    column[slot] = value
+        self.slots.update(zip(keys, slots))
+        bucket.keys.extend(keys)
+        bucket.logical += sum(sizes)
+        bucket.used += sum(map(bucket.footprint, sizes)) if bucket.aligned else sum(sizes)
         self.logical_bytes += bucket.logical
         self.physical_bytes += bucket.physical
         self.dead_bytes += bucket.dead
@@ -151,17 +166,22 @@ class Index:
         """The live objects of ``bucket``, in its key order."""
         return [(key, self.get(key)) for key in bucket.keys]  # type: ignore[misc]
 
-    def _put(self, key: str, bucket_id: int, offset: int, size: int, crc: int) -> None:
-        if self._free:
-            slot = self._free.pop()
-            self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot] = bucket_id, offset, size, crc
-        else:
-            slot = len(self._bucket)
-            self._bucket.append(bucket_id)
-            self._offset.append(offset)
-            self._size.append(size)
-            self._crc.append(crc)
-        self.slots[key] = slot
+    def _allocate(self, count: int) -> list[int] | range:
+        """``count`` free slots: recycled ones first, then new ones at the end."""
+        if not self._free:
+            start = len(self._bucket)
+            self._grow(count)
+            return range(start, start + count)
+        reused = self._free[-count:]
+        del self._free[-count:]
+        fresh = count - len(reused)
+        start = len(self._bucket)
+        self._grow(fresh)
+        return [*reused, *range(start, start + fresh)]
+
+    def _grow(self, count: int) -> None:
+        for column in (self._bucket, self._offset, self._size, self._crc):
+            column.extend(repeat(0, count))
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
-from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, data_name, decode_meta, meta_name, parse_name
+from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, data_name, decode_meta, meta_name, parse_name, tmp_name
 from .fs import FileSystem
 from .lockfile import StoreLock
 
@@ -35,6 +37,9 @@ SHORT_DATA = "short_data"
 LONG_DATA = "long_data"
 EMPTY_BUCKET = "empty_bucket"
 TEMPORARY = "temporary"
+
+SCAN_THREADS = 8
+"""Parallel stat and meta reads during a scan (cold reads are latency-bound)."""
 
 
 @dataclass(frozen=True)
@@ -101,23 +106,36 @@ class RecoveryReport:
     """Files were moved to ``quarantine/`` rather than deleted."""
 
 
-def scan_directory(path: str | os.PathLike[str], fs: FileSystem | None = None) -> DirectoryScan:
-    """Classify every entry of a store directory; changes nothing."""
+def scan_directory(
+    path: str | os.PathLike[str],
+    fs: FileSystem | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> DirectoryScan:
+    """Classify every entry of a store directory; changes nothing.
+
+    ``progress`` may wrap the iteration over bucket ids (a progress bar).
+    """
     fs = fs or FileSystem()
     directory = os.fspath(path)
     scan = DirectoryScan(directory)
-    ids: dict[int, dict[FileKind, os.stat_result]] = {}
-    for name in sorted(fs.listdir(directory)):
-        parsed = parse_name(name)
-        st = _regular_stat(fs, os.path.join(directory, name)) if parsed else None
-        if parsed is None or st is None:
-            if name not in (LOCK_NAME, QUARANTINE_DIR):
-                scan.foreign.append(name)
-            continue
-        ids.setdefault(parsed[0], {})[parsed[1]] = st
-        scan.max_id = max(scan.max_id, parsed[0])
-    for bucket_id in sorted(ids):
-        _classify(fs, scan, bucket_id, ids[bucket_id])
+    names = sorted(fs.listdir(directory))
+    ours = {name: parsed for name in names if (parsed := parse_name(name)) is not None}
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:  # cold metadata reads are latency-bound
+        stats = dict(zip(ours, pool.map(lambda n: _regular_stat(fs, os.path.join(directory, n)), ours)))
+        ids: dict[int, dict[FileKind, os.stat_result]] = {}
+        for name in names:
+            st = stats.get(name)
+            if st is None:
+                if name not in (LOCK_NAME, QUARANTINE_DIR):
+                    scan.foreign.append(name)
+                continue
+            bucket_id, kind = ours[name]
+            ids.setdefault(bucket_id, {})[kind] = st
+            scan.max_id = max(scan.max_id, bucket_id)
+        with_meta = [b for b in sorted(ids) if FileKind.META in ids[b]]
+        raws = dict(zip(with_meta, pool.map(lambda b: _read_meta(fs, directory, b), with_meta)))
+    for bucket_id in (progress or iter)(sorted(ids)):
+        _classify(scan, bucket_id, ids[bucket_id], raws.get(bucket_id))
     _find_shadowed(scan)
     return scan
 
@@ -132,18 +150,27 @@ def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-def _classify(fs: FileSystem, scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result]) -> None:
+def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | OSError:
+    try:
+        return fs.read_file(os.path.join(directory, meta_name(bucket_id)))
+    except OSError as exc:
+        return exc
+
+
+def _classify(
+    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | OSError | None
+) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
-        scan.findings.append(Finding(TEMPORARY, bucket_id, (f"{bucket_id}.meta.tmp",), tmp.st_size, "temporary file of an unfinished write"))
+        scan.findings.append(Finding(TEMPORARY, bucket_id, (tmp_name(bucket_id),), tmp.st_size, "temporary file of an unfinished write"))
     data, meta_st = files.get(FileKind.DATA), files.get(FileKind.META)
     names = tuple(n for n, st in ((meta_name(bucket_id), meta_st), (data_name(bucket_id), data)) if st is not None)
     size = sum(st.st_size for st in (meta_st, data) if st is not None)
-    if meta_st is None:
+    if meta_st is None or raw_meta is None:
         if data is not None:
             scan.findings.append(Finding(ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
         return
-    problem = _check_pair(fs, scan.path, bucket_id, data)
+    problem = _check_pair(raw_meta, bucket_id, data)
     if isinstance(problem, Finding):
         scan.findings.append(replace(problem, files=names, bytes=size))
         return
@@ -151,14 +178,14 @@ def _classify(fs: FileSystem, scan: DirectoryScan, bucket_id: int, files: dict[F
     scan.buckets[bucket_id] = LoadedBucket(problem, physical, data.st_mtime_ns)  # type: ignore[union-attr]
 
 
-def _check_pair(fs: FileSystem, directory: str, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
+def _check_pair(raw_meta: bytes | OSError, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
     """The bucket's verified meta, or the finding that rejects it."""
+    if isinstance(raw_meta, OSError):
+        return Finding(INVALID_META, bucket_id, (), 0, f"meta unreadable: {raw_meta.strerror}")
     try:
-        meta = decode_meta(fs.read_file(os.path.join(directory, meta_name(bucket_id))), bucket_id)
+        meta = decode_meta(raw_meta, bucket_id)
     except CorruptionError as exc:
         return Finding(INVALID_META, bucket_id, (), 0, str(exc))
-    except OSError as exc:
-        return Finding(INVALID_META, bucket_id, (), 0, f"meta unreadable: {exc.strerror}")
     if data is None:
         return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file")
     if data.st_size != meta.data_length:
@@ -173,11 +200,10 @@ def _find_shadowed(scan: DirectoryScan) -> None:
     """Record keys of older buckets that a newer bucket lists too."""
     owner: dict[str, int] = {}
     for bucket_id, loaded in scan.buckets.items():  # ascending ids
-        for record in loaded.meta.records:
-            previous = owner.get(record.key)
-            if previous is not None:
-                scan.shadowed.setdefault(previous, []).append(record.key)
-            owner[record.key] = bucket_id
+        keys = [record.key for record in loaded.meta.records]
+        for key in owner.keys() & keys:  # usually empty
+            scan.shadowed.setdefault(owner[key], []).append(key)
+        owner.update(dict.fromkeys(keys, bucket_id))
 
 
 def repair(

@@ -40,8 +40,8 @@ from .errors import (
 from .eviction import Limits, Usage, choose_victims
 from .format import (
     ALIGNMENT,
+    check_key,
     HEADER_SIZE,
-    MAX_KEY_BYTES,
     RECORD_SIZE,
     BucketMeta,
     MetaRecord,
@@ -178,7 +178,7 @@ class BucketStore:
         for bucket_id, loaded in scan.buckets.items():
             meta = loaded.meta
             bucket = Bucket(bucket_id, meta.data_length, meta.aligned, loaded.physical, access=stamps[bucket_id])
-            index.add_bucket(bucket, ((r.key, r.offset, r.size, r.crc) for r in meta.records))
+            index.add_bucket(bucket, meta.records)
         with self._mutex:
             old, self._index = self._index, index
             self._clock = len(stamps)
@@ -273,7 +273,7 @@ class BucketStore:
     def _commit(self, meta: BucketMeta, physical: int) -> Bucket:
         bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
         with self._mutex:
-            self._index.add_bucket(bucket, ((r.key, r.offset, r.size, r.crc) for r in meta.records))
+            self._index.add_bucket(bucket, meta.records)
             self._touch(bucket)
         return bucket
 
@@ -333,7 +333,7 @@ class BucketStore:
         if not keys:
             raise InvalidArgument("batch_get needs at least one key")
         for key in keys:
-            _check_key(key)
+            check_key(key)
         with self._mutex:
             self._check_open()
             sizes = {key: self._meta_locked(key).size for key in keys}
@@ -522,7 +522,7 @@ class BucketStore:
 
     def remove(self, key: str) -> None:
         """Remove one object, durably; an unknown key raises :class:`KeyNotFound`."""
-        _check_key(key)
+        check_key(key)
         if not self.batch_remove([key])[0]:
             raise KeyNotFound(f"key {key!r} is not stored")
 
@@ -535,7 +535,7 @@ class BucketStore:
         """
         keys = list(keys)
         for key in keys:
-            _check_key(key)
+            check_key(key)
         with self._writer:
             self._check_writable()
             by_bucket: dict[int, set[str]] = {}
@@ -639,7 +639,7 @@ class BucketStore:
             for bucket in victims:
                 bucket.retired = False
                 bucket.keys, bucket.logical, bucket.used = [], 0, 0
-                entries = ((k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id])
+                entries = [(k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id]]
                 self._index.add_bucket(bucket, entries)
 
     def evict_to_watermark(
@@ -722,18 +722,16 @@ class BucketStore:
         object larger than ``bucket_size_limit`` gets a bucket of its own.
         """
         for key, size in sizes.items():
-            _check_key(key)
+            check_key(key)
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
-        with self._writer:
+        with self._mutex:  # grouping is memory-only: never wait behind a bucket write
             self._check_open()
-            with self._mutex:
-                slots = self._index.slots
-                return self._grouper.add(sizes, slots.__contains__, flush)
+            return self._grouper.add(sizes, self._index.slots.__contains__, flush)
 
     def pending_group(self) -> list[str]:
         """Keys carried over by :meth:`group_for_offload`, waiting to fill a bucket."""
-        with self._writer:
+        with self._mutex:
             return self._grouper.pending()
 
     def stats(self) -> StoreStats:
@@ -846,28 +844,9 @@ def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
         raise StorageIOError(f"creating {directory} failed: {exc.strerror}", exc) from exc
 
 
-def _check_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise InvalidArgument(f"keys must be str; got {type(key).__name__} {key!r}")
-    if not key:
-        raise InvalidArgument("keys must be non-empty")
-    if len(key) > MAX_KEY_BYTES // 4:
-        try:
-            encoded = len(key.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise InvalidArgument(f"key {key[:40]!r}... is not valid UTF-8 text") from exc
-        if encoded > MAX_KEY_BYTES:
-            raise InvalidArgument(f"key {key[:40]!r}... is {encoded} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
-    elif not key.isascii():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidArgument(f"key {key!r} is not valid UTF-8 text") from exc
-
-
 def _checked_items(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     for key, value in mapping.items():
-        _check_key(key)
+        check_key(key)
         yield key, value
 
 
@@ -885,7 +864,7 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
         if not isinstance(item, tuple) or len(item) != 2:
             raise InvalidArgument(f"each object must be a (key, value) pair; got {item!r:.60}")
         key, value = item
-        _check_key(key)
+        check_key(key)
         if key in seen:
             raise KeyExists(f"key {key!r} appears twice in the batch")
         seen.add(key)

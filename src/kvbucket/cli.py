@@ -1,0 +1,690 @@
+"""The ``kvbucket`` command: inspect, check, repair and benchmark a store.
+
+Commands (``kvbucket COMMAND --help`` for each):
+
+* ``fsck DIR [--repair] [--deep] [--quarantine]``: check a kvbucket or a
+  Mooncake directory; with ``--repair``, fix exactly what was reported.
+* ``stats DIR``, ``ls DIR [--bucket ID]``, ``get DIR KEY [-o FILE]``:
+  read-only; they open the store with ``readonly=True`` (no lock, no write).
+* ``rm DIR KEY...``: remove objects (takes the writer lock).
+* ``import --from-mooncake SRC DST``: copy a Mooncake directory into a store.
+* ``bench [DIR]``: the disk's raw speed, then kvbucket's on the same workload.
+
+Conventions (the contract operators script against):
+
+* exit status 0 = clean / done, 1 = problems found (or an unknown key),
+  2 = usage or I/O error; an expected failure prints one ``kvbucket: error:``
+  line on stderr, never a traceback;
+* ``--json`` prints one JSON document on stdout (an error as
+  ``{"error": ..., "exit_code": ...}``);
+* options may come before or after positional arguments;
+* logging is quiet unless ``-v`` (INFO) or ``-vv`` (DEBUG) is given;
+* progress bars go to stderr, only when it is a terminal and not ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from tqdm import tqdm
+
+from . import fsck, mooncake
+from .config import parse_size
+from .errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
+from .store import BucketStore
+
+__all__ = ["main", "cli", "escape_key", "unescape_key"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head`
+FORMATS = ("auto", "kvbucket", "mooncake")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Failure(Exception):
+    """An expected failure: a message for the operator and an exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# ---------------------------------------------------------------------------
+# Output, logging, errors
+# ---------------------------------------------------------------------------
+
+
+def _configure_logging(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """``-v`` = INFO, ``-vv`` = DEBUG, to stderr; otherwise kvbucket logs nothing."""
+    logger = logging.getLogger("kvbucket")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    if not count:
+        count = ctx.meta.get("kvbucket.verbosity", 0)
+    ctx.meta["kvbucket.verbosity"] = count
+    if count:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kvbucket: %(levelname)s %(name)s: %(message)s"))
+        logger.setLevel(logging.DEBUG if count > 1 else logging.INFO)
+    else:
+        handler = logging.NullHandler()  # keeps logging's last-resort handler quiet
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _verbose_option(fn: F) -> F:
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_configure_logging,
+        help="Log details to stderr (-vv for debug).",
+    )(fn)
+
+
+def _json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(fn)
+
+
+def _format_option(fn: F) -> F:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="auto",
+        show_default=True,
+        help="Directory format; auto detects it from LOCK and the metas.",
+    )(fn)
+
+
+def _guarded(fn: F) -> F:
+    """Turn expected failures into one stderr line (or a JSON error) and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            code = fn(*args, **kwargs)
+        except BrokenPipeError:
+            _broken_pipe()
+        except Failure as exc:
+            _fail(exc.message, exc.code, as_json)
+        except KeyNotFound as exc:
+            _fail(str(exc), EXIT_PROBLEMS, as_json)
+        except CorruptionError as exc:
+            _fail(f"corrupt data: {exc}", EXIT_PROBLEMS, as_json)
+        except KvBucketError as exc:
+            _fail(str(exc), EXIT_ERROR, as_json)
+        except OSError as exc:
+            _fail(_os_message(exc), EXIT_ERROR, as_json)
+        sys.exit(code or EXIT_OK)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _broken_pipe() -> NoReturn:
+    """The reader of stdout went away (``kvbucket ls DIR | head``): stop
+    quietly with the status a process killed by SIGPIPE has."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
+
+
+def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
+    click.echo(f"kvbucket: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _emit(as_json: bool, payload: Any, text: Callable[[], str]) -> None:
+    """Print ``payload`` as JSON, or the human-readable ``text()``."""
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, sort_keys=False))
+    else:
+        click.echo(text())
+
+
+def _bar(as_json: bool, **kwargs: Any) -> tqdm:
+    """A progress bar on stderr; disabled with ``--json`` or when stderr is not a terminal."""
+    return tqdm(file=sys.stderr, disable=as_json or not sys.stderr.isatty(), leave=False, **kwargs)
+
+
+def _each(as_json: bool, **kwargs: Any) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    """Wrap an iteration in a progress bar (see :func:`_bar`)."""
+
+    def wrap(items: Iterable[Any]) -> Iterable[Any]:
+        items = list(items)
+        return _bar(as_json, iterable=items, total=len(items), **kwargs)
+
+    return wrap
+
+
+def _size(n: int) -> str:
+    """``1,048,576 bytes (1.0 MiB)``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n:,} bytes ({n / (1 << shift):.1f} {unit})"
+    return f"{n:,} bytes"
+
+
+_ESCAPE_RE = re.compile(r"\\(\\|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
+
+
+def escape_key(key: str) -> str:
+    """A key as one printable line: backslash and non-printable characters as
+    ``\\\\``, ``\\xNN``, ``\\uNNNN`` (the form ``get -e`` and ``rm -e`` accept)."""
+    out = []
+    for ch in key:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def unescape_key(text: str) -> str:
+    """Undo :func:`escape_key`; other backslashes are kept as they are."""
+
+    def replace(match: re.Match[str]) -> str:
+        body = match.group(1)
+        return "\\" if body == "\\" else chr(int(body[1:], 16))
+
+    return _ESCAPE_RE.sub(replace, text)
+
+
+# ---------------------------------------------------------------------------
+# Directories, formats, stores
+# ---------------------------------------------------------------------------
+
+
+def _existing_dir(path: str) -> Path:
+    if not os.path.exists(path):
+        raise Failure(f"no such directory: {path}")
+    if not os.path.isdir(path):
+        raise Failure(f"not a directory: {path}")
+    return Path(path)
+
+
+def _resolve_format(path: Path, requested: str) -> str:
+    return mooncake.detect_format(path) if requested == "auto" else requested
+
+
+def _refuse_mooncake_writer(path: Path, what: str) -> None:
+    """Opening a Mooncake directory as a kvbucket writer would delete its
+    files (their metas are not kvbucket metas); refuse instead."""
+    if path.is_dir() and mooncake.detect_format(path) == "mooncake":
+        raise Failure(
+            f"{path} looks like a Mooncake directory; {what} would treat its files as broken "
+            "kvbucket files and delete them. Use --format mooncake to check it, or "
+            "'kvbucket import --from-mooncake' to copy it into a kvbucket store."
+        )
+
+
+def _open_readonly(path: Path) -> BucketStore:
+    return BucketStore.open(os.fspath(path), readonly=True)
+
+
+def _open_writer(path: Path, action: str, **fields: Any) -> BucketStore:
+    try:
+        return BucketStore.open(os.fspath(path), **fields)
+    except StoreLocked as exc:
+        log.info("%s", exc)
+        raise Failure(f"cannot {action} {path}: another process holds its writer lock; stop that process first") from None
+
+
+def _plain(obj: Any) -> Any:
+    """A dataclass (or object) as a JSON-ready dict."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, Path):
+        return os.fspath(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------
+# The command group
+# ---------------------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kvbucket")
+    except Exception:  # running from a checkout
+        return "dev"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), prog_name="kvbucket")
+@_verbose_option
+def cli() -> None:
+    """Inspect, check, repair and benchmark kvbucket stores and Mooncake
+    bucket directories.
+
+    Exit status: 0 clean, 1 problems found, 2 usage or I/O error.
+    """
+
+
+# ---------------------------------------------------------------------------
+# fsck
+# ---------------------------------------------------------------------------
+
+
+@cli.command(name="fsck")
+@click.argument("directory")
+@click.option("--repair", is_flag=True, help="Fix what is reported (takes the writer lock).")
+@click.option("--deep", is_flag=True, help="Also verify every object's checksum (reads all data).")
+@click.option("--quarantine", is_flag=True, help="With --repair: move broken files to quarantine/ instead of deleting them.")
+@_format_option
+@_json_option
+@_verbose_option
+@_guarded
+def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, fmt: str, as_json: bool) -> int:
+    """Check DIRECTORY; with --repair, fix exactly what is reported.
+
+    Reports orphaned data files, metas without data, unreadable or invalid
+    metas, data files shorter than recorded, temporary files, and with
+    --deep every object whose checksum fails. Foreign files (listed, never
+    touched) and dead bytes are not problems. Without --repair nothing is
+    changed, not even a lock file. Exit 0 clean (or all fixed), 1 problems.
+    """
+    if quarantine and not repair:
+        raise click.UsageError("--quarantine only applies with --repair")
+    path = _existing_dir(directory)
+    bars: fsck.Progress = functools.partial(_bar, as_json)
+    if _resolve_format(path, fmt) == "mooncake":
+        report = fsck.check_mooncake(path, deep=deep, progress=bars)
+        if repair:
+            fsck.repair_mooncake(report, quarantine=quarantine)
+    elif repair:
+        _refuse_mooncake_writer(path, "repairing it as a kvbucket store")
+        report = fsck.check(path, progress=bars)  # --deep verifies after recovery, under the lock
+        with _open_writer(path, "repair", quarantine=quarantine) as store:
+            fsck.repair(store, report, deep=deep, progress=bars)
+    else:
+        report = fsck.check(path, deep=deep, progress=bars)
+    payload = {**report.to_json(), "exit_code": EXIT_OK if report.clean else EXIT_PROBLEMS}
+    _emit(as_json, payload, lambda: _fsck_text(payload))
+    return int(payload["exit_code"])
+
+
+def _fsck_text(report: dict[str, Any]) -> str:
+    lines = [f"fsck {report['path']} ({report['format']} format{', deep' if report['deep'] else ''})"]
+    if report.get("writer_active"):
+        lines.append("  note: a writer holds the lock; its in-progress files may show up below")
+    lines += [
+        f"  valid buckets   {report['valid_buckets']:,}",
+        f"  valid objects   {report['valid_objects']:,}",
+        f"  logical bytes   {_size(report['logical_bytes'])}",
+        f"  dead bytes      {_size(report['dead_bytes'])}",
+    ]
+    if report.get("duplicate_keys"):
+        lines.append(f"  duplicate keys  {report['duplicate_keys']:,} (in more than one bucket; not a problem)")
+    lines.append(f"problems: {len(report['problems'])}")
+    for p in report["problems"]:
+        where = f"key {escape_key(p['key'])!r} in bucket {p['bucket']}" if "key" in p else ", ".join(p["files"]) or f"bucket {p['bucket']}"
+        lines.append(f"  {p['kind']:<20} {where}  {_size(p['bytes'])}  ({p['detail']})")
+    if report["foreign"]:
+        lines.append(f"foreign entries (never touched): {len(report['foreign'])}")
+        for f in report["foreign"]:
+            lines.append(f"  {f['name']}  ({f['type']}, {_size(f['bytes'])})")
+    lines.append(_fsck_verdict(report))
+    return "\n".join(lines)
+
+
+def _fsck_verdict(report: dict[str, Any]) -> str:
+    repair = report["repair"]
+    if repair is None:
+        if not report["problems"]:
+            return "clean."
+        return f"{len(report['problems'])} problem(s) found; nothing was changed (run with --repair to fix them)."
+    if not report["problems"] and report["clean"]:
+        return "clean; nothing to repair."
+    removed = repair["removed"]
+    verb = "quarantined" if repair.get("quarantined") else "removed"
+    text = f"repair: {verb} {len(removed)} file(s), {_size(repair['freed_bytes'])} freed"
+    if repair.get("removed_keys"):
+        text += f", removed {len(repair['removed_keys'])} corrupt object(s)"
+    if repair.get("rewritten_buckets"):
+        text += f", rewrote {len(repair['rewritten_buckets'])} meta(s)"
+    for skipped in repair.get("skipped", []):
+        text += f"\n  left {skipped['file']}: {skipped['reason']}"
+    if report["clean"]:
+        return text + "\nall problems fixed."
+    return text + f"\n{len(repair['remaining_problems']) or 'some'} problem(s) remain; run fsck again."
+
+
+# ---------------------------------------------------------------------------
+# stats, ls, get
+# ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory")
+@_format_option
+@_json_option
+@_verbose_option
+@_guarded
+def stats(directory: str, fmt: str, as_json: bool) -> int:
+    """Show key, bucket and byte counts of DIRECTORY (read-only)."""
+    path = _existing_dir(directory)
+    if _resolve_format(path, fmt) == "mooncake":
+        payload = _mooncake_stats(path, as_json)
+    else:
+        with _open_readonly(path) as store:
+            payload = {"path": os.fspath(path), "format": "kvbucket", **_plain(store.stats())}
+    _emit(as_json, payload, lambda: "\n".join(f"{k:<20} {_stat_value(k, v)}" for k, v in payload.items()))
+    return EXIT_OK
+
+
+def _stat_value(name: str, value: Any) -> str:
+    if name in ("max_total_size", "max_physical_bytes", "total_keys_limit") and value == 0:
+        return "unlimited"
+    if isinstance(value, int) and not isinstance(value, bool) and name.endswith("bytes"):
+        return _size(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _mooncake_stats(path: Path, as_json: bool) -> dict[str, Any]:
+    scan = mooncake.scan_mooncake(path, progress=_each(as_json, desc="checking buckets", unit="bucket"))
+    physical = 0
+    for bucket in scan.buckets:
+        for identity in (bucket.data, bucket.meta_file):
+            try:
+                physical += os.lstat(path / identity.name).st_blocks * 512
+            except OSError:
+                pass
+    return {
+        "path": os.fspath(path),
+        "format": "mooncake",
+        "keys": scan.valid_objects,
+        "buckets": len(scan.buckets),
+        "logical_bytes": scan.logical_bytes,
+        "physical_bytes": physical,
+        "dead_bytes": scan.dead_bytes,
+        "problems": len(scan.findings),
+    }
+
+
+@cli.command(name="ls")
+@click.argument("directory")
+@click.option("--bucket", "bucket_id", type=int, default=None, help="List only this bucket's objects.")
+@_format_option
+@_json_option
+@_verbose_option
+@_guarded
+def ls_cmd(directory: str, bucket_id: int | None, fmt: str, as_json: bool) -> int:
+    """List objects: one line per object, BUCKET<TAB>SIZE<TAB>KEY.
+
+    Keys with backslashes or non-printable characters are escapes
+    (\\\\, \\xNN, \\uNNNN); pass them to get/rm with -e."""
+    path = _existing_dir(directory)
+    if _resolve_format(path, fmt) == "mooncake":
+        _print_rows(path, _mooncake_rows(path, bucket_id), as_json)
+    else:
+        with _open_readonly(path) as store:
+            _print_rows(path, _kv_rows(store, bucket_id), as_json)
+    return EXIT_OK
+
+
+def _print_rows(path: Path, rows: Iterator[dict[str, Any]], as_json: bool) -> None:
+    """One JSON document, or one line per object as it is read (a long
+    listing piped into ``head`` stops early)."""
+    if as_json:
+        objects = list(rows)
+        click.echo(json.dumps({"path": os.fspath(path), "count": len(objects), "objects": objects}, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['bucket']}\t{row['size']}\t{escape_key(row['key'])}")
+
+
+def _kv_rows(store: BucketStore, bucket_id: int | None) -> Iterator[dict[str, Any]]:
+    if bucket_id is not None:
+        keys = store.bucket_keys(bucket_id)
+        metas = store.batch_query(keys) if keys else {}
+        pages: Iterable[list[tuple[str, Any]]] = [[(k, metas[k]) for k in keys]]
+    else:
+        pages = store.scan_meta()
+    for page in pages:
+        for key, meta in page:
+            yield {"key": key, "bucket": meta.bucket_id, "offset": meta.offset, "size": meta.size, "checksum": meta.checksum}
+
+
+def _mooncake_rows(path: Path, bucket_id: int | None) -> Iterator[dict[str, Any]]:
+    scan = mooncake.scan_mooncake(path)
+    buckets = [b for b in scan.buckets if bucket_id is None or b.bucket_id == bucket_id]
+    if bucket_id is not None and not buckets:
+        raise KeyNotFound(f"no valid bucket {bucket_id} in {path}")
+    for bucket in buckets:
+        for key, obj in zip(bucket.meta.keys, bucket.meta.metadatas):
+            yield {"key": mooncake.source_key(key), "bucket": bucket.bucket_id, "offset": obj.value_offset, "size": obj.data_size}
+
+
+@cli.command()
+@click.argument("directory")
+@click.argument("key")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write the value to this file instead of stdout.")
+@click.option("-e", "--escaped", is_flag=True, help="KEY uses ls's escapes (\\\\, \\xNN, \\uNNNN).")
+@_format_option
+@_verbose_option
+@_guarded
+def get(directory: str, key: str, output: str | None, escaped: bool, fmt: str) -> int:
+    """Write the value of KEY to stdout (raw bytes, nothing added).
+
+    An unknown key or a value that fails its checksum exits 1."""
+    path = _existing_dir(directory)
+    key = unescape_key(key) if escaped else key
+    if _resolve_format(path, fmt) == "mooncake":
+        value = _mooncake_get(path, key)
+    else:
+        with _open_readonly(path) as store:
+            value = store.batch_get([key])[key]
+    if output is None:
+        sys.stdout.buffer.write(value)
+        sys.stdout.buffer.flush()
+    else:
+        with open(output, "wb") as f:
+            f.write(value)
+    return EXIT_OK
+
+
+def _mooncake_get(path: Path, key: str) -> bytes:
+    """The value of ``key``: the exact stored key, else ``default\\0KEY``."""
+    wanted = key.encode("utf-8", "surrogateescape")
+    scan = mooncake.scan_mooncake(path)
+    for candidate in (wanted, b"default" + mooncake.TENANT_SEPARATOR + wanted):
+        for bucket in reversed(scan.buckets):
+            if candidate in bucket.meta.keys:
+                return mooncake.read_object(path, bucket, candidate)
+    raise KeyNotFound(f"key {escape_key(key)!r} not found in {path}")
+
+
+# ---------------------------------------------------------------------------
+# rm
+# ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Ignore keys that are not stored.")
+@click.option("-e", "--escaped", is_flag=True, help="KEYS use ls's escapes (\\\\, \\xNN, \\uNNNN).")
+@_json_option
+@_verbose_option
+@_guarded
+def rm(directory: str, keys: tuple[str, ...], force: bool, escaped: bool, as_json: bool) -> int:
+    """Remove KEYS from the store (takes the writer lock).
+
+    If any key is not stored, nothing is removed and the exit status is 1,
+    unless --force. Refuses while another process holds the writer lock."""
+    path = _existing_dir(directory)
+    _refuse_mooncake_writer(path, "opening it as a kvbucket store")
+    wanted = list(dict.fromkeys(unescape_key(k) if escaped else k for k in keys))
+    with _open_writer(path, "remove keys from") as store:
+        present = store.batch_exists(wanted)
+        missing = [k for k, ok in zip(wanted, present) if not ok]
+        if missing and not force:
+            raise KeyNotFound(f"not stored, nothing removed: {', '.join(repr(escape_key(k)) for k in missing)}")
+        removed = [k for k, ok in zip(wanted, present) if ok]
+        if removed:
+            store.batch_remove(removed)
+    payload = {"path": os.fspath(path), "removed": removed, "missing": missing}
+    _emit(as_json, payload, lambda: f"removed {len(removed)} key(s)" + (f"; {len(missing)} not stored" if missing else ""))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------
+
+
+@cli.command(name="import")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--from-mooncake", is_flag=True, help="SOURCE is a Mooncake bucket directory (required).")
+@click.option("--keep-tenant", is_flag=True, help="Keep Mooncake's tenant prefix ('default\\0') in keys.")
+@_json_option
+@_verbose_option
+@_guarded
+def import_cmd(source: str, destination: str, from_mooncake: bool, keep_tenant: bool, as_json: bool) -> int:
+    """Copy every valid object of SOURCE into the kvbucket store DESTINATION.
+
+    DESTINATION is created when missing; keys already there are skipped and
+    reported; SOURCE is never modified. Exit 0 when everything in SOURCE was
+    imported, 1 when anything was skipped (broken buckets, invalid or
+    duplicate keys, keys already in DESTINATION)."""
+    if not from_mooncake:
+        raise click.UsageError("only Mooncake sources are supported; add --from-mooncake")
+    src = _existing_dir(source)
+    dst = Path(destination)
+    if dst.exists() and os.path.samefile(src, dst):
+        raise Failure("SOURCE and DESTINATION are the same directory")
+    if mooncake.detect_format(src) != "mooncake" and any(mooncake.parse_name(n) for n in os.listdir(src)):
+        raise Failure(f"{src} looks like a kvbucket store, not a Mooncake directory")
+    _refuse_mooncake_writer(dst, "importing into it")
+    scan = mooncake.scan_mooncake(src, progress=_each(as_json, desc="checking source", unit="bucket"))
+    with _open_writer(dst, "import into") as store, _bar(
+        as_json, desc="importing", total=scan.logical_bytes, unit="B", unit_scale=True
+    ) as bar:
+        report = mooncake.import_mooncake(src, store, keep_tenant=keep_tenant, scan=scan, progress=bar.update)
+    payload = report.to_json()
+    _emit(as_json, payload, lambda: _import_text(report))
+    return EXIT_OK if report.complete else EXIT_PROBLEMS
+
+
+def _import_text(report: mooncake.ImportReport) -> str:
+    lines = [
+        f"imported {report.imported:,} object(s), {_size(report.imported_bytes)}, "
+        f"from {report.source} into {report.destination} ({report.buckets_written} bucket(s) written)"
+    ]
+    if report.skipped_buckets:
+        lines.append(f"skipped {len(report.skipped_buckets)} broken source bucket(s):")
+        for f in report.skipped_buckets:
+            lines.append(f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {mooncake.PROBLEM_KINDS[f.kind]}: {f.detail}")
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} object(s):")
+        for s in report.skipped:
+            lines.append(f"  {escape_key(s.key)!r} (bucket {s.bucket}): {s.reason}")
+    lines.append("complete." if report.complete else "incomplete: see the skipped entries above.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
+
+
+def _size_param(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+    if size <= 0:
+        raise click.BadParameter("must be positive", param=param)
+    return size
+
+
+@cli.command()
+@click.argument("directory", required=False)
+@click.option("--object-size", default="1MiB", show_default=True, callback=_size_param, help="Bytes per object (e.g. 64KiB, 1MiB).")
+@click.option("--total", default="1GiB", show_default=True, callback=_size_param, help="Bytes written and read per pass.")
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(min=1), help="Reader threads (queue depth).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="Objects per batch_load.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Runs; the median is reported.")
+@click.option("--durability", type=click.Choice(["strict", "relaxed"]), default="strict", show_default=True)
+@_json_option
+@_verbose_option
+@_guarded
+def bench(
+    directory: str | None, object_size: int, total: int, threads: int, batch: int, repeats: int, durability: str, as_json: bool
+) -> int:
+    """Measure the disk under DIRECTORY (default: the temp dir), then kvbucket
+    on the same workload, and print both with their ratio.
+
+    Only a scratch sub-directory is written, and it is removed afterwards."""
+    from . import bench as bench_module  # heavy imports only when benchmarking
+
+    try:
+        result = bench_module.run(
+            directory,
+            object_size=object_size,
+            total_bytes=total,
+            threads=threads,
+            batch=batch,
+            repeats=repeats,
+            durability=durability,
+            progress=not as_json and sys.stderr.isatty(),
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise Failure(f"bench: {exc}") from None
+    _emit(as_json, result, lambda: bench_module.format_report(result))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``kvbucket`` command."""
+    try:
+        cli.main(args=argv, prog_name="kvbucket")
+    except BrokenPipeError:  # e.g. `kvbucket --help | head -1`
+        _broken_pipe()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Drop-in kvbucket tiers for serving engines (vLLM, SGLang HiCache, LMCache); each imports its engine lazily."""

@@ -1,0 +1,543 @@
+"""kvbucket as a secondary (disk) tier of vLLM's ``TieringOffloadingSpec``.
+
+Turn it on with::
+
+    --kv-transfer-config '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"spec_name": "TieringOffloadingSpec",
+        "cpu_bytes_to_use": 10737418240,
+        "secondary_tiers": [{"type": "kvbucket", "module_path": "kvbucket.integrations.vllm",
+                             "root_dir": "/nvme/kv", "max_physical_bytes": "200G"}]}}'
+
+vLLM resolves ``type`` as an attribute of ``module_path``, so this module
+exports the class under both ``kvbucket`` and ``KvBucketTierManager``.
+
+The tier moves *chunks* (rows of the primary tier's pinned CPU memory, a
+``memoryview`` whose ``strides[0]`` is the chunk size) between that memory and
+a :class:`~kvbucket.BucketStore`. Every tier method returns at once; stores
+go through an :class:`~kvbucket.pipeline.OffloadQueue` (zero copy: vLLM pins
+the chunk's primary slot until the job is reported finished, so the queue
+references it instead of copying), loads run on a small thread pool, and
+results are handed back by :meth:`get_finished_jobs`.
+
+One store directory per rank, ``<root_dir>/<model>_<digest>_r<rank>``: a
+directory has one writer, and the digest separates models, dtypes, parallel
+layouts and chunk sizes that must not share pages. Objects survive a restart:
+a new tier on the same ``root_dir`` and rank finds everything committed before.
+
+vLLM is imported lazily: without vLLM the module still imports, and the class
+is built on a small stand-in base with the same method names (tests use it,
+or :func:`make_tier_class` with their own stand-ins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from abc import ABC
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+from ..buffers import byte_view
+from ..config import parse_size
+from ..errors import InvalidArgument, KvBucketError
+from ..pipeline import OffloadQueue
+from ._common import STORE_FIELDS, open_store, safe_component, store_options
+
+__all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
+
+logger = logging.getLogger(__name__)
+
+TierAPI = SimpleNamespace
+"""The vLLM names the tier is built on: ``SecondaryTierManager``, ``JobResult``,
+``LookupResult``, ``RequestOffloadingContext`` and (optional) ``Medium``."""
+
+TIER_DEFAULTS: dict[str, Any] = {
+    "eviction_policy": "lru",  # vLLM's fs tier never evicts; a bounded disk needs a policy
+    "group_max_delay_s": 0.05,  # a store job holds primary slots pinned until its bucket is written
+}
+"""Store settings whose default differs for vLLM (``KVBUCKET_*`` and the tier config override them)."""
+
+TIER_OPTIONS: dict[str, str] = {
+    "n_write_threads": "threads writing buckets (default 2)",
+    "n_read_threads": "threads serving load jobs (default 4)",
+    "max_staged_bytes": "most bytes of store jobs in flight (default: the whole primary view)",
+    "rank": "overrides the rank taken from the offloading spec",
+    "max_size": "alias of max_physical_bytes (bytes or '200G')",
+    "name": "vLLM's tier name (metrics); accepted and ignored",
+    "locality": "vLLM's LOCAL/REMOTE tag; accepted and kept as .locality_name",
+    "enable_kv_events": "accepted; KV events are not emitted yet",
+}
+"""Tier config keys beside ``type``, ``module_path``, ``root_dir`` and the BucketConfig fields."""
+
+_ALIASES = {"max_size": "max_physical_bytes"}
+
+
+# -- the vLLM names, real or stand-in -------------------------------------------
+class _FallbackLookupResult(enum.Enum):
+    """Stand-in for ``vllm.v1.kv_offload.base.LookupResult``."""
+
+    HIT = 1
+    HIT_PENDING = 2
+    RETRY = 3
+    MISS = 4
+
+
+@dataclasses.dataclass
+class _FallbackJobResult:
+    """Stand-in for ``vllm.v1.kv_offload.tiering.base.JobResult``."""
+
+    job_id: int
+    success: bool
+    successful_keys: Collection[bytes] | None = None
+    transfer_time: float | None = None
+    transfer_bytes: int | None = None
+
+
+@dataclasses.dataclass
+class _FallbackRequestOffloadingContext:
+    """Stand-in for vLLM's ``RequestOffloadingContext`` (no preferences)."""
+
+
+class _FallbackSecondaryTierManager(ABC):  # noqa: B024 - mirrors vLLM's ABC
+    """Stand-in for ``vllm.v1.kv_offload.tiering.base.SecondaryTierManager``."""
+
+    medium: ClassVar[Any] = None
+
+    def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str) -> None:
+        self._offloading_spec = offloading_spec
+        self._primary_kv_view = primary_kv_view
+        self.tier_type = tier_type
+
+
+FALLBACK_API = TierAPI(
+    SecondaryTierManager=_FallbackSecondaryTierManager,
+    JobResult=_FallbackJobResult,
+    LookupResult=_FallbackLookupResult,
+    RequestOffloadingContext=_FallbackRequestOffloadingContext,
+    Medium=None,
+)
+"""The names used when vLLM is not importable."""
+
+
+def load_vllm_api() -> TierAPI | None:
+    """vLLM's tiering names, or None when vLLM (or a module it needs) is missing."""
+    try:
+        from vllm.v1.kv_offload import base as offload_base
+        from vllm.v1.kv_offload.tiering import base as tiering_base
+    except Exception as exc:  # ImportError, or vLLM failing to import on this host
+        logger.debug("vLLM is not importable (%s); using kvbucket's stand-in tier base", exc)
+        return None
+    context = getattr(tiering_base, "RequestOffloadingContext", None) or offload_base.RequestOffloadingContext
+    return TierAPI(
+        SecondaryTierManager=tiering_base.SecondaryTierManager,
+        JobResult=tiering_base.JobResult,
+        LookupResult=offload_base.LookupResult,
+        RequestOffloadingContext=context,
+        Medium=getattr(offload_base, "Medium", None),
+    )
+
+
+# -- per-job bookkeeping ---------------------------------------------------------
+class _Jobs:
+    """Jobs in flight and finished results; safe across the scheduler and I/O threads.
+
+    Invariant: every job passed to :meth:`begin` is reported exactly once by
+    :meth:`take_finished`, and :meth:`wait_idle` returns only when none is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._finished: deque[Any] = deque()
+
+    def begin(self) -> None:
+        with self._cond:
+            self._in_flight += 1
+
+    def end(self, result: Any) -> None:
+        with self._cond:
+            self._finished.append(result)
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def take_finished(self) -> list[Any]:
+        with self._cond:
+            results = list(self._finished)
+            self._finished.clear()
+        return results
+
+    def busy(self) -> bool:
+        with self._cond:
+            return self._in_flight > 0
+
+    def wait_idle(self) -> None:
+        with self._cond:
+            while self._in_flight:
+                self._cond.wait()
+
+
+class _StoreJob:
+    """Counts a store job's keys down as their futures resolve (on I/O threads)."""
+
+    def __init__(self, done: Callable[[bool], None], count: int) -> None:
+        self._lock = threading.Lock()
+        self._left = count
+        self._ok = True
+        self._done = done
+
+    def key_done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._ok = self._ok and future.exception() is None
+            self._left -= 1
+            last, ok = self._left == 0, self._ok
+        if last:
+            self._done(ok)
+
+
+# -- the tier ----------------------------------------------------------------------
+class _KvBucketTier:
+    """The tier's behaviour; :func:`make_tier_class` puts it on a vLLM base class."""
+
+    _api: ClassVar[TierAPI]
+
+    def __init__(
+        self,
+        offloading_spec: Any,
+        primary_kv_view: memoryview,
+        tier_type: str,
+        root_dir: str | os.PathLike[str] | None = None,
+        backpressure_detector: Any = None,
+        **options: Any,
+    ) -> None:
+        """Called by vLLM's ``SecondaryTierFactory`` with the tier config's keys.
+
+        ``root_dir`` (else ``KVBUCKET_PATH``) is the parent of the per-rank
+        store directories. Other keys: :data:`TIER_OPTIONS` and the fields
+        of :class:`~kvbucket.BucketConfig`; an unknown key raises
+        :class:`~kvbucket.errors.InvalidArgument` (a typo must not silently
+        leave the disk unbounded).
+        """
+        _init_base(super(), offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        _reject_unknown(options)
+        self._view = byte_view(primary_kv_view, "primary_kv_view")
+        self._chunk_bytes = _chunk_bytes(primary_kv_view)
+        self._num_chunks = self._view.nbytes // self._chunk_bytes
+        self.locality_name = options.get("locality")
+        self.rank = _resolve_rank(offloading_spec, options.get("rank"))
+        self.store_path = os.path.join(_root_dir(root_dir), _namespace(offloading_spec, self._chunk_bytes) + f"_r{self.rank}")
+        store_settings = {**TIER_DEFAULTS, **store_options(options, "vLLM secondary tier config", _ALIASES)}
+        # Everything is validated before the store is opened (and its directory locked).
+        staged = _size(options, "max_staged_bytes", max(self._view.nbytes, 1))
+        writers = _positive_int(options, "n_write_threads", 2)
+        readers = _positive_int(options, "n_read_threads", 4)
+        self.store = open_store(self.store_path, store_settings)
+        # backpressure="reject": submit_store must never block the scheduler.
+        self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
+        self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
+        self._jobs = _Jobs()
+        self._closed = False
+        if options.get("enable_kv_events"):
+            logger.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
+        logger.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
+
+    # -- lookups ------------------------------------------------------------
+    def lookup(self, key: bytes, req_context: Any) -> Any:
+        """HIT when stored, RETRY while a store of it is in flight, else MISS (never blocks on I/O)."""
+        name = _store_key(key)
+        if self._queue.is_staged(name):
+            return self._api.LookupResult.RETRY
+        return self._api.LookupResult.HIT if self.store.exists(name) else self._api.LookupResult.MISS
+
+    # -- jobs ----------------------------------------------------------------
+    def submit_store(self, job_metadata: Any) -> None:
+        """Stage the job's chunks for writing; the result comes from :meth:`get_finished_jobs`.
+
+        Chunks already stored (or already being stored) are not written again.
+        """
+        job_id, started = job_metadata.job_id, time.monotonic()
+        self._jobs.begin()
+        try:
+            chunks = self._chunks(job_metadata)
+        except (InvalidArgument, IndexError) as exc:
+            logger.error("kvbucket tier: store job %s is malformed: %s", job_id, exc)
+            self._end(job_id, False, started, 0)
+            return
+        if not chunks:
+            self._end(job_id, True, started, 0)
+            return
+        nbytes = len(chunks) * self._chunk_bytes
+        try:
+            futures = self._queue.put_batch(chunks)
+        except KvBucketError as exc:  # staging full or closed: vLLM keeps the chunks in CPU
+            logger.warning("kvbucket tier: store job %s not accepted: %s", job_id, exc)
+            self._end(job_id, False, started, 0)
+            return
+        tracker = _StoreJob(lambda ok: self._end(job_id, ok, started, nbytes if ok else 0), len(futures))
+        for future in futures.values():
+            future.add_done_callback(tracker.key_done)
+
+    def submit_load(self, job_metadata: Any) -> None:
+        """Copy the job's chunks into their primary slots on a loader thread."""
+        job_id, started = job_metadata.job_id, time.monotonic()
+        self._jobs.begin()
+        try:
+            keys = list(job_metadata.keys)
+            chunks = self._chunks(job_metadata)
+        except (InvalidArgument, IndexError) as exc:
+            logger.error("kvbucket tier: load job %s is malformed: %s", job_id, exc)
+            self._end(job_id, False, started, 0)
+            return
+        try:
+            self._loader.submit(self._run_load, job_id, keys, chunks, started)
+        except RuntimeError as exc:  # the pool is shut down
+            logger.error("kvbucket tier: load job %s after shutdown: %s", job_id, exc)
+            self._end(job_id, False, started, 0)
+
+    def _run_load(self, job_id: int, keys: list[bytes], chunks: dict[str, memoryview], started: float) -> None:
+        loaded = self._load(chunks) if chunks else set()
+        good = [key for key in keys if _store_key(key) in loaded]
+        success = len(good) == len(keys)
+        partial = tuple(good) if (good and not success) else None
+        self._end(job_id, success, started, len(good) * self._chunk_bytes, successful_keys=partial)
+
+    def _load(self, chunks: dict[str, memoryview]) -> set[str]:
+        """The keys copied into their slots; a failing key never fails the others."""
+        try:
+            found = self._queue.batch_get_into(chunks)
+            return {name for name, hit in found.items() if hit}
+        except KvBucketError as exc:
+            logger.warning("kvbucket tier: batched load failed (%s); loading key by key", exc)
+        loaded: set[str] = set()
+        for name, view in chunks.items():
+            try:
+                if self._queue.get_into(name, view):
+                    loaded.add(name)
+            except KvBucketError as exc:
+                logger.warning("kvbucket tier: loading %s failed: %s", name, exc)
+        return loaded
+
+    def _chunks(self, job: Any) -> dict[str, memoryview]:
+        """``{store key: primary slot view}`` for a TransferJob (``chunk_ids``) or JobMetadata (``block_ids``)."""
+        keys = list(job.keys)
+        ids = getattr(job, "chunk_ids", None)
+        if ids is None:
+            ids = job.block_ids
+        ids = [int(i) for i in ids]
+        if len(ids) != len(keys):
+            raise InvalidArgument(f"job {job.job_id} has {len(keys)} keys but {len(ids)} chunk ids")
+        chunks: dict[str, memoryview] = {}
+        for key, chunk in zip(keys, ids):
+            if not 0 <= chunk < self._num_chunks:
+                raise IndexError(f"chunk id {chunk} outside the primary view's {self._num_chunks} chunks")
+            chunks[_store_key(key)] = self._view[chunk * self._chunk_bytes : (chunk + 1) * self._chunk_bytes]
+        return chunks
+
+    def _end(self, job_id: int, success: bool, started: float, nbytes: int, successful_keys: Any = None) -> None:
+        values = {
+            "job_id": job_id,
+            "success": success,
+            "successful_keys": successful_keys,
+            "transfer_time": time.monotonic() - started,
+            "transfer_bytes": nbytes,
+            "transfer_size": nbytes,
+        }
+        self._jobs.end(self._api.JobResult(**_accepted(self._api.JobResult, values)))
+
+    def get_finished_jobs(self) -> Iterable[Any]:
+        """Every job (store or load) finished since the last call."""
+        return self._jobs.take_finished()
+
+    def has_pending_work(self) -> bool:
+        """True while jobs are in flight, so vLLM keeps polling :meth:`get_finished_jobs`."""
+        return self._jobs.busy()
+
+    def drain_jobs(self) -> None:
+        """Block until every submitted job has finished (partial buckets are written now)."""
+        if not self._queue.closed:
+            self._queue.flush()
+        self._jobs.wait_idle()
+
+    # -- requests and lifecycle ---------------------------------------------
+    def on_new_request(self, req_context: Any) -> Any:
+        """No per-request preference."""
+        return self._api.RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: Any) -> None:
+        """Nothing is kept per request."""
+
+    def touch(self, keys: Collection[bytes], req_context: Any) -> None:
+        """Loads already refresh the store's LRU order; nothing more to do."""
+
+    def take_events(self) -> Iterable[Any]:
+        """KV events are not emitted (yet)."""
+        return ()
+
+    def get_stats(self) -> Any:
+        """No vLLM metrics yet; see :meth:`BucketStore.stats` via ``self.store``."""
+        return None
+
+    def shutdown(self) -> None:
+        """Finish every job, then close the queue, the loaders and the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.drain_jobs()
+        self._queue.close()
+        self._loader.shutdown(wait=True)
+        self.store.close()
+
+
+def make_tier_class(api: TierAPI) -> type:
+    """Build the tier class on ``api.SecondaryTierManager`` (vLLM's, or a stand-in)."""
+    medium = getattr(api.Medium, "STORAGE", None) if api.Medium is not None else None
+    namespace = {
+        "_api": api,
+        "medium": medium,
+        # Every method is safe from any thread (queue, store and job list take their own locks).
+        "tolerates_off_thread_polling": True,
+        "__module__": __name__,
+        "__doc__": _TIER_DOC,
+    }
+    base = api.SecondaryTierManager
+    return type(base)("KvBucketTierManager", (_KvBucketTier, base), namespace)  # ABCMeta checks abstracts
+
+
+_TIER_DOC = """A vLLM secondary tier storing chunks in a crash-safe kvbucket store.
+
+Config keys: ``root_dir`` (parent of the per-rank store directories), the
+BucketConfig fields (``max_physical_bytes``, ``max_total_size``,
+``total_keys_limit``, ``eviction_policy``, ``durability``,
+``bucket_size_limit``, ...), and :data:`TIER_OPTIONS`.
+"""
+
+
+# -- helpers -------------------------------------------------------------------------
+def _init_base(base: Any, spec: Any, view: memoryview, tier_type: str, detector: Any) -> None:
+    """Call the base ``__init__``, passing ``backpressure_detector`` only where it is accepted."""
+    try:
+        accepts = "backpressure_detector" in inspect.signature(base.__init__).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts:
+        base.__init__(spec, view, tier_type, backpressure_detector=detector)
+    else:
+        base.__init__(spec, view, tier_type)
+
+
+def _reject_unknown(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(STORE_FIELDS) - set(TIER_OPTIONS) - set(_ALIASES))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown key(s) in the kvbucket vLLM tier config: {', '.join(unknown)}; "
+            f"use root_dir, BucketConfig fields or {', '.join(sorted(TIER_OPTIONS))}"
+        )
+
+
+def _positive_int(options: Mapping[str, Any], name: str, default: int) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"kvbucket vLLM tier: {name} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def _size(options: Mapping[str, Any], name: str, default: int) -> int:
+    value = options.get(name)
+    if value is None:
+        return default
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise InvalidArgument(f"kvbucket vLLM tier: {name}={value!r}: {exc}") from exc
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidArgument(f"kvbucket vLLM tier: {name} must be a size >= 1; got {value!r}")
+    return size
+
+
+def _chunk_bytes(view: memoryview) -> int:
+    """vLLM's chunk size: the primary view's first stride."""
+    strides = view.strides
+    if not strides or strides[0] <= 0 or view.nbytes % strides[0]:
+        raise InvalidArgument(f"primary_kv_view must be rows of whole chunks; got shape {view.shape}, strides {strides}")
+    return int(strides[0])
+
+
+def _root_dir(root_dir: str | os.PathLike[str] | None) -> str:
+    if root_dir:
+        return os.fspath(root_dir)
+    if os.environ.get("KVBUCKET_PATH"):
+        return os.environ["KVBUCKET_PATH"]
+    raise InvalidArgument("the kvbucket vLLM tier needs root_dir in its tier config (or KVBUCKET_PATH)")
+
+
+def _spec_value(spec: Any, path: str, kind: type) -> Any:
+    """``spec.<path>`` when it exists and is a ``kind`` (mocks yield other types)."""
+    value = spec
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _resolve_rank(spec: Any, explicit: Any) -> int:
+    """The worker rank: the tier config's ``rank``, else the offloading spec's, else 0."""
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
+            raise InvalidArgument(f"kvbucket vLLM tier: rank must be an integer >= 0; got {explicit!r}")
+        return explicit
+    for path in ("config.parallel.rank", "vllm_config.parallel_config.rank", "rank"):
+        rank = _spec_value(spec, path, int)
+        if rank is not None:
+            return rank
+    return 0
+
+
+def _namespace(spec: Any, chunk_bytes: int) -> str:
+    """``<model>_<digest>``: pages of different models or layouts never share a directory."""
+    fields: dict[str, Any] = {"chunk_bytes": chunk_bytes}
+    for name, path, kind in (
+        ("model", "config.model.name", str),
+        ("dtype", "config.model.dtype", str),
+        ("tokens_per_hash", "config.cache.tokens_per_hash", int),
+        ("tp_size", "config.parallel.tp_size", int),
+        ("pp_size", "config.parallel.pp_size", int),
+        ("pcp_size", "config.parallel.pcp_size", int),
+        ("dcp_size", "config.parallel.dcp_size", int),
+        ("blocks_per_chunk", "blocks_per_chunk", int),
+    ):
+        value = _spec_value(spec, path, kind)
+        if value is not None:
+            fields[name] = value
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{safe_component(str(fields.get('model', 'kvbucket')))}_{digest}"
+
+
+def _store_key(key: bytes) -> str:
+    """An OffloadKey (block hash + 4-byte group index) as a store key."""
+    return bytes(key).hex()
+
+
+def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``values`` that ``cls`` (a dataclass) takes as fields."""
+    if dataclasses.is_dataclass(cls):
+        names = {field.name for field in dataclasses.fields(cls)}
+    else:
+        names = set(inspect.signature(cls).parameters)
+    return {name: value for name, value in values.items() if name in names}
+
+
+KvBucketTierManager = make_tier_class(load_vllm_api() or FALLBACK_API)
+"""The tier class, on vLLM's base when vLLM is importable (else on the stand-in base)."""
+
+kvbucket = KvBucketTierManager
+"""Alias so that ``"type": "kvbucket"`` resolves (vLLM looks ``type`` up in ``module_path``)."""

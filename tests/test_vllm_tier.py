@@ -1,0 +1,303 @@
+"""The vLLM secondary tier, driven through stand-ins of vLLM's tiering API.
+
+The call pattern follows vLLM's own fs-tier tests: submit jobs against a
+memoryview of page-aligned host memory, ``drain_jobs()``, then
+``get_finished_jobs()``. No sleeps: ``drain_jobs`` is the synchronisation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from standins import vllm_standin as vs
+
+from kvbucket import BucketStore
+from kvbucket.errors import InvalidArgument
+from kvbucket.integrations import vllm as tier_module
+
+CHUNK_BYTES = 64 << 10
+NUM_CHUNKS = 16
+
+TierClass = tier_module.make_tier_class(vs.API)
+
+
+def make_tier(root: Path, memory: np.ndarray, *, rank: int = 0, cls: type = TierClass, **options: Any) -> Any:
+    options.setdefault("durability", "relaxed")
+    return cls(
+        offloading_spec=vs.make_spec(rank=rank),
+        primary_kv_view=memoryview(memory),
+        tier_type="kvbucket",
+        root_dir=str(root),
+        **options,
+    )
+
+
+@pytest.fixture
+def memory() -> np.ndarray:
+    return vs.primary_memory(NUM_CHUNKS, CHUNK_BYTES)
+
+
+@pytest.fixture
+def tier(tmp_path: Path, memory: np.ndarray) -> Iterator[Any]:
+    opened = make_tier(tmp_path, memory)
+    yield opened
+    opened.shutdown()
+
+
+def fill_random(memory: np.ndarray, rows: range, seed: int) -> np.ndarray:
+    memory[rows.start : rows.stop] = np.random.default_rng(seed).random((len(rows), memory.shape[1]), dtype=np.float32)
+    return memory[rows.start : rows.stop].copy()
+
+
+def store_keys(tier: Any, job_id: int, keys: list[bytes], chunk_ids: list[int]) -> list[Any]:
+    tier.submit_store(vs.make_job(job_id, keys, chunk_ids))
+    return vs.drain(tier)
+
+
+def load_keys(tier: Any, job_id: int, keys: list[bytes], chunk_ids: list[int]) -> list[Any]:
+    tier.submit_load(vs.make_job(job_id, keys, chunk_ids, is_promotion=True))
+    return vs.drain(tier)
+
+
+def test_class_is_built_on_the_vllm_base(tier: Any) -> None:
+    assert isinstance(tier, vs.SecondaryTierManager)
+    assert TierClass.medium is vs.Medium.STORAGE
+    assert tier.on_new_request(vs.CTX) == vs.RequestOffloadingContext()
+    assert tier_module.kvbucket is tier_module.KvBucketTierManager  # "type": "kvbucket" resolves
+
+
+def test_pages_round_trip_byte_exact(tier: Any, memory: np.ndarray) -> None:
+    keys = [vs.key(i) for i in range(4)]
+    expected = fill_random(memory, range(0, 4), seed=1)
+    results = store_keys(tier, 1, keys, [0, 1, 2, 3])
+    assert [(r.job_id, r.success) for r in results] == [(1, True)]
+    assert results[0].transfer_bytes == 4 * CHUNK_BYTES
+
+    memory[:] = 0
+    results = load_keys(tier, 2, keys, [8, 9, 10, 11])
+    assert [(r.job_id, r.success) for r in results] == [(2, True)]
+    assert np.array_equal(memory[8:12], expected)
+    assert not memory[:8].any()  # nothing else was touched
+
+
+def test_lookup_miss_retry_hit(tmp_path: Path, memory: np.ndarray) -> None:
+    # No time flush: a partial bucket waits for drain_jobs, so RETRY is observable.
+    tier = make_tier(tmp_path, memory, group_max_delay_s=0.0)
+    try:
+        keys = [vs.key(1), vs.key(2)]
+        assert [tier.lookup(k, vs.CTX) for k in keys] == [vs.LookupResult.MISS] * 2
+        tier.submit_store(vs.make_job(1, keys, [0, 1]))
+        assert [tier.lookup(k, vs.CTX) for k in keys] == [vs.LookupResult.RETRY] * 2
+        assert tier.has_pending_work()
+        assert [r.success for r in vs.drain(tier)] == [True]
+        assert not tier.has_pending_work()
+        assert [tier.lookup(k, vs.CTX) for k in keys] == [vs.LookupResult.HIT] * 2
+        assert tier.lookup(vs.key(3), vs.CTX) is vs.LookupResult.MISS
+    finally:
+        tier.shutdown()
+
+
+def test_jobs_complete_without_drain(tier: Any, memory: np.ndarray) -> None:
+    """With the default small group delay, results arrive by polling alone."""
+    fill_random(memory, range(0, 2), seed=2)
+    tier.submit_store(vs.make_job(7, [vs.key(1), vs.key(2)], [0, 1]))
+    finished: list[Any] = []
+    while tier.has_pending_work() or not finished:  # the engine keeps stepping while True
+        finished += tier.get_finished_jobs()
+        if not finished:
+            tier._jobs.wait_idle()  # stands in for the next scheduler step
+    assert [(r.job_id, r.success) for r in finished] == [(7, True)]
+
+
+def test_restart_keeps_objects(tmp_path: Path, memory: np.ndarray) -> None:
+    keys = [vs.key(i) for i in range(3)]
+    expected = fill_random(memory, range(0, 3), seed=3)
+    first = make_tier(tmp_path, memory, durability="strict")
+    assert [r.success for r in store_keys(first, 1, keys, [0, 1, 2])] == [True]
+    first.shutdown()
+
+    memory[:] = 0
+    second = make_tier(tmp_path, memory)
+    try:
+        assert [second.lookup(k, vs.CTX) for k in keys] == [vs.LookupResult.HIT] * 3
+        assert [r.success for r in load_keys(second, 2, keys, [5, 6, 7])] == [True]
+        assert np.array_equal(memory[5:8], expected)
+        assert second.store_path == first.store_path
+    finally:
+        second.shutdown()
+
+
+def test_two_ranks_side_by_side(tmp_path: Path) -> None:
+    memories = [vs.primary_memory(NUM_CHUNKS, CHUNK_BYTES) for _ in range(2)]
+    tiers = [make_tier(tmp_path, memories[rank], rank=rank) for rank in range(2)]
+    try:
+        keys = [vs.key(i) for i in range(4)]  # the same block hashes on both ranks
+        expected = [fill_random(memories[rank], range(0, 4), seed=10 + rank) for rank in range(2)]
+        for rank, tier in enumerate(tiers):
+            tier.submit_store(vs.make_job(1, keys, [0, 1, 2, 3]))
+        assert [[r.success for r in vs.drain(tier)] for tier in tiers] == [[True], [True]]
+        for rank, tier in enumerate(tiers):
+            memories[rank][:] = 0
+            assert [r.success for r in load_keys(tier, 2, keys, [4, 5, 6, 7])] == [True]
+            assert np.array_equal(memories[rank][4:8], expected[rank])
+        assert tiers[0].store_path != tiers[1].store_path
+        assert tiers[0].store_path.endswith("_r0") and tiers[1].store_path.endswith("_r1")
+        assert Path(tiers[0].store_path).parent == Path(tiers[1].store_path).parent == tmp_path
+    finally:
+        for tier in tiers:
+            tier.shutdown()
+
+
+def test_load_of_missing_chunks_reports_the_loaded_subset(tier: Any, memory: np.ndarray) -> None:
+    expected = fill_random(memory, range(0, 2), seed=4)
+    assert [r.success for r in store_keys(tier, 1, [vs.key(1), vs.key(2)], [0, 1])] == [True]
+    memory[:] = 0
+    results = load_keys(tier, 2, [vs.key(1), vs.key(99), vs.key(2)], [4, 5, 6])
+    assert len(results) == 1 and not results[0].success
+    assert list(results[0].successful_keys) == [vs.key(1), vs.key(2)]
+    assert np.array_equal(memory[[4, 6]], expected)
+
+    results = load_keys(tier, 3, [vs.key(98)], [7])
+    assert [(r.success, r.successful_keys) for r in results] == [(False, None)]
+
+
+def test_storing_present_chunks_writes_nothing_new(tier: Any, memory: np.ndarray) -> None:
+    fill_random(memory, range(0, 3), seed=5)
+    keys = [vs.key(i) for i in range(3)]
+    assert [r.success for r in store_keys(tier, 1, keys, [0, 1, 2])] == [True]
+    buckets = tier.store.stats().buckets
+    assert [r.success for r in store_keys(tier, 2, keys, [0, 1, 2])] == [True]
+    assert tier.store.stats().buckets == buckets
+
+
+def test_empty_and_malformed_jobs_still_finish(tier: Any) -> None:
+    tier.submit_store(vs.make_job(1, [], []))
+    tier.submit_load(vs.make_job(2, [], [], is_promotion=True))
+    tier.submit_store(vs.make_job(3, [vs.key(1)], [NUM_CHUNKS]))  # chunk id out of range
+    results = {r.job_id: r.success for r in vs.drain(tier)}
+    assert results == {1: True, 2: True, 3: False}
+
+
+def test_many_jobs_in_flight_each_reported_once(tier: Any, memory: np.ndarray) -> None:
+    expected = fill_random(memory, range(0, NUM_CHUNKS), seed=6)
+    for job in range(NUM_CHUNKS // 2):  # each job pins its own two primary slots
+        tier.submit_store(vs.make_job(job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+    results = vs.drain(tier)
+    assert sorted((r.job_id, r.success) for r in results) == [(j, True) for j in range(NUM_CHUNKS // 2)]
+    memory[:] = 0
+    for job in range(NUM_CHUNKS):
+        tier.submit_load(vs.make_job(100 + job, [vs.key(job)], [NUM_CHUNKS - 1 - job], is_promotion=True))
+    assert sorted((r.job_id, r.success) for r in vs.drain(tier)) == [(100 + j, True) for j in range(NUM_CHUNKS)]
+    assert np.array_equal(memory[::-1], expected)
+
+
+def test_store_job_that_does_not_fit_fails_without_blocking(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = make_tier(tmp_path, memory, max_staged_bytes=2 * CHUNK_BYTES, group_max_delay_s=0.0)
+    try:
+        tier.submit_store(vs.make_job(1, [vs.key(1), vs.key(2)], [0, 1]))  # fills the staging limit
+        tier.submit_store(vs.make_job(2, [vs.key(3)], [2]))  # returns at once, failed
+        assert sorted((r.job_id, r.success) for r in vs.drain(tier)) == [(1, True), (2, False)]
+        assert tier.lookup(vs.key(3), vs.CTX) is vs.LookupResult.MISS
+    finally:
+        tier.shutdown()
+
+
+def test_capacity_settings_map_onto_the_store(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = make_tier(
+        tmp_path, memory, max_size="8MiB", total_keys_limit=1000, eviction_policy="FIFO", bucket_keys_limit=4, n_write_threads=1
+    )
+    try:
+        config = tier.store.config
+        assert (config.max_physical_bytes, config.total_keys_limit, config.eviction_policy) == (8 << 20, 1000, "fifo")
+        assert config.bucket_keys_limit == 4
+    finally:
+        tier.shutdown()
+
+
+def test_eviction_keeps_the_disk_bounded(tmp_path: Path, memory: np.ndarray) -> None:
+    """vLLM's fs tier never evicts; this one keeps its directory under the limit."""
+    tier = make_tier(tmp_path, memory, max_total_size=6 * CHUNK_BYTES, bucket_keys_limit=2, eviction_policy="fifo")
+    try:
+        fill_random(memory, range(0, NUM_CHUNKS), seed=7)
+        for job in range(6):
+            keys = [vs.key(job * 2), vs.key(job * 2 + 1)]
+            assert [r.success for r in store_keys(tier, job, keys, [job * 2, job * 2 + 1])] == [True]
+        stats = tier.store.stats()
+        assert stats.logical_bytes <= 6 * CHUNK_BYTES and stats.evicted_keys >= 6
+        assert tier.lookup(vs.key(0), vs.CTX) is vs.LookupResult.MISS  # oldest evicted first
+        assert tier.lookup(vs.key(11), vs.CTX) is vs.LookupResult.HIT
+    finally:
+        tier.shutdown()
+
+
+def test_unknown_config_key_is_refused(tmp_path: Path, memory: np.ndarray) -> None:
+    with pytest.raises(InvalidArgument, match="max_sise"):
+        make_tier(tmp_path, memory, max_sise="10G")
+    assert not any(tmp_path.iterdir())  # refused before anything was created
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"n_write_threads": 0}, {"n_read_threads": "4"}, {"max_staged_bytes": "lots"}, {"bucket_keys_limit": 0}, {"rank": -1}],
+)
+def test_bad_tier_options_leave_no_locked_store(tmp_path: Path, memory: np.ndarray, bad: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        TierClass(vs.make_spec(), memoryview(memory), "kvbucket", root_dir=str(tmp_path), **bad)
+    make_tier(tmp_path, memory).shutdown()  # the rank's directory is free
+
+
+def test_root_dir_is_required(tmp_path: Path, memory: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVBUCKET_PATH", raising=False)
+    with pytest.raises(InvalidArgument, match="root_dir"):
+        TierClass(vs.make_spec(), memoryview(memory), "kvbucket")
+
+
+def test_backpressure_detector_reaches_the_base(tmp_path: Path, memory: np.ndarray) -> None:
+    detector = object()
+    tier = make_tier(tmp_path, memory, backpressure_detector=detector)
+    try:
+        assert tier.backpressure_detector is detector
+    finally:
+        tier.shutdown()
+
+
+def test_shutdown_finishes_jobs_and_is_idempotent(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = make_tier(tmp_path, memory, group_max_delay_s=0.0)
+    fill_random(memory, range(0, 2), seed=8)
+    tier.submit_store(vs.make_job(1, [vs.key(1), vs.key(2)], [0, 1]))
+    tier.shutdown()
+    tier.shutdown()
+    assert [(r.job_id, r.success) for r in tier.get_finished_jobs()] == [(1, True)]
+    with BucketStore.open(tier.store_path, readonly=True) as store:
+        assert store.batch_exists([vs.key(1).hex(), vs.key(2).hex()]) == [True, True]
+
+
+def test_module_imports_and_works_without_vllm(tmp_path: Path, memory: np.ndarray) -> None:
+    """The default class (vLLM's base when importable, else kvbucket's stand-in) works as a tier."""
+    module = importlib.import_module("kvbucket.integrations.vllm")
+    tier = make_tier(tmp_path, memory, cls=module.kvbucket)
+    try:
+        fill_random(memory, range(0, 1), seed=9)
+        tier.submit_store(vs.make_job(1, [vs.key(1)], [0]))
+        tier.drain_jobs()
+        assert [r.success for r in tier.get_finished_jobs()] == [True]
+        assert tier.lookup(vs.key(1), vs.CTX).name == "HIT"
+    finally:
+        tier.shutdown()
+
+
+def test_directory_namespace_separates_models(tmp_path: Path, memory: np.ndarray) -> None:
+    a = TierClass(vs.make_spec(model="org/model-a"), memoryview(memory), "kvbucket", root_dir=str(tmp_path))
+    b = TierClass(vs.make_spec(model="org/model-b"), memoryview(memory), "kvbucket", root_dir=str(tmp_path))
+    try:
+        assert a.store_path != b.store_path
+        assert os.path.basename(a.store_path).startswith("org-model-a_")
+    finally:
+        a.shutdown()
+        b.shutdown()
