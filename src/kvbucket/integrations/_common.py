@@ -1,0 +1,133 @@
+"""Helpers shared by the serving-engine adapters (no engine imports here).
+
+* :func:`store_options` maps an engine's free-form configuration dict onto
+  :class:`~kvbucket.BucketConfig` fields (sizes may be written ``"200G"``).
+* :func:`open_store` opens one store directory, with environment defaults
+  (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
+* :func:`pointer_view` turns a raw host pointer into a ``memoryview``
+  (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
+* :func:`split_batches` cuts a large write into bucket-sized batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
+
+from ..config import BucketConfig, parse_size
+from ..errors import InvalidArgument, StoreLocked
+
+__all__ = [
+    "STORE_FIELDS",
+    "store_options",
+    "open_store",
+    "pointer_view",
+    "split_batches",
+    "safe_component",
+]
+
+_SKIPPED_FIELDS = {"path", "readonly"}
+STORE_FIELDS: frozenset[str] = frozenset(f.name for f in fields(BucketConfig)) - _SKIPPED_FIELDS
+"""BucketConfig fields an engine configuration may set directly."""
+
+_FIELD_TYPES = {f.name: f.type for f in fields(BucketConfig)}
+
+T = TypeVar("T")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a JSON/YAML value to the type of BucketConfig field ``name``."""
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind == "int" and isinstance(value, str):
+            return parse_size(value)
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind == "bool" and isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{source}: {name}={value!r} is not valid: {exc}") from exc
+    return value
+
+
+def store_options(params: Mapping[str, Any], source: str, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The BucketConfig keyword arguments found in an engine's config dict.
+
+    ``aliases`` maps engine-specific names to field names (for example
+    SGLang's HiCacheFile ``max_size`` to ``max_physical_bytes``); a field's
+    own name wins over an alias. Unknown keys are ignored (engine configs
+    carry keys of their own). ``source`` names the config in errors.
+    """
+    options: dict[str, Any] = {}
+    for alias, name in (aliases or {}).items():
+        if params.get(alias) not in (None, ""):
+            options[name] = _coerce(name, params[alias], f"{source} key {alias!r}")
+    for name in STORE_FIELDS:
+        if params.get(name) is not None:
+            options[name] = _coerce(name, params[name], source)
+    return options
+
+
+def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> Any:
+    """Open the store at ``path``: ``KVBUCKET_*`` env defaults, ``options`` win.
+
+    A lock conflict is re-raised as :class:`StoreLocked` naming the path and
+    the adapter setting that gives each process its own directory.
+    """
+    from ..store import BucketStore  # the store module is heavy; import on use
+
+    config = BucketConfig.from_env(**{**options, "path": os.fspath(path), "readonly": readonly})
+    try:
+        return BucketStore.open(config)
+    except StoreLocked as exc:
+        raise StoreLocked(
+            f"{exc} -- another process already writes {os.fspath(path)!r}; give each engine "
+            "process (rank) its own directory (keep the default per-rank sub-directories, "
+            "or set a distinct storage_path per instance)"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _ubyte_array(size: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
+    """``c_ubyte * size``, cached: ctypes builds a new type on every ``*``."""
+    return ctypes.c_ubyte * size
+
+
+def pointer_view(ptr: int, size: int) -> memoryview:
+    """A writable byte view of ``size`` bytes of host memory at address ``ptr``.
+
+    The caller guarantees that the memory stays allocated while the view is
+    used (engines keep their host pools alive for the process lifetime).
+    """
+    if not isinstance(ptr, int) or ptr <= 0:
+        raise InvalidArgument(f"invalid host pointer {ptr!r}")
+    if not isinstance(size, int) or size <= 0:
+        raise InvalidArgument(f"invalid buffer size {size!r} at pointer {ptr:#x}")
+    return memoryview(_ubyte_array(size).from_address(ptr)).cast("B")
+
+
+def split_batches(items: Sequence[tuple[str, T, int]], max_bytes: int, max_keys: int) -> Iterator[list[tuple[str, T, int]]]:
+    """Cut ``(key, value, size)`` items into runs of at most ``max_keys`` items
+    and ``max_bytes`` bytes (a single larger item still gets a run of its own)."""
+    batch: list[tuple[str, T, int]] = []
+    total = 0
+    for item in items:
+        if batch and (len(batch) >= max_keys or total + item[2] > max_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += item[2]
+    if batch:
+        yield batch
+
+
+def safe_component(text: str) -> str:
+    """``text`` made safe as one path component (``/`` and odd characters become ``-``)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in text)
+    return cleaned.strip(".") or "default"
