@@ -150,15 +150,18 @@ def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | OSError:
+def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | None:
+    """The meta's bytes; None if it vanished since the listing. Any other
+    error propagates: a meta we cannot read now is not evidence of damage,
+    and deleting its bucket could lose acknowledged data."""
     try:
         return fs.read_file(os.path.join(directory, meta_name(bucket_id)))
-    except OSError as exc:
-        return exc
+    except FileNotFoundError:
+        return None
 
 
 def _classify(
-    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | OSError | None
+    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | None
 ) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
@@ -178,10 +181,8 @@ def _classify(
     scan.buckets[bucket_id] = LoadedBucket(problem, physical, data.st_mtime_ns)  # type: ignore[union-attr]
 
 
-def _check_pair(raw_meta: bytes | OSError, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
+def _check_pair(raw_meta: bytes, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
     """The bucket's verified meta, or the finding that rejects it."""
-    if isinstance(raw_meta, OSError):
-        return Finding(INVALID_META, bucket_id, (), 0, f"meta unreadable: {raw_meta.strerror}")
     try:
         meta = decode_meta(raw_meta, bucket_id)
     except CorruptionError as exc:

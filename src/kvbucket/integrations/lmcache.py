@@ -1,0 +1,531 @@
+"""kvbucket as an LMCache L2 adapter (the LMCache multiprocess server's disk tier).
+
+Turn it on with::
+
+    lmcache server ... --l2-adapter '{"type": "plugin",
+        "module_path": "kvbucket.integrations.lmcache",
+        "class_name": "KvBucketL2Adapter",
+        "adapter_params": {"storage_path": "/nvme/lmcache-kv",
+                           "max_size_gb": 500, "eviction_policy": "lru"}}'
+
+LMCache's plugin loader finds :class:`KvBucketL2AdapterConfig` by name
+(``class_name + "Config"``) and calls ``KvBucketL2Adapter(config)``; a raw
+``adapter_params`` dict works as well.
+
+What it does, in LMCache's terms:
+
+* **store** tasks go to one writer thread that commits them into kvbucket
+  buckets (tasks that queue up while a bucket is being written are grouped
+  into the next bucket); the store event fd fires once a task is durable.
+* **lookup-and-lock** and **load** tasks run on a small reader pool; their
+  results are one-shot bitmaps, signalled on their own event fds. A lock
+  keeps a key from LMCache-driven :meth:`~KvBucketL2Adapter.delete` until
+  unlocked; kvbucket's own capacity eviction removes whole buckets and a
+  load of a key evicted meanwhile reports a miss (loads may fail by contract).
+* **usage**: every object on disk is counted, also after a restart; the
+  object index is rebuilt from the store at start-up, seeds the byte
+  accounting of ``get_usage()`` and is replayed to each registered listener
+  (LMCache's L2 eviction policy), so nothing on disk is invisible to it.
+
+The module imports without LMCache; when LMCache is importable the adapter
+subclasses the real ``L2AdapterInterface``, as the plugin loader requires.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidArgument, KvBucketError, StoreClosed
+from ._common import open_store, split_batches, store_options
+
+__all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
+
+logger = logging.getLogger(__name__)
+
+try:  # the real classes when LMCache is installed
+    from lmcache.lmcache_native import Bitmap
+    from lmcache.v1.distributed.api import ObjectKey
+    from lmcache.v1.distributed.internal_api import L2StoreResult
+    from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface as _AdapterBase
+    from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase as _ConfigBase
+except ImportError:  # pragma: no cover - exercised when LMCache is absent
+    from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey  # type: ignore[assignment]
+    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
+    from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
+
+ROOT_ENV = "KVBUCKET_PATH"
+_GIB = 1 << 30
+_SEP = "@"
+_ERRORS = (KvBucketError, OSError, ValueError)
+
+
+# ----------------------------------------------------------------------- keys
+
+
+def encode_key(key: Any) -> str:
+    """The kvbucket key of an LMCache ``ObjectKey`` (reversible, see :func:`decode_key`).
+
+    ``<model>@0x<kv_rank, 8 hex>@<object_group_id hex>@<chunk_hash hex>[@<cache_salt>]``
+    -- LMCache guarantees that neither the model name nor the salt holds ``@``.
+    """
+    text = f"{key.model_name}{_SEP}{key.kv_rank:#010x}{_SEP}{key.object_group_id:x}{_SEP}{key.chunk_hash.hex()}"
+    return f"{text}{_SEP}{key.cache_salt}" if key.cache_salt else text
+
+
+def decode_key(text: str) -> Any | None:
+    """The ``ObjectKey`` of a kvbucket key written by :func:`encode_key`, or None."""
+    parts = text.split(_SEP)
+    if len(parts) not in (4, 5):
+        return None
+    try:
+        return ObjectKey(
+            chunk_hash=bytes.fromhex(parts[3]),
+            model_name=parts[0],
+            kv_rank=int(parts[1], 16),
+            object_group_id=int(parts[2], 16),
+            cache_salt=parts[4] if len(parts) == 5 else "",
+        )
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------- config
+
+
+class KvBucketL2AdapterConfig(_ConfigBase):
+    """``adapter_params`` of the kvbucket L2 adapter.
+
+    * ``storage_path`` (or ``base_path``, as the ``fs`` adapter names it; else
+      ``$KVBUCKET_PATH``): the store directory of this server instance. One
+      directory has one writer: give each LMCache server its own.
+    * ``max_size_gb``: capacity in GiB (float), kvbucket's ``max_total_size``;
+      it is also the capacity LMCache's eviction controller sees.
+    * any :class:`~kvbucket.BucketConfig` field: ``max_total_size``,
+      ``max_physical_bytes``, ``total_keys_limit``, ``eviction_policy``
+      (``lru``/``fifo``/``none``), ``durability``, ``bucket_size_limit``, ...
+    * ``num_io_threads`` (default 4): threads for lookups and loads.
+    """
+
+    def __init__(self, storage_path: str, store: Mapping[str, Any] | None = None, num_io_threads: int = 4) -> None:
+        self.storage_path = storage_path
+        self.store = dict(store or {})
+        self.num_io_threads = num_io_threads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KvBucketL2AdapterConfig:
+        """Parse ``adapter_params``; raises ``InvalidArgument`` (a ``ValueError``) on bad values."""
+        path = d.get("storage_path") or d.get("base_path") or os.environ.get(ROOT_ENV)
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument(f'kvbucket L2 adapter needs "storage_path" in adapter_params or ${ROOT_ENV}')
+        options = store_options(d, "kvbucket L2 adapter_params")
+        size_gb = d.get("max_size_gb")
+        if size_gb is not None:
+            if isinstance(size_gb, bool) or not isinstance(size_gb, (int, float)) or size_gb < 0:
+                raise InvalidArgument(f"max_size_gb must be a number >= 0; got {size_gb!r}")
+            options.setdefault("max_total_size", int(size_gb * _GIB))
+        threads = d.get("num_io_threads", 4)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InvalidArgument(f"num_io_threads must be an integer >= 1; got {threads!r}")
+        return cls(os.path.expanduser(path), options, threads)
+
+    @classmethod
+    def help(cls) -> str:
+        """What ``adapter_params`` accepts."""
+        return (
+            "kvbucket L2 adapter fields:\n"
+            "- storage_path (str): store directory, one per server instance (or $KVBUCKET_PATH)\n"
+            "- max_size_gb (float): capacity in GiB (kvbucket max_total_size)\n"
+            "- max_total_size / max_physical_bytes / total_keys_limit: sizes as 1048576 or '200G'\n"
+            "- eviction_policy (lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
+            "- num_io_threads (int): threads for lookups and loads (default 4)"
+        )
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The capacity reported to LMCache (0: unknown, no global eviction)."""
+        return int(self.store.get("max_total_size") or self.store.get("max_physical_bytes") or 0)
+
+
+# ----------------------------------------------------------------- adapter
+
+
+class _EventFd:
+    """A non-blocking Linux eventfd (a pipe elsewhere) that the caller polls."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._read = self._write = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - non-Linux
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._read, False)
+            os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def notify(self) -> None:
+        try:
+            if hasattr(os, "eventfd_write") and self._read == self._write:
+                os.eventfd_write(self._write, 1)
+            else:  # pragma: no cover
+                os.write(self._write, b"\x01")
+        except (BlockingIOError, OSError):
+            pass  # already signalled (or closed during shutdown)
+
+    def close(self) -> None:
+        for fd in {self._read, self._write}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class _StoreTask:
+    task_id: int
+    keys: list[Any]
+    objects: list[Any]
+
+
+class KvBucketL2Adapter(_AdapterBase):
+    """LMCache ``L2AdapterInterface`` over a crash-safe kvbucket store."""
+
+    config_class_name = "KvBucketL2AdapterConfig"
+
+    def __init__(self, config: KvBucketL2AdapterConfig | Mapping[str, Any], l1_memory_desc: Any = None, **_: Any) -> None:
+        cfg = config if isinstance(config, KvBucketL2AdapterConfig) else KvBucketL2AdapterConfig.from_dict(dict(config))
+        super().__init__(max_capacity_bytes=cfg.capacity_bytes)
+        self._config = cfg
+        self._store = open_store(cfg.storage_path, cfg.store)
+        self._lock = threading.Lock()
+        self._objects: dict[str, tuple[Any, int]] = {}
+        self._locks: Counter[str] = Counter()
+        self._ids = itertools.count(1)
+        self._done_stores: dict[int, Any] = {}
+        self._done_lookups: dict[int, Any] = {}
+        self._done_loads: dict[int, Any] = {}
+        self._closed = False
+        self._restore()
+        self._store_fd, self._lookup_fd, self._load_fd = _EventFd(), _EventFd(), _EventFd()
+        self._queue: queue.Queue[_StoreTask | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._writer_loop, name="kvbucket-l2-writer", daemon=True)
+        self._writer.start()
+        self._readers = ThreadPoolExecutor(cfg.num_io_threads, thread_name_prefix="kvbucket-l2-io")
+        logger.info("kvbucket L2 adapter at %s: %d objects, %d bytes", cfg.storage_path, len(self._objects), self.get_usage().total_bytes_used)
+
+    def _restore(self) -> None:
+        """Index what the store already holds and seed the byte accounting."""
+        keys, sizes = [], []
+        for batch in self._store.scan_meta():
+            for text, meta in batch:
+                key = decode_key(text)
+                if key is None:
+                    logger.warning("kvbucket L2: ignoring key %r, not written by this adapter", text)
+                    continue
+                self._objects[text] = (key, meta.size)
+                keys.append(key)
+                sizes.append(meta.size)
+        if keys:
+            self._notify_keys_stored(keys, sizes)
+
+    # ------------------------------------------------------------ event fds
+
+    def get_store_event_fd(self) -> int:
+        """Fires when store tasks complete."""
+        return self._store_fd.fileno()
+
+    def get_lookup_and_lock_event_fd(self) -> int:
+        """Fires when lookup-and-lock tasks complete."""
+        return self._lookup_fd.fileno()
+
+    def get_load_event_fd(self) -> int:
+        """Fires when load tasks complete."""
+        return self._load_fd.fileno()
+
+    # ----------------------------------------------------------------- store
+
+    def submit_store_task(self, keys: list[Any], objects: list[Any]) -> int:
+        """Queue ``objects`` (caller-owned until the task completes) for storing."""
+        if len(keys) != len(objects):
+            raise InvalidArgument(f"store task has {len(keys)} keys but {len(objects)} objects")
+        task = _StoreTask(self._next_id(), list(keys), list(objects))
+        self._queue.put(task)
+        return task.task_id
+
+    def pop_completed_store_tasks(self) -> dict[int, Any]:
+        """All store results since the last call: ``{task_id: L2StoreResult}``."""
+        with self._lock:
+            done, self._done_stores = self._done_stores, {}
+        return done
+
+    def _writer_loop(self) -> None:
+        """Write queued tasks; tasks that queued up during a write share the next bucket."""
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            tasks, stop = self._drain([task])
+            try:
+                self._run_store_tasks(tasks)
+            except Exception:  # noqa: BLE001 - report the tasks failed, keep the thread alive
+                logger.exception("kvbucket L2: store tasks %s failed", [t.task_id for t in tasks])
+                self._fail(tasks)
+            if stop:
+                return
+
+    def _drain(self, tasks: list[_StoreTask]) -> tuple[list[_StoreTask], bool]:
+        limit = self._store.config.bucket_size_limit
+        total = sum(_size(o) for o in tasks[0].objects)
+        while total < limit:
+            try:
+                task = self._queue.get_nowait()
+            except queue.Empty:
+                return tasks, False
+            if task is None:
+                return tasks, True
+            tasks.append(task)
+            total += sum(_size(o) for o in task.objects)
+        return tasks, False
+
+    def _run_store_tasks(self, tasks: list[_StoreTask]) -> None:
+        """Commit the new objects of ``tasks`` and record one result per task."""
+        failed: set[int] = set()
+        written: dict[int, int] = dict.fromkeys((t.task_id for t in tasks), 0)
+        items, owner = self._new_items(tasks, failed)
+        config = self._store.config
+        for batch in split_batches(items, config.bucket_size_limit, config.bucket_keys_limit):
+            try:
+                self._store.batch_offload({k: v for k, v, _ in batch}, on_evict=self._on_evicted, on_duplicate="skip")
+            except _ERRORS as exc:
+                logger.warning("kvbucket L2: storing %d objects (first %r) failed: %s", len(batch), batch[0][0], exc)
+                failed.update(owner[k][0] for k, _, _ in batch)
+                continue
+            self._stored([(owner[k][1], k, n) for k, _, n in batch])
+            for k, _, n in batch:
+                written[owner[k][0]] += n
+        with self._lock:
+            for t in tasks:
+                self._done_stores[t.task_id] = L2StoreResult(t.task_id not in failed, written[t.task_id])
+        self._store_fd.notify()
+
+    def _fail(self, tasks: list[_StoreTask]) -> None:
+        with self._lock:
+            for t in tasks:
+                self._done_stores.setdefault(t.task_id, L2StoreResult(False, 0))
+        self._store_fd.notify()
+
+    def _new_items(self, tasks: list[_StoreTask], failed: set[int]) -> tuple[list[tuple[str, Any, int]], dict[str, tuple[int, Any]]]:
+        """``(store key, bytes, size)`` of objects not stored yet, and each one's task and key."""
+        items: list[tuple[str, Any, int]] = []
+        owner: dict[str, tuple[int, Any]] = {}
+        for task in tasks:
+            for key, obj in zip(task.keys, task.objects):
+                try:
+                    text = encode_key(key)
+                    if text in owner or text in self._objects:
+                        continue
+                    view = _byte_view(obj)
+                except (AttributeError, TypeError, ValueError) as exc:
+                    logger.warning("kvbucket L2: cannot store key %r: %s", key, exc)
+                    failed.add(task.task_id)
+                    continue
+                owner[text] = (task.task_id, key)
+                items.append((text, view, view.nbytes))
+        return items, owner
+
+    def _stored(self, entries: list[tuple[Any, str, int]]) -> None:
+        with self._lock:
+            for key, text, size in entries:
+                self._objects[text] = (key, size)
+        self._notify_keys_stored([e[0] for e in entries], [e[2] for e in entries])
+
+    def _on_evicted(self, texts: list[str]) -> None:
+        """kvbucket chose these keys' buckets for eviction: account for them."""
+        self._forget(texts)
+
+    def _forget(self, texts: Iterable[str]) -> None:
+        gone = []
+        with self._lock:
+            for text in texts:
+                entry = self._objects.pop(text, None)
+                if entry is not None:
+                    gone.append(entry)
+        if gone:
+            self._notify_keys_deleted([k for k, _ in gone], [n for _, n in gone])
+
+    # -------------------------------------------------------- lookup & lock
+
+    def submit_lookup_and_lock_task(self, keys: list[Any], group_layout_descs: Any = None) -> int:
+        """Look ``keys`` up and lock the hits against LMCache-driven deletes."""
+        task_id = self._next_id()
+        self._submit(task_id, len(keys), self._done_lookups, self._lookup_fd, self._lookup, list(keys))
+        return task_id
+
+    def _lookup(self, keys: list[Any]) -> Any:
+        bitmap = Bitmap(len(keys))
+        texts = [encode_key(k) for k in keys]
+        flags = self._store.batch_exists(texts)
+        with self._lock:
+            for i, (text, hit) in enumerate(zip(texts, flags)):
+                if hit:
+                    bitmap.set(i)
+                    self._locks[text] += 1
+        return bitmap
+
+    def query_lookup_and_lock_result(self, task_id: int) -> Any | None:
+        """The task's hit bitmap once, then None."""
+        with self._lock:
+            return self._done_lookups.pop(task_id, None)
+
+    def submit_unlock(self, keys: list[Any]) -> None:
+        """Release one lock per key (never fails)."""
+        with self._lock:
+            for key in keys:
+                try:
+                    text = encode_key(key)
+                except (AttributeError, TypeError, ValueError):
+                    continue
+                if self._locks[text] <= 1:
+                    self._locks.pop(text, None)
+                else:
+                    self._locks[text] -= 1
+
+    # ------------------------------------------------------------------ load
+
+    def submit_load_task(self, keys: list[Any], objects: list[Any]) -> int:
+        """Read ``keys`` into the caller's ``objects`` (one bitmap bit per key)."""
+        if len(keys) != len(objects):
+            raise InvalidArgument(f"load task has {len(keys)} keys but {len(objects)} objects")
+        task_id = self._next_id()
+        self._submit(task_id, len(keys), self._done_loads, self._load_fd, self._load, list(keys), list(objects))
+        return task_id
+
+    def _load(self, keys: list[Any], objects: list[Any]) -> Any:
+        bitmap = Bitmap(len(keys))
+        loaded = self._load_into({i: (encode_key(k), o) for i, (k, o) in enumerate(zip(keys, objects))})
+        for i in loaded:
+            bitmap.set(i)
+        if loaded:
+            self._notify_keys_accessed([keys[i] for i in sorted(loaded)])
+        return bitmap
+
+    def _load_into(self, wanted: dict[int, tuple[str, Any]]) -> list[int]:
+        """Fill the buffers of the keys the store holds; return the positions filled."""
+        try:
+            flags = self._store.batch_exists([t for t, _ in wanted.values()])
+            present = {i: (t, _byte_view(o)) for (i, (t, o)), ok in zip(wanted.items(), flags) if ok}
+        except _ERRORS as exc:
+            logger.warning("kvbucket L2: load of %d keys failed: %s", len(wanted), exc)
+            return []
+        if not present:
+            return []
+        try:
+            self._store.batch_load(dict(present.values()))
+            return list(present)
+        except _ERRORS as exc:
+            logger.warning("kvbucket L2: batch load failed (%s); retrying key by key", exc)
+        done = []
+        for i, (text, view) in present.items():
+            try:
+                self._store.batch_load({text: view})
+                done.append(i)
+            except _ERRORS as exc:
+                logger.warning("kvbucket L2: loading %r failed: %s", text, exc)
+        return done
+
+    def query_load_result(self, task_id: int) -> Any | None:
+        """The task's loaded bitmap once, then None."""
+        with self._lock:
+            return self._done_loads.pop(task_id, None)
+
+    # ------------------------------------------------------------ management
+
+    def delete(self, keys: list[Any]) -> None:
+        """Remove ``keys`` (LMCache eviction); locked keys are kept."""
+        with self._lock:
+            texts = [t for t in (encode_key(k) for k in keys) if t in self._objects and not self._locks.get(t)]
+        if not texts:
+            return
+        try:
+            removed = self._store.batch_remove(texts)
+        except _ERRORS as exc:
+            logger.warning("kvbucket L2: deleting %d keys failed: %s", len(texts), exc)
+            return
+        self._forget(t for t, ok in zip(texts, removed) if ok)
+
+    def report_status(self) -> dict:
+        """Health and store statistics."""
+        status: dict[str, Any] = {"is_healthy": not self._closed and self._writer.is_alive(), "type": type(self).__name__}
+        try:
+            stats = self._store.stats()
+            status.update(keys=stats.keys, buckets=stats.buckets, logical_bytes=stats.logical_bytes, physical_bytes=stats.physical_bytes)
+        except _ERRORS as exc:
+            status.update(is_healthy=False, error=str(exc))
+        with self._lock:
+            status.update(locked_keys=len(self._locks), pending_store_tasks=self._queue.qsize())
+        return status
+
+    def register_listener(self, listener: Any) -> None:
+        """Register ``listener`` and tell it about every object already stored."""
+        super().register_listener(listener)
+        with self._lock:
+            entries = list(self._objects.values())
+        if entries:
+            listener.on_l2_keys_stored([k for k, _ in entries], [n for _, n in entries])
+
+    def close(self) -> None:
+        """Finish queued stores, stop the threads, close the store and the event fds."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._writer.join()
+        self._readers.shutdown(wait=True)
+        self._store.close()
+        for fd in (self._store_fd, self._lookup_fd, self._load_fd):
+            fd.close()
+
+    # --------------------------------------------------------------- helpers
+
+    def _next_id(self) -> int:
+        if self._closed:
+            raise StoreClosed(f"kvbucket L2 adapter at {self._config.storage_path!r} is closed")
+        return next(self._ids)
+
+    def _submit(self, task_id: int, count: int, results: dict[int, Any], fd: _EventFd, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args) -> Bitmap`` on the reader pool; a failure records an empty bitmap."""
+
+        def run() -> None:
+            try:
+                bitmap = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - the task must complete, as a miss
+                logger.warning("kvbucket L2: task %d (%s) failed: %s", task_id, fn.__name__.strip("_"), exc)
+                bitmap = Bitmap(count)
+            with self._lock:
+                results[task_id] = bitmap
+            fd.notify()
+
+        self._readers.submit(run)
+
+
+def _byte_view(obj: Any) -> memoryview:
+    """The bytes of an LMCache ``MemoryObj`` (its logical size) as a flat view."""
+    view = memoryview(obj.byte_array)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _size(obj: Any) -> int:
+    try:
+        return int(obj.get_size())
+    except (AttributeError, TypeError):
+        return 0

@@ -1,0 +1,540 @@
+"""kvbucket as SGLang's HiCache L3 storage (``--hicache-storage-backend dynamic``).
+
+Turn it on with::
+
+    --hicache-storage-backend dynamic
+    --hicache-storage-backend-extra-config '{"backend_name": "kvbucket",
+        "module_path": "kvbucket.integrations.sglang",
+        "class_name": "KvBucketHiCacheStorage",
+        "interface_v1": 1, "storage_path": "/nvme/kvbucket",
+        "max_physical_bytes": "200G", "eviction_policy": "lru"}'
+
+SGLang's factory calls ``KvBucketHiCacheStorage(storage_config, kwargs)``,
+then ``register_mem_pool_host(host_pool)``. With ``"interface_v1": 1`` the
+controller uses the zero-copy pair :meth:`~KvBucketHiCacheStorage.batch_set_v1`
+/ :meth:`~KvBucketHiCacheStorage.batch_get_v1`: a page is written straight from
+the host pool's buffers (``get_page_buffer_meta``) and read straight back into
+them. Without it the generic ``batch_set``/``batch_get`` calls move flat page
+tensors.
+
+Layout on disk: ``<storage_path>/<model>/<rank dir>/`` is one kvbucket store per
+rank (one writer per directory). Keys carry HiCacheFile's namespace suffix
+(``{hash}_{model}_{tp_rank}_{tp_size}[...]``; MLA models drop the TP rank) plus
+a short tag of the host-pool layout, so a change of layout, dtype or page size
+never reads old pages as new ones. For MLA models the KV is identical on all
+TP ranks and SGLang lets only the storage writer rank back pages up; every
+other rank reads the writer's directory read-only (re-opening it when it has
+changed, at most every ``mla_refresh_interval_s`` seconds).
+
+The module imports without SGLang; when SGLang is importable the class
+subclasses the real ``HiCacheStorage``, as the factory requires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgument, KvBucketError
+from ._common import open_store, pointer_view, safe_component, split_batches, store_options
+
+__all__ = ["KvBucketHiCacheStorage", "StoragePaths", "resolve_paths"]
+
+logger = logging.getLogger(__name__)
+
+try:  # subclass the real ABC when SGLang is installed (the factory checks issubclass)
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage as _Base
+except ImportError:  # pragma: no cover - exercised when SGLang is absent
+
+    class _Base:  # type: ignore[no-redef]
+        """Minimal stand-in for ``HiCacheStorage`` when SGLang is not installed."""
+
+        def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+            self.mem_pool_host = mem_pool_host
+
+        def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+            if not hasattr(self, "registered_pools"):
+                self.registered_pools = {}
+            self.registered_pools[host_pool_name] = host_pool
+
+        def on_host_pools_registered(self) -> None:
+            """Nothing to finalise."""
+
+
+ROOT_ENV = "KVBUCKET_PATH"
+"""Environment variable naming the store root when the config has none."""
+
+# HiCacheFile's names for the same settings (per-rank cap, as its evictor uses it).
+_ALIASES = {"max_size": "max_physical_bytes"}
+
+_READ_ERRORS = (KvBucketError, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class StoragePaths:
+    """Where one rank keeps its pages and how it names them."""
+
+    store_dir: Path
+    """The kvbucket store directory this rank opens."""
+    suffix: str
+    """Appended to every page hash (HiCacheFile's ``config_suffix``)."""
+    tp_suffix: str
+    """Suffix for TP-sharded state (HiCacheFile's ``tp_config_suffix``)."""
+    writer: bool
+    """Whether this rank writes ``store_dir`` (False: MLA reader rank)."""
+
+
+def resolve_paths(storage_config: Any, root: str | os.PathLike[str], per_rank: bool = True) -> StoragePaths:
+    """Directory and key suffixes of one rank, from a ``HiCacheStorageConfig``.
+
+    Keys follow HiCacheFile: ``_{model}_{tp_rank}_{tp_size}`` plus
+    ``_{pp_size}_{pp_rank}`` with pipeline parallelism and
+    ``_cp{rank}_{size}`` with attention context parallelism; MLA models share
+    one suffix across TP ranks. The directory adds the data-parallel rank,
+    since with DP attention ``tp_rank`` is local to the attention group.
+    """
+    cfg = storage_config
+    model = "-".join((cfg.model_name or "").split("/"))
+    shard = f"_{cfg.pp_size}_{cfg.pp_rank}" if cfg.pp_size > 1 else ""
+    if getattr(cfg, "attn_cp_size", 1) > 1:
+        shard += f"_cp{cfg.attn_cp_rank}_{cfg.attn_cp_size}"
+    tp_suffix = f"_{model}_{cfg.tp_rank}_{cfg.tp_size}{shard}"
+    suffix = f"_{model}{shard}" if cfg.is_mla_model else tp_suffix
+    dcp_size = getattr(cfg, "dcp_size", 1)
+    if dcp_size > 1:
+        dcp = f"_tp{cfg.tp_size}_dcp{cfg.dcp_rank}_{dcp_size}_page{cfg.logical_page_size}"
+        suffix += dcp
+        tp_suffix += dcp
+    writer = bool(getattr(cfg, "is_storage_writer", True))
+    base = Path(root)
+    if not per_rank:
+        return StoragePaths(base, suffix, tp_suffix, True)
+    dp = f"_dp{getattr(cfg, 'dp_rank', 0)}"
+    if cfg.is_mla_model:
+        # All TP ranks read what the writer rank of their DCP shard wrote.
+        name = f"mla{shard}{dp}" + (f"_dcp{cfg.dcp_rank}_{dcp_size}" if dcp_size > 1 else "")
+    else:
+        name = f"tp{cfg.tp_rank}_{cfg.tp_size}{shard}{dp}"
+    return StoragePaths(base / safe_component(model or "model") / name, suffix, tp_suffix, writer)
+
+
+def _root_from(extra: dict[str, Any]) -> str:
+    """The store root: ``storage_path``, ``file_storage_path`` or ``$KVBUCKET_PATH``."""
+    root = extra.get("storage_path") or extra.get("file_storage_path") or os.environ.get(ROOT_ENV)
+    if not root:
+        raise InvalidArgument(
+            "kvbucket HiCache storage needs a directory: set \"storage_path\" in "
+            f"--hicache-storage-backend-extra-config or the {ROOT_ENV} environment variable"
+        )
+    return os.path.expanduser(str(root))
+
+
+def _as_int_list(indices: Any) -> list[int]:
+    """Host indices (a torch tensor, numpy array or sequence) as Python ints."""
+    return [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+
+
+@dataclass
+class _Metrics:
+    """Pages and bandwidth per call, drained by :meth:`KvBucketHiCacheStorage.get_stats`."""
+
+    prefetch_pgs: list[int] = field(default_factory=list)
+    backup_pgs: list[int] = field(default_factory=list)
+    prefetch_bandwidth: list[float] = field(default_factory=list)
+    backup_bandwidth: list[float] = field(default_factory=list)
+
+
+class _SharedReader:
+    """Read-only view of another rank's store, refreshed when its directory changed."""
+
+    def __init__(self, path: Path, options: dict[str, Any], interval: float) -> None:
+        self._path, self._options, self._interval = path, options, interval
+        self._store: Any = None
+        self._stamp: int | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The current read-only store (None before the writer created it),
+        refreshed when the directory changed, at most once per interval."""
+        with self._lock:
+            now = time.monotonic()
+            if self._store is not None and now - self._checked < self._interval:
+                return self._store
+            self._checked = now
+            try:
+                stamp = os.stat(self._path).st_mtime_ns
+            except FileNotFoundError:
+                return self._store
+            if self._store is None or stamp != self._stamp:
+                self._reopen(stamp)
+            return self._store
+
+    def _reopen(self, stamp: int) -> None:
+        if self._store is None:
+            self._store = open_store(self._path, self._options, readonly=True)
+        else:
+            self._store.refresh()
+        self._stamp = stamp
+
+    def close(self) -> None:
+        """Close the current view."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+class KvBucketHiCacheStorage(_Base):
+    """SGLang ``HiCacheStorage`` backed by one crash-safe kvbucket store per rank.
+
+    ``extra_config`` keys (all optional but a directory):
+
+    * ``storage_path`` (or HiCacheFile's ``file_storage_path``; else ``$KVBUCKET_PATH``)
+    * ``per_rank_dirs`` (default true): one sub-directory per rank
+    * any :class:`~kvbucket.BucketConfig` field: ``max_physical_bytes``,
+      ``max_total_size``, ``total_keys_limit``, ``eviction_policy``
+      (``lru``/``fifo``/``none``), ``durability``, ``bucket_size_limit``, ... and
+      HiCacheFile's ``max_size`` (same as ``max_physical_bytes``, per rank)
+    * ``mla_refresh_interval_s`` (default 1.0): how often an MLA reader rank
+      looks for new buckets of the writer rank
+    """
+
+    def __init__(self, storage_config: Any, kwargs: dict[str, Any] | None = None) -> None:
+        extra = dict(getattr(storage_config, "extra_config", None) or {})
+        self.storage_config = storage_config
+        self.extra_kwargs = dict(kwargs or {})
+        self.paths = resolve_paths(storage_config, _root_from(extra), bool(extra.get("per_rank_dirs", True)))
+        self._options = store_options(extra, "hicache extra_config", _ALIASES)
+        self._layout_tag = ""
+        self._metrics = _Metrics()
+        self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
+        self._store: Any = None
+        self._reader: _SharedReader | None = None
+        if self.paths.writer:
+            self._store = open_store(self.paths.store_dir, self._options)
+        else:
+            interval = float(extra.get("mla_refresh_interval_s", 1.0))
+            self._reader = _SharedReader(self.paths.store_dir, self._options, interval)
+        logger.info("kvbucket HiCache storage at %s (%s)", self.paths.store_dir, "writer" if self.paths.writer else "reader")
+
+    # ------------------------------------------------------------------ keys
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Remember the host pool and derive the layout tag of the keys."""
+        super().register_mem_pool_host(mem_pool_host)
+        self._layout_tag = _layout_tag(mem_pool_host)
+
+    def _key(self, key: str) -> str:
+        """The store key of one page hash (HiCacheFile suffix + layout tag)."""
+        suffix = self.paths.tp_suffix if key.endswith(".mamba") else self.paths.suffix
+        return f"{key}{suffix}{self._layout_tag}"
+
+    def _keys(self, keys: Iterable[str]) -> list[str]:
+        return [self._key(k) for k in keys]
+
+    def _read_store(self) -> Any:
+        """The store to read: our own, or the MLA writer's (read-only)."""
+        if self._store is not None:
+            return self._store
+        assert self._reader is not None
+        return self._reader.get()
+
+    # ------------------------------------------------------------- existence
+
+    def exists(self, key: str) -> bool:
+        """Whether the page ``key`` is stored."""
+        return self._exists_flags([key])[0]
+
+    def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
+        """How many of ``keys``, from the first, are stored (the hit prefix)."""
+        flags = self._exists_flags(keys)
+        return next((i for i, ok in enumerate(flags) if not ok), len(flags))
+
+    def _exists_flags(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            store = self._read_store()
+            if store is None:
+                return [False] * len(keys)
+            return list(store.batch_exists(self._keys(keys)))
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: existence check of %d pages (first %r) failed: %s", len(keys), keys[0], exc)
+            return [False] * len(keys)
+
+    # ----------------------------------------------------------- generic path
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
+        """Read page ``key`` into ``target_location`` (returned), or None on a miss.
+
+        Without a target the bytes come back as a ``bytearray``.
+        """
+        return self.batch_get([key], [target_location])[0]
+
+    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[Any]:
+        """Read pages into their target tensors/buffers; None marks a page not read."""
+        targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+        start = time.perf_counter()
+        results: list[Any] = [None] * len(keys)
+        wanted = {i: t for i, t in enumerate(targets) if t is not None}
+        loaded = self._load({i: [t] for i, t in wanted.items()}, keys)
+        for i in loaded:
+            results[i] = targets[i]
+        bare = [i for i, t in enumerate(targets) if t is None]
+        if bare:
+            for i, data in self._fetch_bytes([keys[i] for i in bare]).items():
+                results[bare[i]] = data
+        self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, sum(r is not None for r in results), start)
+        return results
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        """Store one page (a CPU tensor or any buffer); True when stored or already there."""
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None) -> bool:
+        """Store pages durably; True only when every page is stored."""
+        if values is None:
+            return False
+        return all(self._store_pages(keys, [[v] for v in values]))
+
+    # --------------------------------------------------------- zero-copy path
+
+    def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+        """Store pages straight from the host pool, one result per key."""
+        buffers = self._page_buffers(keys, host_indices)
+        if buffers is None:
+            return [False] * len(keys)
+        return self._store_pages(keys, buffers)
+
+    def batch_get_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+        """Read pages straight into the host pool, one result per key."""
+        buffers = self._page_buffers(keys, host_indices)
+        if buffers is None:
+            return [False] * len(keys)
+        start = time.perf_counter()
+        loaded = self._load(dict(enumerate(buffers)), keys)
+        self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, len(loaded), start)
+        return [i in loaded for i in range(len(keys))]
+
+    def _page_buffers(self, keys: Sequence[str], host_indices: Any) -> list[list[memoryview]] | None:
+        """Each page's host buffers, from ``get_page_buffer_meta``; None if unusable."""
+        pool = getattr(self, "mem_pool_host", None)
+        if pool is None or not keys:
+            if keys:
+                logger.error("kvbucket: zero-copy I/O before register_mem_pool_host")
+            return None
+        indices = _as_int_list(host_indices)
+        page_size = self._page_size(pool)
+        if len(indices) != len(keys) * page_size:
+            logger.error("kvbucket: %d host indices for %d pages of %d tokens", len(indices), len(keys), page_size)
+            return None
+        ptrs, sizes = pool.get_page_buffer_meta(_indices_like(host_indices, indices))
+        if not ptrs or len(ptrs) != len(sizes) or len(ptrs) % len(keys):
+            logger.error("kvbucket: host pool gave %d buffers for %d pages", len(ptrs), len(keys))
+            return None
+        per_page = len(ptrs) // len(keys)
+        views = [pointer_view(int(p), int(s)) for p, s in zip(ptrs, sizes)]
+        return [views[i * per_page : (i + 1) * per_page] for i in range(len(keys))]
+
+    def _page_size(self, pool: Any) -> int:
+        cfg = self.storage_config
+        if getattr(cfg, "dcp_size", 1) > 1 and getattr(cfg, "logical_page_size", None):
+            return int(cfg.logical_page_size)
+        return int(getattr(pool, "page_size", 1) or 1)
+
+    # ------------------------------------------------------------- store I/O
+
+    def _store_pages(self, keys: Sequence[str], values: Sequence[list[Any]]) -> list[bool]:
+        """Write pages (each a list of buffers) in bucket-sized batches; one result per key."""
+        if self._store is None:  # MLA reader rank: the writer rank stores the pages
+            return self._exists_flags(keys)
+        start = time.perf_counter()
+        skeys = self._keys(keys)
+        try:
+            present = self._store.batch_exists(skeys)
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: cannot store %d pages (first %r): %s", len(keys), keys[0] if keys else None, exc)
+            return [False] * len(keys)
+        stored = {k for k, there in zip(skeys, present) if there}
+        todo: dict[str, tuple[list[Any], int]] = {}
+        for skey, value in zip(skeys, values):
+            if skey not in stored and skey not in todo:
+                todo[skey] = (value, _nbytes(value))
+        written = self._offload_batches(todo)
+        stored |= written
+        self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, len(written), start)
+        return [k in stored for k in skeys]
+
+    def _offload_batches(self, todo: dict[str, tuple[list[Any], int]]) -> set[str]:
+        """Write ``todo`` bucket by bucket; return the store keys written."""
+        config = getattr(self._store, "config", None)
+        max_bytes = getattr(config, "bucket_size_limit", 256 << 20)
+        max_keys = getattr(config, "bucket_keys_limit", 500)
+        items = [(k, value, size) for k, (value, size) in todo.items()]
+        written: set[str] = set()
+        for batch in split_batches(items, max_bytes, max_keys):
+            try:
+                self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
+            except _READ_ERRORS as exc:
+                logger.warning("kvbucket: writing %d pages (first %r) failed: %s", len(batch), batch[0][0], exc)
+                continue
+            written.update(k for k, _, _ in batch)
+        return written
+
+    def _load(self, dests: dict[int, list[Any]], keys: Sequence[str]) -> set[int]:
+        """Load pages ``{position: [buffers]}``; return the positions filled."""
+        if not dests:
+            return set()
+        try:
+            store = self._read_store()
+            if store is None:
+                return set()
+            order = list(dests)
+            flags = store.batch_exists([self._key(keys[i]) for i in order])
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: lookup for a read of %d pages failed: %s", len(dests), exc)
+            return set()
+        present = [i for i, ok in zip(order, flags) if ok]
+        return self._load_present(store, {i: dests[i] for i in present}, keys)
+
+    def _load_present(self, store: Any, dests: dict[int, list[Any]], keys: Sequence[str]) -> set[int]:
+        """Load pages the index holds; fall back to one-by-one on a failed batch."""
+        if not dests:
+            return set()
+        direct = {i: bufs[0] for i, bufs in dests.items() if len(bufs) == 1}
+        scattered = {i: bufs for i, bufs in dests.items() if len(bufs) > 1}
+        done: set[int] = set()
+        if direct:
+            done |= self._load_direct(store, direct, keys)
+        for i, bufs in scattered.items():
+            if self._load_scattered(store, self._key(keys[i]), bufs):
+                done.add(i)
+        return done
+
+    def _load_direct(self, store: Any, direct: dict[int, Any], keys: Sequence[str]) -> set[int]:
+        try:
+            store.batch_load({self._key(keys[i]): buf for i, buf in direct.items()})
+            return set(direct)
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: batch read of %d pages failed (%s); retrying one by one", len(direct), exc)
+        done = set()
+        for i, buf in direct.items():
+            try:
+                store.batch_load({self._key(keys[i]): buf})
+                done.add(i)
+            except _READ_ERRORS as exc:
+                logger.warning("kvbucket: reading page %r failed: %s", keys[i], exc)
+        return done
+
+    def _load_scattered(self, store: Any, skey: str, bufs: list[Any]) -> bool:
+        """Read one page whose host buffers are not adjacent (e.g. K and V)."""
+        views = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b for b in bufs]
+        bounce = bytearray(sum(v.nbytes for v in views))
+        try:
+            store.batch_load({skey: bounce})
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: reading page %r failed: %s", skey, exc)
+            return False
+        offset = 0
+        for view in views:
+            view[:] = bounce[offset : offset + view.nbytes]
+            offset += view.nbytes
+        return True
+
+    def _fetch_bytes(self, keys: Sequence[str]) -> dict[int, bytearray]:
+        """Pages without a target buffer: ``{position: bytes}`` of those found."""
+        flags = self._exists_flags(keys)
+        found = [i for i, ok in enumerate(flags) if ok]
+        if not found:
+            return {}
+        try:
+            got = self._read_store().batch_get([self._key(keys[i]) for i in found])
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: reading %d pages failed: %s", len(found), exc)
+            return {}
+        return {i: bytearray(got[self._key(keys[i])]) for i in found}
+
+    # ---------------------------------------------------------- housekeeping
+
+    def clear(self) -> None:
+        """Remove every page of this rank's store (MLA reader ranks: nothing)."""
+        if self._store is not None:
+            self._store.remove_all()
+
+    def get_stats(self) -> Any:
+        """SGLang ``StorageMetrics`` of the calls since the last call (None when off)."""
+        if not self._metrics_on:
+            return None
+        drained, self._metrics = self._metrics, _Metrics()
+        try:
+            from sglang.srt.observability.metrics_collector import StorageMetrics
+        except ImportError:
+            return drained
+        return StorageMetrics(
+            prefetch_pgs=drained.prefetch_pgs,
+            backup_pgs=drained.backup_pgs,
+            prefetch_bandwidth=drained.prefetch_bandwidth,
+            backup_bandwidth=drained.backup_bandwidth,
+        )
+
+    def store_stats(self) -> Any:
+        """kvbucket's own statistics of this rank's store (keys, bytes, limits)."""
+        store = self._read_store()
+        return None if store is None else store.stats()
+
+    def close(self) -> None:
+        """Close the store (everything acknowledged is already durable)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._reader is not None:
+            self._reader.close()
+
+    def _record(self, pages: list[int], bandwidth: list[float], count: int, start: float) -> None:
+        if not self._metrics_on or count <= 0:
+            return
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        pages.append(count)
+        bandwidth.append(count * self._page_gb() / elapsed)
+
+    def _page_gb(self) -> float:
+        pool = getattr(self, "mem_pool_host", None)
+        per_token = getattr(pool, "get_size_per_token", None)
+        if per_token is None:
+            return 0.0
+        return float(per_token()) * self._page_size(pool) / (1 << 30)
+
+
+def _nbytes(value: list[Any]) -> int:
+    """Total bytes of a page given as a list of buffers or tensors."""
+    total = 0
+    for part in value:
+        if hasattr(part, "nbytes"):
+            total += int(part.nbytes)
+        elif hasattr(part, "numel"):
+            total += int(part.numel()) * int(part.element_size())
+        else:
+            total += memoryview(part).nbytes
+    return total
+
+
+def _indices_like(original: Any, as_list: list[int]) -> Any:
+    """Hand the pool the indices in the type it was given (tensors stay tensors)."""
+    return original if hasattr(original, "tolist") else as_list
+
+
+def _layout_tag(pool: Any) -> str:
+    """``@`` + 8 hex digits naming the pool's page format (layout, dtype, page size, ...)."""
+    parts = [
+        str(getattr(pool, name, ""))
+        for name in ("layout", "dtype", "page_size", "layer_num", "head_num", "head_dim", "kv_lora_rank", "qk_rope_head_dim")
+    ]
+    return "@" + hashlib.blake2s("|".join(parts).encode(), digest_size=4).hexdigest()

@@ -1,0 +1,212 @@
+"""The LMCache L2 adapter against stand-ins of LMCache's adapter ABC and plugin loader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvbucket.errors import InvalidArgument, StorageIOError, StoreLocked
+
+from standins import lmcache_standin as lm
+from standins.lmcache_standin import FakeMemoryObj, key
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def module() -> Iterator[Any]:
+    with lm.installed() as adapter_module:
+        yield adapter_module
+
+
+@pytest.fixture
+def opened(module: Any) -> Iterator[list[Any]]:
+    adapters: list[Any] = []
+    yield adapters
+    for adapter in adapters:
+        adapter.close()
+
+
+def plugin(opened: list[Any], root: Path, **params: Any) -> Any:
+    """Load the adapter as the MP server does: ``{"type": "plugin", ...}``."""
+    spec = {"module_path": lm.MODULE, "class_name": "KvBucketL2Adapter", "adapter_params": {"storage_path": str(root), **params}}
+    adapter = lm.create_plugin_adapter(lm.PluginL2AdapterConfig.from_dict(spec))
+    opened.append(adapter)
+    return adapter
+
+
+def restart(opened: list[Any], adapter: Any, root: Path, **params: Any) -> Any:
+    adapter.close()
+    opened.remove(adapter)
+    return plugin(opened, root, **params)
+
+
+def chunks(n: int, first_seed: int = 0) -> list[FakeMemoryObj]:
+    return [FakeMemoryObj(CHUNK, seed=first_seed + i) for i in range(n)]
+
+
+def test_module_imports_without_lmcache() -> None:
+    code = (
+        "import sys, kvbucket.integrations.lmcache as m\n"
+        "assert 'lmcache' not in sys.modules\n"
+        "assert m.KvBucketL2Adapter.__mro__[1].__module__ == 'kvbucket.integrations._lmcache_fallback'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_plugin_loader_builds_the_adapter_with_its_config(module: Any, opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, max_size_gb=0.5, eviction_policy="fifo")
+    assert isinstance(adapter, lm.L2AdapterInterface)
+    assert issubclass(module.KvBucketL2AdapterConfig, lm.L2AdapterConfigBase)
+    assert adapter.supports_global_eviction and adapter.get_usage().total_capacity_bytes == 1 << 29
+    assert adapter._store.config.eviction_policy == "fifo"
+    fds = {adapter.get_store_event_fd(), adapter.get_lookup_and_lock_event_fd(), adapter.get_load_event_fd()}
+    assert len(fds) == 3
+
+
+def test_store_lookup_load_round_trip(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    keys, objects = [key(i) for i in range(4)], chunks(4)
+    result = lm.store(adapter, keys, objects)
+    assert result.is_successful() and result.bytes_transferred() == 4 * CHUNK
+
+    assert lm.lookup(adapter, [*keys[:2], key(99), keys[3]]) == [0, 1, 3]
+    targets = chunks(5, first_seed=1000)
+    assert lm.load(adapter, [*keys, key(99)], targets) == [0, 1, 2, 3]
+    for obj, target in zip(objects, targets):
+        assert target.tensor.tobytes() == obj.tensor.tobytes()
+    adapter.submit_unlock(keys)
+
+
+def test_objects_and_usage_survive_a_restart(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, max_size_gb=1)
+    keys = [key(i, salt="alice" if i % 2 else "") for i in range(6)]
+    objects = chunks(6)
+    assert lm.store(adapter, keys, objects).is_successful()
+    usage = adapter.get_usage()
+    assert usage.total_bytes_used == 6 * CHUNK
+
+    adapter = restart(opened, adapter, tmp_path, max_size_gb=1)
+    listener = lm.Listener()
+    adapter.register_listener(listener)  # as the storage manager does after construction
+    assert adapter.get_usage() == usage
+    assert usage.bytes_by_cache_salt == {"": 3 * CHUNK, "alice": 3 * CHUNK}
+    assert listener.sizes == dict.fromkeys(keys, CHUNK)
+    assert lm.lookup(adapter, keys) == list(range(6))
+    targets = chunks(6, first_seed=500)
+    assert lm.load(adapter, keys, targets) == list(range(6))
+    assert [t.tensor.tobytes() for t in targets] == [o.tensor.tobytes() for o in objects]
+
+
+def test_duplicates_are_stored_once(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    objects = chunks(2)
+    assert lm.store(adapter, [key(1), key(2)], objects).bytes_transferred() == 2 * CHUNK
+    again = lm.store(adapter, [key(2), key(3), key(3)], [objects[1], *chunks(2, 7)])
+    assert again.is_successful() and again.bytes_transferred() == CHUNK
+    assert adapter.get_usage().total_bytes_used == 3 * CHUNK
+
+
+def test_locked_keys_survive_delete_until_unlocked(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    listener = lm.Listener()
+    adapter.register_listener(listener)
+    keys = [key(i) for i in range(3)]
+    assert lm.store(adapter, keys, chunks(3)).is_successful()
+    assert lm.lookup(adapter, keys[:1]) == [0]  # locks key 0
+
+    adapter.delete(keys)
+    assert listener.deleted == keys[1:]
+    assert lm.lookup(adapter, keys) == [0]
+    adapter.submit_unlock(keys[:1])
+    adapter.submit_unlock(keys[:1])
+    adapter.delete(keys[:1])
+    assert lm.lookup(adapter, keys) == []
+    assert adapter.get_usage().total_bytes_used == 0
+    assert adapter._store.stats().keys == 0
+
+
+def test_kvbucket_eviction_keeps_usage_right(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, max_total_size=4 * CHUNK, eviction_policy="fifo")
+    listener = lm.Listener()
+    adapter.register_listener(listener)
+    for i in range(0, 8, 2):
+        assert lm.store(adapter, [key(i), key(i + 1)], chunks(2, i)).is_successful()
+    stats = adapter._store.stats()
+    assert adapter.get_usage().total_bytes_used == stats.logical_bytes == 4 * CHUNK
+    assert listener.deleted == [key(i) for i in range(4)]
+    assert sorted(listener.sizes, key=lambda k: k.chunk_hash) == [key(i) for i in range(4, 8)]
+
+    adapter = restart(opened, adapter, tmp_path, max_total_size=4 * CHUNK)
+    assert adapter.get_usage().total_bytes_used == 4 * CHUNK
+
+
+class FailingStore:
+    """Wraps a store; the first ``failures`` writes fail like a full disk."""
+
+    def __init__(self, store: Any, failures: int) -> None:
+        self._store, self.failures = store, failures
+
+    def batch_offload(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
+        return self._store.batch_offload(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    adapter._store = FailingStore(adapter._store, failures=1)
+    keys, objects = [key(1), key(2)], chunks(2)
+    assert not lm.store(adapter, keys, objects).is_successful()
+    assert lm.lookup(adapter, keys) == [] and adapter.get_usage().total_bytes_used == 0
+    assert lm.store(adapter, keys, objects).is_successful()
+    assert lm.lookup(adapter, keys) == [0, 1]
+
+
+def test_loads_of_wrong_size_or_corrupt_objects_fail_per_key(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    keys, objects = [key(1), key(2), key(3)], chunks(3)
+    assert lm.store(adapter, keys, objects).is_successful()
+    (data_file,) = Path(adapter._store.path).glob("*.bucket")
+    with open(data_file, "r+b") as f:  # corrupt the first object
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    targets = [FakeMemoryObj(CHUNK), FakeMemoryObj(CHUNK // 2), FakeMemoryObj(CHUNK)]
+    assert lm.load(adapter, keys, targets) == [2]
+    assert targets[2].tensor.tobytes() == objects[2].tensor.tobytes()
+
+
+def test_one_directory_has_one_adapter(opened: list[Any], tmp_path: Path) -> None:
+    plugin(opened, tmp_path / "a")
+    with pytest.raises(StoreLocked, match="storage_path"):
+        plugin(opened, tmp_path / "a")
+    plugin(opened, tmp_path / "b")
+
+
+def test_config_errors_name_the_setting(module: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVBUCKET_PATH", raising=False)
+    with pytest.raises(InvalidArgument, match="storage_path"):
+        module.KvBucketL2AdapterConfig.from_dict({})
+    with pytest.raises(InvalidArgument, match="max_size_gb"):
+        module.KvBucketL2AdapterConfig.from_dict({"storage_path": str(tmp_path), "max_size_gb": "lots"})
+    monkeypatch.setenv("KVBUCKET_PATH", str(tmp_path))
+    assert module.KvBucketL2AdapterConfig.from_dict({"max_physical_bytes": "2G"}).capacity_bytes == 2 << 30
+
+
+def test_keys_round_trip_through_their_encoding(module: Any) -> None:
+    for k in (key(1), key(2, model="a/b-c", rank=0x01020304, salt="tenant-7"), lm.ObjectKey(b"\x00" * 8, "m", 3, 5)):
+        assert module.decode_key(module.encode_key(k)) == k
+    assert module.decode_key("not-ours") is None
