@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvbucket import BucketStore
-from kvbucket.errors import CorruptionError, StorageIOError
+from kvbucket.errors import CorruptionError, SizeMismatch, StorageIOError
 from kvbucket.format import ALIGNMENT
 from kvbucket.fs import WRITE_CHUNK, FileSystem
 from storeutil import our_files, value_for
@@ -139,3 +139,16 @@ def test_open_wraps_io_errors(store_dir: Path) -> None:
     with pytest.raises(StorageIOError):
         BucketStore.open(store_dir, filesystem=fs)
     BucketStore.open(store_dir).close()  # the failed open left the lock free
+
+
+@pytest.mark.parametrize("mode", ["buffered", "direct"])
+def test_load_scatters_into_a_list_of_buffers(store_dir: Path, mode: str) -> None:
+    """A page's K and V halves can live in separate buffers (no bounce copy)."""
+    value = value_for("page", 3 * ALIGNMENT + 100)
+    with BucketStore.open(store_dir, io_mode=mode) as store:
+        store.batch_offload({"page": value, "other": b"x"})
+        k, v = bytearray(ALIGNMENT + 7), np.empty(2 * ALIGNMENT + 93, dtype=np.uint8)
+        store.batch_load({"page": [k, v], "other": [bytearray(1)]})
+        assert bytes(k) + v.tobytes() == value
+        with pytest.raises(SizeMismatch):
+            store.batch_load({"page": [bytearray(10), bytearray(10)]})

@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 from .errors import InvalidArgument
 
-__all__ = ["Buffer", "byte_view", "value_views", "writable_view"]
+__all__ = ["Buffer", "byte_view", "value_views", "writable_view", "writable_views"]
 
 Buffer: TypeAlias = Any
 """Any object exposing the buffer protocol (``collections.abc.Buffer`` on 3.12+)."""
@@ -55,6 +55,13 @@ def value_views(value: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) ->
     if isinstance(value, str):
         raise InvalidArgument(f"{what} is a str; encode it to bytes first")
     return [byte_view(value, what)]
+
+
+def writable_views(dest: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) -> list[memoryview]:
+    """The pieces of one destination: a writable buffer, or a list or tuple of
+    them filled back to back (for example a page's K and V halves)."""
+    parts = dest if isinstance(dest, (list, tuple)) else [dest]
+    return [writable_view(part, what) for part in parts]
 
 
 def writable_view(obj: Buffer, what: str) -> memoryview:

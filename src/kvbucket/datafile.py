@@ -105,21 +105,31 @@ def open_for_read(fs: FileSystem, path: str, direct: bool) -> int:
     return fs.open(path, os.O_RDONLY | (O_DIRECT if direct else 0))
 
 
-def read_value(fs: FileSystem, fd: int, offset: int, dest: memoryview, direct: bool) -> int:
-    """Read ``len(dest)`` bytes at ``offset`` into ``dest``; returns bytes read
-    (short only when the file is shorter than the meta says)."""
+def read_value(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview], direct: bool) -> int:
+    """Read the value at ``offset`` into ``dests`` back to back; returns bytes
+    read (short only when the file is shorter than the meta says)."""
     if not direct:
-        return fs.read_into(fd, dest, offset)
+        return fs.readv_into(fd, dests, offset)
+    total = sum(len(d) for d in dests)
+    pieces = iter(dests)
+    piece, used = next(pieces, memoryview(b"")), 0
     done = 0
-    while done < len(dest):
+    while done < total:
         start = offset + done
         aligned = start - start % ALIGNMENT
         with _POOL.buffer() as stage:
-            want = min(STAGING_BYTES, -(-(start + len(dest) - done - aligned) // ALIGNMENT) * ALIGNMENT)
+            want = min(STAGING_BYTES, -(-(start + total - done - aligned) // ALIGNMENT) * ALIGNMENT)
             got = fs.read_into(fd, stage[:want], aligned)
-            usable = min(got - (start - aligned), len(dest) - done)
+            usable = min(got - (start - aligned), total - done)
             if usable <= 0:
                 break
-            dest[done : done + usable] = stage[start - aligned : start - aligned + usable]
+            source = stage[start - aligned : start - aligned + usable]
+            while len(source):  # scatter into the destination pieces
+                while used == len(piece):
+                    piece, used = next(pieces), 0
+                n = min(len(source), len(piece) - used)
+                piece[used : used + n] = source[:n]
+                used += n
+                source = source[n:]
         done += usable
     return done

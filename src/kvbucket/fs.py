@@ -101,14 +101,20 @@ class FileSystem:
         return total
 
     def read_into(self, fd: int, view: memoryview, offset: int) -> int:
-        """Fill ``view`` from ``offset``, looping over short reads; returns the
-        bytes read, fewer than ``len(view)`` only at end of file."""
+        """Fill ``view`` from ``offset``; see :meth:`readv_into`."""
+        return self.readv_into(fd, [view], offset)
+
+    def readv_into(self, fd: int, views: Sequence[memoryview], offset: int) -> int:
+        """Fill ``views`` back to back from ``offset``, looping over short
+        reads; returns the bytes read, fewer than asked only at end of file."""
         done = 0
-        while done < len(view):
-            got = self.preadv(fd, [view[done:]], offset + done)
+        remaining = [v for v in views if len(v)]
+        while remaining:
+            got = self.preadv(fd, remaining[:IOV_MAX], offset + done)
             if got == 0:
                 break
             done += got
+            remaining = _advance(remaining, got)
         return done
 
     def read_file(self, path: str) -> bytes:

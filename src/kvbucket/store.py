@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .buffers import Buffer, value_views, writable_view
-from .checksum import crc32c, crc32c_of
+from .buffers import Buffer, value_views, writable_views
+from .checksum import crc32c_of
 from .commit import delete_bucket_files, publish_meta, write_bucket
 from .config import BucketConfig
 from .datafile import open_for_read, read_value
@@ -66,6 +66,8 @@ MAX_OPEN_DESCRIPTORS = 256
 Value = Buffer | Sequence[Buffer]
 Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
 Callback = Callable[[list[str]], object]
+_Read = tuple[Bucket, str, ObjectMeta, list[memoryview]]
+"""One object to read: its pinned bucket, key, location and destination pieces."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,9 @@ class BucketStore:
 
     # -- reading --------------------------------------------------------------
     def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
-        """Read each object into the caller's buffer (exactly the object's size).
+        """Read each object into the caller's buffer (exactly the object's size),
+        or into a list of buffers filled back to back (sizes summing to the
+        object's size), without copying.
 
         Unknown keys raise :class:`KeyNotFound`, wrong sizes
         :class:`SizeMismatch`, a failed checksum :class:`CorruptionError`; on
@@ -324,7 +328,7 @@ class BucketStore:
         """
         if not destinations:
             raise InvalidArgument("batch_load needs at least one key")
-        views = {key: writable_view(buf, f"buffer for key {key!r}") for key, buf in _checked_items(destinations)}
+        views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in _checked_items(destinations)}
         self._read(views)
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
@@ -338,25 +342,26 @@ class BucketStore:
             self._check_open()
             sizes = {key: self._meta_locked(key).size for key in keys}
         buffers = {key: bytearray(size) for key, size in sizes.items()}
-        self._read({key: memoryview(buf) for key, buf in buffers.items()})
+        self._read({key: [memoryview(buf)] for key, buf in buffers.items()})
         return {key: bytes(buf) for key, buf in buffers.items()}
 
-    def _read(self, views: dict[str, memoryview]) -> None:
+    def _read(self, views: dict[str, list[memoryview]]) -> None:
         plan = self._pin(views)
         try:
             self._run_reads(plan)
         finally:
             self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values())
 
-    def _pin(self, views: dict[str, memoryview]) -> list[tuple[Bucket, str, ObjectMeta, memoryview]]:
+    def _pin(self, views: dict[str, list[memoryview]]) -> list[_Read]:
         """Look up every key and pin its bucket, all under one lock hold."""
         plan = []
         with self._mutex:
             self._check_open()
             for key, view in views.items():
                 meta = self._meta_locked(key)
-                if len(view) != meta.size:
-                    raise SizeMismatch(f"buffer for key {key!r} is {len(view)} bytes; the object is {meta.size}")
+                size = sum(len(piece) for piece in view)
+                if size != meta.size:
+                    raise SizeMismatch(f"buffer for key {key!r} is {size} bytes; the object is {meta.size}")
                 plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
             pinned: list[Bucket] = []
             try:
@@ -370,7 +375,7 @@ class BucketStore:
                 raise
         return plan
 
-    def _run_reads(self, plan: list[tuple[Bucket, str, ObjectMeta, memoryview]]) -> None:
+    def _run_reads(self, plan: list[_Read]) -> None:
         if len(plan) == 1 or self._config.io_threads == 1:
             for item in plan:
                 self._read_one(*item)
@@ -383,16 +388,16 @@ class BucketStore:
             if error is not None:
                 raise error
 
-    def _read_lane(self, items: list[tuple[Bucket, str, ObjectMeta, memoryview]]) -> None:
+    def _read_lane(self, items: list[_Read]) -> None:
         for item in items:
             self._read_one(*item)
 
-    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: memoryview) -> None:
+    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
         direct = self._config.io_mode == "direct"
         got = self._io(f"reading key {key!r} from bucket {meta.bucket_id}", lambda: read_value(self._fs, bucket.fd, meta.offset, view, direct))
         if got != meta.size:
             raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
-        if self._config.verify_checksums and crc32c(view) != meta.checksum:
+        if self._config.verify_checksums and crc32c_of(view) != meta.checksum:
             raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
 
     def _executor(self) -> ThreadPoolExecutor:
