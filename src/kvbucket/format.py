@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from itertools import accumulate
-from operator import add
+from operator import add, le
 from typing import NamedTuple
 
 from .checksum import crc32c
@@ -144,6 +144,11 @@ class BucketMeta:
     records: list[MetaRecord]
 
 
+def footprint(size: int, aligned: bool) -> int:
+    """Bytes a value of ``size`` occupies in a data file, padding included."""
+    return -(-size // ALIGNMENT) * ALIGNMENT if aligned else size
+
+
 def packed_layout(sizes: list[int]) -> tuple[list[int], int]:
     """Offsets of values written back to back, and the data length."""
     offsets, position = [], 0
@@ -159,7 +164,7 @@ def aligned_layout(sizes: list[int]) -> tuple[list[int], int]:
     offsets, position = [], 0
     for size in sizes:
         offsets.append(position)
-        position += -(-size // ALIGNMENT) * ALIGNMENT
+        position += footprint(size, True)
     return offsets, position
 
 
@@ -195,27 +200,29 @@ def decode_meta(raw: bytes, expected_id: int) -> BucketMeta:
     magic, version, flags, count, bucket_id, data_length, blob_length = _HEADER.unpack_from(raw, 0)
     if magic != META_MAGIC:
         raise CorruptionError(f"meta of bucket {expected_id} has a bad magic number")
-    if version != META_VERSION:
-        raise CorruptionError(f"meta of bucket {expected_id} has unsupported version {version}")
+    if version != META_VERSION or flags & ~FLAG_ALIGNED:
+        raise CorruptionError(f"meta of bucket {expected_id} has unsupported version {version} or flags {flags:#x}")
     if bucket_id != expected_id:
         raise CorruptionError(f"meta named for bucket {expected_id} records bucket {bucket_id}")
     records_end = HEADER_SIZE + count * RECORD_SIZE
     if records_end + blob_length != len(body):
         raise CorruptionError(f"meta of bucket {expected_id} has inconsistent lengths")
-    records = _decode_records(body, count, records_end, data_length, expected_id)
-    return BucketMeta(bucket_id, data_length, bool(flags & FLAG_ALIGNED), records)
+    aligned = bool(flags & FLAG_ALIGNED)
+    records = _decode_records(body, count, records_end, data_length, aligned, expected_id)
+    return BucketMeta(bucket_id, data_length, aligned, records)
 
 
 def _decode_records(
-    body: memoryview, count: int, records_end: int, data_length: int, bucket_id: int
+    body: memoryview, count: int, records_end: int, data_length: int, aligned: bool, bucket_id: int
 ) -> list[MetaRecord]:
     if count == 0:
         return []
     offsets, sizes, crcs, lengths = zip(*_RECORD.iter_unpack(body[HEADER_SIZE:records_end]))
     if min(lengths) == 0 or max(lengths) > MAX_KEY_BYTES:
         raise CorruptionError(f"meta of bucket {bucket_id} has an invalid key length")
-    if max(map(add, offsets, sizes)) > data_length:
-        raise CorruptionError(f"meta of bucket {bucket_id} has an object past the end of its data file")
+    ends = list(map(add, offsets, sizes)) if not aligned else [o + footprint(n, True) for o, n in zip(offsets, sizes)]
+    if ends[-1] > data_length or not all(map(le, ends, offsets[1:])):
+        raise CorruptionError(f"meta of bucket {bucket_id} has objects out of order, overlapping or past the end of its data file")
     keys = _split_keys(bytes(body[records_end:]), lengths, bucket_id)
     if len(set(keys)) != len(keys):
         raise CorruptionError(f"meta of bucket {bucket_id} lists a key twice")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from .format import ALIGNMENT
+from .format import footprint
 
 __all__ = ["ObjectMeta", "Bucket", "Index"]
 
@@ -65,7 +65,7 @@ class Bucket:
 
     def footprint(self, size: int) -> int:
         """Bytes a value of ``size`` occupies in this bucket's data file."""
-        return -(-size // ALIGNMENT) * ALIGNMENT if self.aligned else size
+        return footprint(size, self.aligned)
 
     @property
     def dead(self) -> int:

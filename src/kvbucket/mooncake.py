@@ -543,13 +543,12 @@ def scan_mooncake(
     stems: Iterable[str] = sorted(pairs, key=lambda s: (int(s), s))
     for stem in progress(stems) if progress else stems:
         files = pairs[stem]
+        identities = tuple(files[k] for k in ("bucket", "meta") if k in files)
         try:
             scan.buckets.append(_check_bucket(root, stem, files, fs, verify_keys))
         except _Broken as broken:
-            identities = tuple(files[k] for k in ("bucket", "meta") if k in files)
             scan.findings.append(Finding(broken.kind, int(stem), identities, broken.detail))
         except OSError as exc:  # unreadable: report it, a repair removes it like Mooncake would
-            identities = tuple(files[k] for k in ("bucket", "meta") if k in files)
             scan.findings.append(Finding("invalid_meta", int(stem), identities, f"cannot read: {exc.strerror or exc}"))
     return scan
 
@@ -655,16 +654,20 @@ def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarant
 
 def read_bucket(root: Path, bucket: MooncakeBucket, fs: FileSystem | None = None) -> bytearray:
     """The whole data file of a valid bucket, checked to be the length the scan saw."""
-    fs = fs or FileSystem()
-    fd = fs.open(os.fspath(root / bucket.data.name), os.O_RDONLY)
-    try:
-        buf = bytearray(bucket.data.size)
-        got = fs.read_into(fd, memoryview(buf), 0)
-    finally:
-        fs.close(fd)
+    buf, got = _read_at(fs or FileSystem(), root / bucket.data.name, bucket.data.size, 0)
     if got != bucket.data.size:
         raise CorruptionError(f"Mooncake bucket {bucket.bucket_id} shrank while being read ({got} of {bucket.data.size} bytes)")
     return buf
+
+
+def _read_at(fs: FileSystem, path: Path, size: int, offset: int) -> tuple[bytearray, int]:
+    """``size`` bytes of the file ``path`` from ``offset``, and how many could be read."""
+    fd = fs.open(os.fspath(path), os.O_RDONLY)
+    try:
+        buf = bytearray(size)
+        return buf, fs.read_into(fd, memoryview(buf), offset)
+    finally:
+        fs.close(fd)
 
 
 def iter_objects(data: bytearray, bucket: MooncakeBucket) -> Iterator[tuple[bytes, memoryview | None]]:
@@ -825,15 +828,8 @@ def _select_new(
 def read_object(root: Path, bucket: MooncakeBucket, key: bytes, fs: FileSystem | None = None) -> bytes:
     """The value of ``key`` in a valid bucket; :class:`KvBucketError` if the
     stored key bytes no longer match."""
-    fs = fs or FileSystem()
-    index = bucket.meta.keys.index(key)
-    obj = bucket.meta.metadatas[index]
-    fd = fs.open(os.fspath(root / bucket.data.name), os.O_RDONLY)
-    try:
-        buf = bytearray(obj.key_size + obj.data_size)
-        got = fs.read_into(fd, memoryview(buf), obj.offset)
-    finally:
-        fs.close(fd)
+    obj = bucket.meta.metadatas[bucket.meta.keys.index(key)]
+    buf, got = _read_at(fs or FileSystem(), root / bucket.data.name, obj.key_size + obj.data_size, obj.offset)
     if got != len(buf) or buf[: obj.key_size] != key:
         raise CorruptionError(f"key {_show(key)} in Mooncake bucket {bucket.bucket_id}: stored bytes changed")
     return bytes(buf[obj.key_size :])

@@ -24,11 +24,12 @@ from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
 from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, data_name, decode_meta, meta_name, parse_name, tmp_name
 from .fs import FileSystem
+from .index import Bucket, Index
 from .lockfile import StoreLock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "repair"]
+__all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "build_index", "repair"]
 
 ORPHAN_DATA = "orphan_data"
 META_WITHOUT_DATA = "meta_without_data"
@@ -205,6 +206,23 @@ def _find_shadowed(scan: DirectoryScan) -> None:
         for key in owner.keys() & keys:  # usually empty
             scan.shadowed.setdefault(owner[key], []).append(key)
         owner.update(dict.fromkeys(keys, bucket_id))
+
+
+def build_index(scan: DirectoryScan) -> Index:
+    """The scan's valid buckets indexed as a store indexes them on open.
+
+    A key listed by two buckets lives in the newer one (the older copy is
+    dead). For LRU, buckets are stamped 1, 2, ... in write order: data-file
+    mtime, ties broken by id.
+    """
+    index = Index()
+    by_age = sorted(scan.buckets.items(), key=lambda item: (item[1].mtime_ns, item[0]))
+    stamps = {bucket_id: stamp for stamp, (bucket_id, _) in enumerate(by_age, start=1)}
+    for bucket_id, loaded in scan.buckets.items():
+        meta = loaded.meta
+        bucket = Bucket(bucket_id, meta.data_length, meta.aligned, loaded.physical, access=stamps[bucket_id])
+        index.add_bucket(bucket, meta.records)
+    return index
 
 
 def repair(

@@ -53,7 +53,7 @@ from .fs import FileSystem
 from .grouping import OffloadGrouper
 from .index import Bucket, Index, ObjectMeta
 from .lockfile import StoreLock
-from .recovery import DirectoryScan, RecoveryReport, repair, scan_directory
+from .recovery import DirectoryScan, RecoveryReport, build_index, repair, scan_directory
 from .usage import measure_directory
 
 log = logging.getLogger(__name__)
@@ -173,17 +173,11 @@ class BucketStore:
         self._reconcile_physical()
 
     def _load(self, scan: DirectoryScan) -> None:
-        """Fill the index from a scan; recovered buckets keep their write order for LRU."""
-        index = Index()
-        by_age = sorted(scan.buckets.items(), key=lambda item: (item[1].mtime_ns, item[0]))
-        stamps = {bucket_id: stamp for stamp, (bucket_id, _) in enumerate(by_age, start=1)}
-        for bucket_id, loaded in scan.buckets.items():
-            meta = loaded.meta
-            bucket = Bucket(bucket_id, meta.data_length, meta.aligned, loaded.physical, access=stamps[bucket_id])
-            index.add_bucket(bucket, meta.records)
+        """Replace the index with the scan's buckets."""
+        index = build_index(scan)
         with self._mutex:
             old, self._index = self._index, index
-            self._clock = len(stamps)
+            self._clock = len(index.buckets)
             for bucket in old.buckets.values():
                 self._retire(bucket)
 

@@ -1,0 +1,341 @@
+"""fsck: check a store directory (kvbucket or Mooncake) and repair it.
+
+:func:`check` and :func:`check_mooncake` only read: no lock, no write. A
+repair acts on what a check reported: :func:`repair` finishes one for a
+kvbucket store just opened as the writer (whose recovery already removed the
+reported files), :func:`repair_mooncake` removes the files of the broken
+Mooncake buckets the check saw. Both confirm with a fresh scan.
+
+Every function returns or fills one :class:`FsckReport`, the document that
+``kvbucket fsck --json`` prints (docs/OPERATING.md shows one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from . import mooncake
+from .checksum import crc32c
+from .format import LOCK_NAME, data_name
+from .fs import FileSystem
+from .index import Index, ObjectMeta
+from .recovery import DirectoryScan, Finding, build_index, scan_directory
+
+if TYPE_CHECKING:
+    from .store import BucketStore
+
+__all__ = ["KV_PROBLEM_KINDS", "FsckReport", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KV_PROBLEM_KINDS: dict[str, str] = {
+    "orphan_data": "data file without meta",
+    "meta_without_data": "meta without data file",
+    "invalid_meta": "meta unreadable or invalid",
+    "short_data": "data file shorter than recorded",
+    "long_data": "data file longer than recorded",
+    "empty_bucket": "meta lists no objects",
+    "temporary": "temporary file",
+    "superseded_keys": "keys also stored by a newer bucket",
+    "corrupt_object": "object fails its checksum",
+}
+"""The problems ``fsck`` reports in a kvbucket directory (Mooncake's are
+:data:`kvbucket.mooncake.PROBLEM_KINDS`)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class FsckReport:
+    """What a check found and, after a repair, what the repair did.
+
+    A problem is a dict: ``kind`` (a key of :data:`KV_PROBLEM_KINDS` or of
+    Mooncake's ``PROBLEM_KINDS``), ``description``, ``bucket``, ``files``
+    (names a repair removes), ``bytes`` (their size), ``detail``; plus ``key``
+    (``corrupt_object``) or ``keys`` (``superseded_keys``).
+    """
+
+    path: str
+    format: str
+    """``"kvbucket"`` or ``"mooncake"``."""
+    deep: bool
+    """Every live object's checksum was verified too."""
+    writer_active: bool | None
+    """A process holds the writer lock (``None``: unknown, or Mooncake, which takes none)."""
+    valid_buckets: int
+    valid_objects: int
+    """Live objects (a key listed by two buckets counts once)."""
+    logical_bytes: int
+    """Value bytes of the live objects."""
+    dead_bytes: int
+    """Bytes of valid data files that no live object uses (not a problem)."""
+    duplicate_keys: int | None = None
+    """Mooncake only: keys stored in more than one valid bucket (not a problem)."""
+    problems: list[dict[str, Any]]
+    foreign: list[dict[str, Any]]
+    """Entries that are not the engine's, never touched: ``name``, ``bytes``, ``type``."""
+    repair: dict[str, Any] | None = None
+    """After a repair: ``removed`` (file names), ``freed_bytes``, ``quarantined``,
+    ``remaining_problems``; kvbucket adds ``rewritten_buckets`` and
+    ``removed_keys``, Mooncake ``skipped`` (``file``, ``reason``)."""
+    clean: bool = False
+    """No problems; after a repair: nothing left to fix."""
+    scan: mooncake.MooncakeScan | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The Mooncake scan the problems come from (a repair removes exactly its files)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (without ``duplicate_keys`` for kvbucket)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scan"}
+        if self.duplicate_keys is None:
+            del out["duplicate_keys"]
+        return out
+
+
+class ProgressBar(Protocol):
+    """A progress bar: a context manager that counts units done (a ``tqdm`` is one)."""
+
+    def __enter__(self) -> ProgressBar: ...
+
+    def __exit__(self, *exc_info: object) -> object: ...
+
+    def update(self, n: int = 1) -> object: ...
+
+
+class Progress(Protocol):
+    """Opens a :class:`ProgressBar` (``tqdm`` itself is one, with its own keywords)."""
+
+    def __call__(self, *, desc: str, total: int, unit: str, unit_scale: bool = False) -> ProgressBar: ...
+
+
+class _Quiet:
+    """The default :class:`Progress`: no bar."""
+
+    def __call__(self, **_kwargs: Any) -> _Quiet:
+        return self
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def _each(progress: Progress, desc: str, unit: str) -> Callable[[Iterable[T]], Iterator[T]]:
+    """Wrap a scan's iteration in a bar counting ``unit``s."""
+
+    def wrap(items: Iterable[T]) -> Iterator[T]:
+        items = list(items)
+        with progress(desc=desc, total=len(items), unit=unit) as bar:
+            for item in items:
+                yield item
+                bar.update(1)
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------
+# kvbucket directories
+# ---------------------------------------------------------------------------
+
+
+def check(path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+    """Check the kvbucket directory ``path``; with ``deep``, also verify every
+    live object's CRC32C. Reads only: no lock is taken, nothing is written."""
+    progress = progress or _Quiet()
+    root = Path(path)
+    scan = scan_directory(root, progress=_each(progress, "checking buckets", "bucket"))
+    index = build_index(scan)
+    report = FsckReport(
+        path=os.fspath(root),
+        format="kvbucket",
+        deep=deep,
+        writer_active=writer_active(root),
+        valid_buckets=len(scan.buckets),
+        valid_objects=len(index),
+        logical_bytes=index.logical_bytes,
+        dead_bytes=sum(max(0, bucket.dead) for bucket in index.buckets.values()),
+        problems=_scan_problems(scan),
+        foreign=_foreign_entries(root, scan.foreign),
+    )
+    if deep:
+        report.problems += _verify(root, index, progress)
+    report.clean = not report.problems
+    return report
+
+
+def repair(store: BucketStore, report: FsckReport, *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+    """Finish repairing the directory of ``report`` (from :func:`check` without
+    ``deep``), given ``store`` just opened on it as the writer: its recovery
+    removed (or quarantined) the reported files. With ``deep``, verify the
+    checksums now, under the lock, add the failures to the problems and
+    remove those objects. Then confirm with a fresh scan; fill
+    ``report.repair`` and ``report.clean``."""
+    progress = progress or _Quiet()
+    root = Path(store.path)
+    recovery = store.recovery_report
+    removed_keys: list[str] = []
+    if deep:
+        corrupt = _verify(root, build_index(scan_directory(root)), progress)
+        report.problems += corrupt
+        removed_keys = [p["key"] for p in corrupt]
+        if removed_keys:
+            store.batch_remove(removed_keys)
+    after = scan_directory(root)
+    remaining = [_finding_problem(f) for f in after.findings]
+    if deep:
+        remaining += _verify(root, build_index(after), progress)
+    report.deep, report.writer_active = deep, False
+    report.repair = {
+        "removed": list(recovery.removed_files),
+        "freed_bytes": recovery.freed_bytes,
+        "rewritten_buckets": list(recovery.rewritten_buckets),
+        "removed_keys": removed_keys,
+        "quarantined": recovery.quarantined,
+        "remaining_problems": remaining,
+    }
+    report.clean = not remaining and not after.shadowed
+    return report
+
+
+def writer_active(path: Path) -> bool | None:
+    """Whether some process holds ``flock`` on ``path/LOCK``, read from
+    ``/proc/locks`` so that checking takes no lock itself (taking even a
+    shared one could make a starting writer fail). ``None`` when unknown."""
+    try:
+        st = os.stat(path / LOCK_NAME)
+        with open("/proc/locks", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return False if not (path / LOCK_NAME).exists() else None
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and any(_same_dev_ino(f, st) for f in fields):
+            return True
+    return False
+
+
+def _same_dev_ino(field: str, st: os.stat_result) -> bool:
+    """Compare a ``/proc/locks`` ``MAJ:MIN:INODE`` field (hex device numbers)."""
+    parts = field.split(":")
+    if len(parts) != 3:
+        return False
+    try:
+        major, minor, inode = int(parts[0], 16), int(parts[1], 16), int(parts[2])
+    except ValueError:
+        return False
+    return (major, minor, inode) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+
+
+def _problem(kind: str, bucket: int, files: list[str], size: int, detail: str, **extra: Any) -> dict[str, Any]:
+    """One problem of a kvbucket directory (see :class:`FsckReport`)."""
+    description = KV_PROBLEM_KINDS.get(kind, kind)
+    return {"kind": kind, "description": description, "bucket": bucket, "files": files, "bytes": size, "detail": detail, **extra}
+
+
+def _finding_problem(finding: Finding) -> dict[str, Any]:
+    return _problem(finding.kind, finding.bucket_id, list(finding.files), finding.bytes, finding.reason)
+
+
+def _scan_problems(scan: DirectoryScan) -> list[dict[str, Any]]:
+    """The scan's findings, then the keys an interrupted compaction left in two buckets."""
+    problems = [_finding_problem(f) for f in scan.findings]
+    for bucket_id, keys in sorted(scan.shadowed.items()):
+        detail = f"{len(keys)} key(s) also in a newer bucket (an interrupted compaction); the newer copy wins"
+        problems.append(_problem("superseded_keys", bucket_id, [], 0, detail, keys=sorted(keys)))
+    return problems
+
+
+def _foreign_entries(path: Path, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Size and type of each foreign entry (lstat; it is never opened)."""
+    entries = []
+    for name in names:
+        try:
+            st = os.lstat(path / name)
+        except OSError:
+            continue
+        entries.append({"name": name, "bytes": st.st_size, "type": mooncake._entry_type(st.st_mode)})
+    return entries
+
+
+def _verify(path: Path, index: Index, progress: Progress) -> list[dict[str, Any]]:
+    """A ``corrupt_object`` problem for every live object whose CRC32C does not
+    match its meta; reads only."""
+    fs = FileSystem()
+    corrupt: list[dict[str, Any]] = []
+    with progress(desc="verifying checksums", total=index.logical_bytes, unit="B", unit_scale=True) as bar:
+        for bucket_id, bucket in index.buckets.items():
+            corrupt += _verify_bucket(fs, path, bucket_id, index.records(bucket), bar)
+    return corrupt
+
+
+def _verify_bucket(
+    fs: FileSystem, path: Path, bucket_id: int, records: list[tuple[str, ObjectMeta]], bar: ProgressBar
+) -> list[dict[str, Any]]:
+    try:
+        fd = fs.open(os.fspath(path / data_name(bucket_id)), os.O_RDONLY)
+    except FileNotFoundError:  # deleted by a live writer since the scan
+        log.info("bucket %d vanished during the deep check", bucket_id)
+        return []
+    corrupt = []
+    buf = memoryview(bytearray(max((meta.size for _, meta in records), default=0)))
+    try:
+        for key, meta in records:
+            view = buf[: meta.size]
+            got = fs.read_into(fd, view, meta.offset)
+            if got != meta.size or crc32c(view) != meta.checksum:
+                detail = "checksum mismatch" if got == meta.size else f"only {got} of {meta.size} bytes readable"
+                corrupt.append(_problem("corrupt_object", bucket_id, [data_name(bucket_id)], meta.size, f"{detail} (offset {meta.offset})", key=key))
+            bar.update(meta.size)
+    finally:
+        fs.close(fd)
+    return corrupt
+
+
+# ---------------------------------------------------------------------------
+# Mooncake directories
+# ---------------------------------------------------------------------------
+
+
+def check_mooncake(path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+    """Check the Mooncake directory ``path`` (:func:`kvbucket.mooncake.scan_mooncake`
+    always compares the stored keys; ``deep`` is only recorded). Reads only."""
+    root = Path(path)
+    scan = mooncake.scan_mooncake(root, progress=_each(progress or _Quiet(), "checking buckets", "bucket"))
+    return FsckReport(
+        path=os.fspath(root),
+        format="mooncake",
+        deep=deep,
+        writer_active=None,
+        valid_buckets=len(scan.buckets),
+        valid_objects=scan.valid_objects,
+        logical_bytes=scan.logical_bytes,
+        dead_bytes=scan.dead_bytes,
+        duplicate_keys=scan.duplicate_keys,
+        problems=[f.to_json() for f in scan.findings],
+        foreign=[f.to_json() for f in scan.foreign],
+        clean=not scan.findings,
+        scan=scan,
+    )
+
+
+def repair_mooncake(report: FsckReport, *, quarantine: bool = False) -> FsckReport:
+    """Remove (or quarantine) the files of the broken buckets that ``report``
+    (from :func:`check_mooncake`) lists, if unchanged since; confirm with a
+    fresh scan; fill ``report.repair`` and ``report.clean``."""
+    if report.scan is None:
+        raise ValueError("repair_mooncake needs a report from check_mooncake")
+    result = mooncake.repair_mooncake(report.scan, quarantine=quarantine)
+    after = mooncake.scan_mooncake(report.path)
+    report.repair = {**result.to_json(), "quarantined": quarantine, "remaining_problems": [f.to_json() for f in after.findings]}
+    report.clean = result.complete and not after.findings
+    return report
