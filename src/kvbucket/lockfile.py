@@ -40,6 +40,10 @@ class StoreLock:
         self._fd = fd
         self._durable = durable
         self._slots = [self._read_slot(offset) for offset in _SLOT_OFFSETS]
+        if fs.fstat(fd).st_size == 0:
+            # A new LOCK gets its block now, so raising the mark later never
+            # grows the directory's allocated size behind the limit checks.
+            self._write_slot(0, 0)
 
     @classmethod
     def acquire(cls, fs: FileSystem, directory: str, durable: bool) -> StoreLock:
@@ -66,16 +70,17 @@ class StoreLock:
 
     def raise_high_water_mark(self, bucket_id: int) -> None:
         """Durably record that ids up to ``bucket_id`` have been handed out."""
-        if bucket_id <= self.high_water_mark:
-            return
-        slot = self._slots.index(min(self._slots))
-        payload = _SLOT.pack(_MAGIC, bucket_id, 0)
+        if bucket_id > self.high_water_mark:
+            self._write_slot(self._slots.index(min(self._slots)), bucket_id)
+
+    def _write_slot(self, slot: int, value: int) -> None:
+        payload = _SLOT.pack(_MAGIC, value, 0)
         payload = payload[:-4] + struct.pack("<I", crc32c(payload[:-4]))
         self._fs.write_all(self._fd, [memoryview(payload)], _SLOT_OFFSETS[slot])
         if self._durable:
             self._fs.fsync(self._fd)
             self._fs.fsync_dir(self._directory)
-        self._slots[slot] = bucket_id
+        self._slots[slot] = value
 
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases the flock)."""

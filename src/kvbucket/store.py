@@ -120,6 +120,7 @@ class BucketStore:
         self._clock = 0
         self._next_id = 1
         self._other_physical = 0
+        self._dir_physical = 0
         self._evicted = [0, 0]
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
@@ -262,6 +263,7 @@ class BucketStore:
                 lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable),
             )
             bucket = self._commit(meta, physical)
+            self._track_directory_growth()
             if on_complete is not None:
                 self._notify_complete(bucket, meta, on_complete)
             return bucket_id
@@ -763,11 +765,23 @@ class BucketStore:
         index = self._index
         return Usage(index.logical_bytes, index.physical_bytes + self._other_physical, len(index))
 
+    def _track_directory_growth(self) -> None:
+        """Count the directory file's own growth (it gains blocks as entries
+        are added) at once, not at the next scan. A write's estimate has a
+        block of slack for it."""
+        if not self._limits.physical:
+            return
+        size = self._io("measuring the directory", lambda: self._fs.stat(self._dir).st_blocks * 512)
+        with self._mutex:
+            self._other_physical += max(0, size - self._dir_physical)
+            self._dir_physical = size
+
     def _reconcile_physical(self) -> None:
         """Re-measure the directory; what buckets do not account for is "other"
         (LOCK, foreign files, quarantine). A failed scan counts as full."""
         try:
             total = measure_directory(self._fs, self._dir)
+            directory = self._fs.stat(self._dir).st_blocks * 512
         except OSError as exc:
             log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
             with self._mutex:
@@ -775,6 +789,7 @@ class BucketStore:
             return
         with self._mutex:
             self._other_physical = max(0, total - self._index.physical_bytes)
+            self._dir_physical = directory
 
     # -- helpers --------------------------------------------------------------
     @property
@@ -875,9 +890,9 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
 
 
 def _physical_estimate(batch: list[_Object], data_length: int) -> int:
-    """Upper bound of the allocated bytes of a new bucket's two files: whole
-    blocks for the data and the meta, plus a block of extent-tree slack per
-    128 MiB of data."""
+    """Upper bound of the allocated bytes a new bucket adds: whole blocks for
+    the data and the meta, a block for the directory's growth, plus a block of
+    extent-tree slack per 128 MiB of data."""
     meta_length = HEADER_SIZE + RECORD_SIZE * len(batch) + sum(len(o.key.encode()) for o in batch) + 4
     blocks = -(-data_length // ALIGNMENT) + -(-meta_length // ALIGNMENT) + 1 + data_length // (128 << 20)
     return blocks * ALIGNMENT
