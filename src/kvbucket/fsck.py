@@ -7,7 +7,7 @@ reported files), :func:`repair_mooncake` removes the files of the broken
 Mooncake buckets the check saw. Both confirm with a fresh scan.
 
 Every function returns or fills one :class:`FsckReport`, the document that
-``kvbucket fsck --json`` prints (docs/OPERATING.md shows one).
+``kvbucket fsck --json`` prints (the README, "Operating a store", shows one).
 """
 
 from __future__ import annotations
