@@ -132,7 +132,9 @@ def scan_directory(
                 continue
             bucket_id, kind = ours[name]
             ids.setdefault(bucket_id, {})[kind] = st
-            scan.max_id = max(scan.max_id, bucket_id)
+        # Ids are never reused, not even one a look-alike (a directory or
+        # link named like ours) occupies: creating its data file would fail.
+        scan.max_id = max((bucket_id for bucket_id, _ in ours.values()), default=0)
         with_meta = [b for b in sorted(ids) if FileKind.META in ids[b]]
         raws = dict(zip(with_meta, pool.map(lambda b: _read_meta(fs, directory, b), with_meta)))
     for bucket_id in (progress or iter)(sorted(ids)):

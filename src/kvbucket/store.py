@@ -91,6 +91,9 @@ class StoreStats:
     """Buckets evicted since open."""
     evicted_keys: int
     """Objects evicted since open."""
+    pending_deletions: int = 0
+    """Buckets out of the index whose files an I/O error kept on disk; the
+    next mutation deletes them first (and fails while it cannot)."""
 
 
 @dataclass
@@ -121,6 +124,7 @@ class BucketStore:
         self._next_id = 1
         self._other_physical = 0
         self._dir_physical = 0
+        self._undeleted: dict[int, int] = {}  # out of the index, files not yet deleted -> allocated bytes
         self._evicted = [0, 0]
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
@@ -201,8 +205,16 @@ class BucketStore:
                     self._retire(bucket)
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._close_quietly("finishing deletions", self._finish_deletions)
             if self._lock is not None:
-                self._lock.release()
+                self._close_quietly("releasing the writer lock", self._lock.release)
+
+    def _close_quietly(self, what: str, step: Callable[[], None]) -> None:
+        """A close step that fails is logged: what it leaves, the next open repairs."""
+        try:
+            step()
+        except OSError as exc:
+            log.warning("%s of %s failed while closing: %s", what, self._dir, exc)
 
     def __enter__(self) -> BucketStore:
         return self
@@ -282,7 +294,10 @@ class BucketStore:
             on_complete(keys, metas)
         except BaseException:
             log.warning("on_complete failed for bucket %d; rolling it back", bucket.bucket_id)
-            self._delete_buckets([bucket])
+            try:
+                self._delete_buckets([bucket])
+            except StorageIOError as exc:  # the callback's error is the one to report
+                log.error("rolling back bucket %d failed (%s); the next open removes it only if it is damaged", bucket.bucket_id, exc)
             raise
 
     def _without_stored(self, batch: list[_Object], skip: bool) -> list[_Object]:
@@ -574,11 +589,29 @@ class BucketStore:
                 if not bucket.retired:
                     self._index.drop_bucket(bucket.bucket_id)
                 self._retire(bucket)
-        self._delete_files([b.bucket_id for b in buckets])
+        self._delete_files([b.bucket_id for b in buckets], [b.physical for b in buckets])
 
-    def _delete_files(self, bucket_ids: list[int]) -> None:
+    def _delete_files(self, bucket_ids: list[int], physical: list[int]) -> None:
+        """Delete the files of buckets already out of the index (their
+        allocated bytes count as usage until the files are gone)."""
+        with self._mutex:
+            self._undeleted.update(zip(bucket_ids, physical))
+        self._finish_deletions()
+
+    def _finish_deletions(self) -> None:
+        """Delete the files of every bucket taken out of the index whose
+        deletion has not completed (an earlier I/O error).
+
+        Invariant: every mutation starts here and proceeds only once nothing
+        is left, so no later change (a removal, a compaction's meta rewrite)
+        can be undone at the next open by an old bucket's files coming back.
+        """
+        if not self._undeleted:
+            return
+        bucket_ids = sorted(self._undeleted)
+
         def delete() -> None:
-            if self._lock is not None and max(bucket_ids) > self._lock.high_water_mark:
+            if self._lock is not None and bucket_ids[-1] > self._lock.high_water_mark:
                 self._lock.raise_high_water_mark(self._next_id - 1)
             for bucket_id in bucket_ids:
                 delete_bucket_files(self._fs, self._dir, bucket_id, durable=False)
@@ -586,6 +619,9 @@ class BucketStore:
                 self._fs.fsync_dir(self._dir)
 
         self._io(f"deleting bucket(s) {_ids(bucket_ids)}", delete)
+        with self._mutex:
+            for bucket_id in bucket_ids:
+                del self._undeleted[bucket_id]
 
     # -- capacity -------------------------------------------------------------
     def _make_room(self, need: Usage, on_evict: Callback | None) -> None:
@@ -628,7 +664,7 @@ class BucketStore:
         with self._mutex:
             for bucket in victims:
                 self._retire(bucket)
-        self._delete_files([b.bucket_id for b in victims])
+        self._delete_files([b.bucket_id for b in victims], [b.physical for b in victims])
         self._evicted[0] += len(victims)
         self._evicted[1] += len(keys)
         log.info("evicted %d bucket(s), %d key(s)", len(victims), len(keys))
@@ -755,6 +791,7 @@ class BucketStore:
                     usage_ratio=self._limits.ratio(usage),
                     evicted_buckets=self._evicted[0],
                     evicted_keys=self._evicted[1],
+                    pending_deletions=len(self._undeleted),
                 )
 
     def _usage(self) -> Usage:
@@ -763,7 +800,8 @@ class BucketStore:
 
     def _usage_locked(self) -> Usage:
         index = self._index
-        return Usage(index.logical_bytes, index.physical_bytes + self._other_physical, len(index))
+        undeleted = sum(self._undeleted.values())
+        return Usage(index.logical_bytes, index.physical_bytes + undeleted + self._other_physical, len(index))
 
     def _track_directory_growth(self) -> None:
         """Count the directory file's own growth (it gains blocks as entries
@@ -771,7 +809,11 @@ class BucketStore:
         block of slack for it."""
         if not self._limits.physical:
             return
-        size = self._io("measuring the directory", lambda: self._fs.stat(self._dir).st_blocks * 512)
+        try:
+            size = self._fs.stat(self._dir).st_blocks * 512
+        except OSError as exc:  # the bucket is committed: count the directory as full, don't fail the write
+            log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
+            size = self._dir_physical + self._limits.physical
         with self._mutex:
             self._other_physical += max(0, size - self._dir_physical)
             self._dir_physical = size
@@ -788,7 +830,7 @@ class BucketStore:
                 self._other_physical = max(self._limits.physical, self._other_physical)
             return
         with self._mutex:
-            self._other_physical = max(0, total - self._index.physical_bytes)
+            self._other_physical = max(0, total - self._index.physical_bytes - sum(self._undeleted.values()))
             self._dir_physical = directory
 
     # -- helpers --------------------------------------------------------------
@@ -810,9 +852,11 @@ class BucketStore:
             raise StoreClosed(f"the store at {self._dir} is closed; open it again")
 
     def _check_writable(self) -> None:
+        """Every mutation starts here (holding ``_writer``)."""
         self._check_open()
         if self._config.readonly:
             raise ReadOnlyStore(f"the store at {self._dir} was opened readonly; open it without readonly=True to write")
+        self._finish_deletions()
 
     def _meta_locked(self, key: str) -> ObjectMeta:
         meta = self._index.get(key)
