@@ -48,7 +48,7 @@ def write_bucket(
     fd = fs.open(data_path, flags)
     try:
         try:
-            write_values(fs, fd, values, [r.offset for r in meta.records], meta.data_length, direct)
+            write_values(fs, fd, values, meta.offsets, meta.data_length, direct)
             if durable:
                 fs.fdatasync(fd)
             data_physical = fs.fstat(fd).st_blocks * 512

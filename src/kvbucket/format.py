@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+import sys
+from array import array
+from collections.abc import Iterable
 from enum import Enum
 from functools import partial
 from itertools import accumulate
@@ -57,11 +59,13 @@ FLAG_ALIGNED = 0x1
 
 # magic, version, flags, object count, bucket id, data length, key-blob length
 _HEADER = struct.Struct("<8sHHIqQQ")
-# value offset, value size, value crc32c, key length
-_RECORD = struct.Struct("<QQII")
 _TRAILER = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size
-RECORD_SIZE = _RECORD.size
+RECORD_SIZE = 8 + 8 + 4 + 4
+"""Bytes per object in the four column arrays: offset, size, crc32c, key length."""
+_BIG_ENDIAN = sys.byteorder == "big"
+_COLUMNS = (("Q", 8), ("Q", 8), ("I", 4), ("I", 4))
+assert all(array(code).itemsize == width for code, width in _COLUMNS), "unsupported platform integer sizes"
 
 
 class FileKind(Enum):
@@ -121,8 +125,7 @@ def tmp_name(bucket_id: int) -> str:
 
 
 class MetaRecord(NamedTuple):
-    """One object of a bucket as the meta records it (a tuple, for speed:
-    recovery builds a million of them)."""
+    """One object of a bucket as the meta records it."""
 
     key: str
     offset: int
@@ -130,18 +133,58 @@ class MetaRecord(NamedTuple):
     crc: int
 
 
+class BucketMeta:
+    """The decoded content of a ``<id>.meta`` file, stored column-wise.
+
+    Offsets, sizes and checksums are typed arrays (8, 8 and 4 bytes an
+    object, no Python object each), so a million objects load without a
+    million tuples; :attr:`records` gives the row view.
+    """
+
+    __slots__ = ("bucket_id", "data_length", "aligned", "keys", "offsets", "sizes", "crcs")
+
+    def __init__(self, bucket_id: int, data_length: int, aligned: bool, records: Iterable[MetaRecord] = ()) -> None:
+        rows = list(records)
+        self.bucket_id = bucket_id
+        self.data_length = data_length
+        self.aligned = aligned
+        self.keys: list[str] = [r[0] for r in rows]
+        self.offsets = array("Q", [r[1] for r in rows])
+        self.sizes = array("Q", [r[2] for r in rows])
+        self.crcs = array("I", [r[3] for r in rows])
+
+    @classmethod
+    def from_columns(
+        cls, bucket_id: int, data_length: int, aligned: bool, keys: list[str], offsets: array, sizes: array, crcs: array
+    ) -> BucketMeta:
+        meta = cls(bucket_id, data_length, aligned)
+        meta.keys, meta.offsets, meta.sizes, meta.crcs = keys, offsets, sizes, crcs
+        return meta
+
+    @property
+    def records(self) -> list[MetaRecord]:
+        """The objects as rows, in record (offset) order."""
+        return list(map(_new_record, zip(self.keys, self.offsets, self.sizes, self.crcs)))
+
+    def without(self, keys: set[str]) -> BucketMeta:
+        """This meta minus the objects of ``keys``."""
+        return BucketMeta(self.bucket_id, self.data_length, self.aligned, (r for r in self.records if r.key not in keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BucketMeta):
+            return NotImplemented
+        mine = (self.bucket_id, self.data_length, self.aligned, self.keys, self.offsets, self.sizes, self.crcs)
+        return mine == (other.bucket_id, other.data_length, other.aligned, other.keys, other.offsets, other.sizes, other.crcs)
+
+    def __repr__(self) -> str:
+        return f"BucketMeta(bucket_id={self.bucket_id}, data_length={self.data_length}, aligned={self.aligned}, objects={len(self)})"
+
+
 _new_record = partial(tuple.__new__, MetaRecord)
 """Build a MetaRecord from a 4-tuple without NamedTuple's Python-level __new__."""
-
-
-@dataclass(frozen=True, slots=True)
-class BucketMeta:
-    """The decoded content of a ``<id>.meta`` file."""
-
-    bucket_id: int
-    data_length: int
-    aligned: bool
-    records: list[MetaRecord]
 
 
 def footprint(size: int, aligned: bool) -> int:
@@ -170,22 +213,12 @@ def aligned_layout(sizes: list[int]) -> tuple[list[int], int]:
 
 def encode_meta(meta: BucketMeta) -> bytes:
     """Serialize a bucket's meta (see docs/FORMAT.md, "The meta file")."""
-    keys = [record.key.encode("utf-8") for record in meta.records]
+    keys = [key.encode("utf-8") for key in meta.keys]
     blob = b"".join(keys)
-    parts = [
-        _HEADER.pack(
-            META_MAGIC,
-            META_VERSION,
-            FLAG_ALIGNED if meta.aligned else 0,
-            len(meta.records),
-            meta.bucket_id,
-            meta.data_length,
-            len(blob),
-        )
-    ]
-    parts.extend(_RECORD.pack(r.offset, r.size, r.crc, len(k)) for r, k in zip(meta.records, keys))
-    parts.append(blob)
-    body = b"".join(parts)
+    flags = FLAG_ALIGNED if meta.aligned else 0
+    header = _HEADER.pack(META_MAGIC, META_VERSION, flags, len(keys), meta.bucket_id, meta.data_length, len(blob))
+    lengths = array("I", map(len, keys))
+    body = b"".join([header, _le(meta.offsets), _le(meta.sizes), _le(meta.crcs), _le(lengths), blob])
     return body + _TRAILER.pack(crc32c(body))
 
 
@@ -204,33 +237,53 @@ def decode_meta(raw: bytes, expected_id: int) -> BucketMeta:
         raise CorruptionError(f"meta of bucket {expected_id} has unsupported version {version} or flags {flags:#x}")
     if bucket_id != expected_id:
         raise CorruptionError(f"meta named for bucket {expected_id} records bucket {bucket_id}")
-    records_end = HEADER_SIZE + count * RECORD_SIZE
-    if records_end + blob_length != len(body):
+    if HEADER_SIZE + count * RECORD_SIZE + blob_length != len(body):
         raise CorruptionError(f"meta of bucket {expected_id} has inconsistent lengths")
-    aligned = bool(flags & FLAG_ALIGNED)
-    records = _decode_records(body, count, records_end, data_length, aligned, expected_id)
-    return BucketMeta(bucket_id, data_length, aligned, records)
+    meta = _decode_columns(body, count, bucket_id, data_length, bool(flags & FLAG_ALIGNED))
+    _check_layout(meta)
+    return meta
 
 
-def _decode_records(
-    body: memoryview, count: int, records_end: int, data_length: int, aligned: bool, bucket_id: int
-) -> list[MetaRecord]:
-    if count == 0:
+def _decode_columns(body: memoryview, count: int, bucket_id: int, data_length: int, aligned: bool) -> BucketMeta:
+    position = HEADER_SIZE
+    columns = []
+    for typecode, width in _COLUMNS:
+        column = array(typecode)
+        column.frombytes(body[position : position + count * width])
+        if _BIG_ENDIAN:
+            column.byteswap()
+        columns.append(column)
+        position += count * width
+    offsets, sizes, crcs, lengths = columns
+    keys = _split_keys(bytes(body[position:]), lengths, bucket_id)
+    return BucketMeta.from_columns(bucket_id, data_length, aligned, keys, offsets, sizes, crcs)
+
+
+def _check_layout(meta: BucketMeta) -> None:
+    """Objects in offset order, not overlapping, inside the data file; keys unique."""
+    if not meta.keys:
+        return
+    offsets, sizes = meta.offsets, meta.sizes
+    if meta.aligned:
+        ends = [offset + footprint(size, True) for offset, size in zip(offsets, sizes)]
+    else:
+        ends = list(map(add, offsets, sizes))
+    if ends[-1] > meta.data_length or not all(map(le, ends, offsets[1:])):
+        raise CorruptionError(
+            f"meta of bucket {meta.bucket_id} has objects out of order, overlapping or past the end of its data file"
+        )
+    if len(set(meta.keys)) != len(meta.keys):
+        raise CorruptionError(f"meta of bucket {meta.bucket_id} lists a key twice")
+
+
+def _split_keys(blob: bytes, lengths: array, bucket_id: int) -> list[str]:
+    """Cut the key blob at the recorded byte lengths."""
+    if not lengths:
+        if blob:
+            raise CorruptionError(f"meta of bucket {bucket_id} has inconsistent key lengths")
         return []
-    offsets, sizes, crcs, lengths = zip(*_RECORD.iter_unpack(body[HEADER_SIZE:records_end]))
     if min(lengths) == 0 or max(lengths) > MAX_KEY_BYTES:
         raise CorruptionError(f"meta of bucket {bucket_id} has an invalid key length")
-    ends = list(map(add, offsets, sizes)) if not aligned else [o + footprint(n, True) for o, n in zip(offsets, sizes)]
-    if ends[-1] > data_length or not all(map(le, ends, offsets[1:])):
-        raise CorruptionError(f"meta of bucket {bucket_id} has objects out of order, overlapping or past the end of its data file")
-    keys = _split_keys(bytes(body[records_end:]), lengths, bucket_id)
-    if len(set(keys)) != len(keys):
-        raise CorruptionError(f"meta of bucket {bucket_id} lists a key twice")
-    return list(map(_new_record, zip(keys, offsets, sizes, crcs)))
-
-
-def _split_keys(blob: bytes, lengths: tuple[int, ...], bucket_id: int) -> list[str]:
-    """Cut the key blob at the recorded byte lengths."""
     ends = list(accumulate(lengths))
     if ends[-1] != len(blob):
         raise CorruptionError(f"meta of bucket {bucket_id} has inconsistent key lengths")
@@ -242,3 +295,12 @@ def _split_keys(blob: bytes, lengths: tuple[int, ...], bucket_id: int) -> list[s
         return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends)]
     except UnicodeDecodeError as exc:
         raise CorruptionError(f"meta of bucket {bucket_id} has a key that is not UTF-8") from exc
+
+
+def _le(column: array) -> bytes:
+    """A column's bytes in little-endian order."""
+    if not _BIG_ENDIAN:
+        return column.tobytes()
+    swapped = array(column.typecode, column)
+    swapped.byteswap()
+    return swapped.tobytes()

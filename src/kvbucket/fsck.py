@@ -189,9 +189,10 @@ def repair(store: BucketStore, report: FsckReport, *, deep: bool = False, progre
         if removed_keys:
             store.batch_remove(removed_keys)
     after = scan_directory(root)
+    after_index = build_index(after)  # also finds superseded keys
     remaining = [_finding_problem(f) for f in after.findings]
     if deep:
-        remaining += _verify(root, build_index(after), progress)
+        remaining += _verify(root, after_index, progress)
     report.deep, report.writer_active = deep, False
     report.repair = {
         "removed": list(recovery.removed_files),

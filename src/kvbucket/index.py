@@ -15,18 +15,19 @@ Invariants (callers hold the store's index lock):
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
+from typing import NamedTuple
 
-from .format import footprint
+from .format import BucketMeta, footprint
 
 __all__ = ["ObjectMeta", "Bucket", "Index"]
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectMeta:
-    """Where one object lives."""
+class ObjectMeta(NamedTuple):
+    """Where one object lives (a named tuple: cheap to make by the million)."""
 
     bucket_id: int
     """The bucket holding the object."""
@@ -36,6 +37,9 @@ class ObjectMeta:
     """Value length in bytes."""
     checksum: int
     """CRC32C of the value."""
+
+
+_new_meta = partial(tuple.__new__, ObjectMeta)
 
 
 @dataclass(eq=False, slots=True)
@@ -94,41 +98,50 @@ class Index:
     def __contains__(self, key: object) -> bool:
         return key in self.slots
 
+    def bucket_of(self, key: str) -> int:
+        """The id of the bucket holding ``key`` (which must be indexed)."""
+        return self._bucket[self.slots[key]]
+
     def get(self, key: str) -> ObjectMeta | None:
         slot = self.slots.get(key)
         if slot is None:
             return None
-        return ObjectMeta(self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot])
+        return _new_meta((self._bucket[slot], self._offset[slot], self._size[slot], self._crc[slot]))
 
-    def add_bucket(self, bucket: Bucket, records: Sequence[tuple[str, int, int, int]]) -> None:
-        """Insert ``bucket`` with its objects ``(key, offset, size, crc)``.
+    def query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
+        """Locations of the indexed keys among ``keys``."""
+        slots, found = self.slots, {}
+        bucket, offset, size, crc = self._bucket, self._offset, self._size, self._crc
+        for key in keys:
+            slot = slots.get(key)
+            if slot is not None:
+                found[key] = _new_meta((bucket[slot], offset[slot], size[slot], crc[slot]))
+        return found
+
+    def add_bucket(self, bucket: Bucket, meta: BucketMeta) -> None:
+        """Insert ``bucket`` with the objects of ``meta``.
 
         A key already indexed moves to ``bucket`` (recovery resolves a key
         present in two buckets in favour of the newer one; compaction moves
         keys to their new bucket).
         """
-        if not records:
-            self.buckets[bucket.bucket_id] = bucket
-            self.physical_bytes += bucket.physical
-            self.dead_bytes += bucket.dead
-            return
-        keys, offsets, sizes, crcs = zip(*records)
+        keys = meta.keys
         moved = self.slots.keys() & keys
         if moved:
             self.drop_keys(moved)
         self.buckets[bucket.bucket_id] = bucket
         slots = self._allocate(len(keys))
-        columns = ((self._bucket, (bucket.bucket_id,) * len(keys)), (self._offset, offsets), (self._size, sizes), (self._crc, crcs))
+        columns = ((self._bucket, array("q", [bucket.bucket_id]) * len(keys)), (self._offset, meta.offsets), (self._size, meta.sizes), (self._crc, meta.crcs))
         for column, values in columns:
             if isinstance(slots, range):  # fresh slots are contiguous: one slice assignment
-                column[slots.start : slots.stop] = array(column.typecode, values)
+                column[slots.start : slots.stop] = values
             else:
                 for slot, value in zip(slots, values):
                     column[slot] = value
         self.slots.update(zip(keys, slots))
         bucket.keys.extend(keys)
-        bucket.logical += sum(sizes)
-        bucket.used += sum(map(bucket.footprint, sizes)) if bucket.aligned else sum(sizes)
+        bucket.logical += sum(meta.sizes)
+        bucket.used += sum(map(bucket.footprint, meta.sizes)) if bucket.aligned else sum(meta.sizes)
         self.logical_bytes += bucket.logical
         self.physical_bytes += bucket.physical
         self.dead_bytes += bucket.dead

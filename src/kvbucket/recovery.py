@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
-from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, data_name, decode_meta, meta_name, parse_name, tmp_name
+from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, data_name, decode_meta, meta_name, parse_name, tmp_name
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
@@ -80,7 +80,7 @@ class DirectoryScan:
     """Names that are not ours (never touched)."""
     shadowed: dict[int, list[str]] = field(default_factory=dict)
     """Keys listed by a bucket that a newer bucket also lists (an interrupted
-    compaction); the newer copy wins."""
+    compaction); the newer copy wins. Filled by :func:`build_index`."""
     max_id: int = 0
     """Largest bucket id among all of our file names."""
 
@@ -139,7 +139,6 @@ def scan_directory(
         raws = dict(zip(with_meta, pool.map(lambda b: _read_meta(fs, directory, b), with_meta)))
     for bucket_id in (progress or iter)(sorted(ids)):
         _classify(scan, bucket_id, ids[bucket_id], raws.get(bucket_id))
-    _find_shadowed(scan)
     return scan
 
 
@@ -195,43 +194,39 @@ def _check_pair(raw_meta: bytes, bucket_id: int, data: os.stat_result | None) ->
     if data.st_size != meta.data_length:
         kind = SHORT_DATA if data.st_size < meta.data_length else LONG_DATA
         return Finding(kind, bucket_id, (), 0, f"data file is {data.st_size} bytes, meta records {meta.data_length}")
-    if not meta.records:
+    if not meta.keys:
         return Finding(EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
     return meta
 
 
-def _find_shadowed(scan: DirectoryScan) -> None:
-    """Record keys of older buckets that a newer bucket lists too."""
-    owner: dict[str, int] = {}
-    for bucket_id, loaded in scan.buckets.items():  # ascending ids
-        keys = [record.key for record in loaded.meta.records]
-        for key in owner.keys() & keys:  # usually empty
-            scan.shadowed.setdefault(owner[key], []).append(key)
-        owner.update(dict.fromkeys(keys, bucket_id))
-
-
 def build_index(scan: DirectoryScan) -> Index:
-    """The scan's valid buckets indexed as a store indexes them on open.
+    """The scan's valid buckets indexed as a store indexes them on open, and
+    ``scan.shadowed`` filled in.
 
     A key listed by two buckets lives in the newer one (the older copy is
     dead). For LRU, buckets are stamped 1, 2, ... in write order: data-file
-    mtime, ties broken by id.
+    mtime, ties broken by id. The index is the only key map built, so a
+    million keys are hashed once.
     """
     index = Index()
     by_age = sorted(scan.buckets.items(), key=lambda item: (item[1].mtime_ns, item[0]))
     stamps = {bucket_id: stamp for stamp, (bucket_id, _) in enumerate(by_age, start=1)}
-    for bucket_id, loaded in scan.buckets.items():
+    scan.shadowed.clear()
+    for bucket_id, loaded in scan.buckets.items():  # ascending ids: newer buckets win
         meta = loaded.meta
+        for key in index.slots.keys() & meta.keys:  # usually empty
+            scan.shadowed.setdefault(index.bucket_of(key), []).append(key)
         bucket = Bucket(bucket_id, meta.data_length, meta.aligned, loaded.physical, access=stamps[bucket_id])
-        index.add_bucket(bucket, meta.records)
+        index.add_bucket(bucket, meta)
     return index
 
 
 def repair(
-    fs: FileSystem, scan: DirectoryScan, lock: StoreLock, *, quarantine: bool, durable: bool
+    fs: FileSystem, scan: DirectoryScan, index: Index, lock: StoreLock, *, quarantine: bool, durable: bool
 ) -> RecoveryReport:
-    """Remove (or quarantine) every finding's files and drop shadowed keys;
-    update ``scan.buckets`` to what remains and report it."""
+    """Remove (or quarantine) every finding's files, and finish interrupted
+    compactions (``scan.shadowed``, from :func:`build_index` of the same
+    scan): ``index`` is updated to match the directory."""
     report = RecoveryReport(foreign_files=list(scan.foreign), quarantined=quarantine)
     if scan.findings or scan.shadowed:
         lock.raise_high_water_mark(scan.max_id)
@@ -240,9 +235,9 @@ def repair(
     if scan.findings and durable:
         fs.fsync_dir(scan.path)
     for bucket_id, keys in scan.shadowed.items():
-        _drop_shadowed(fs, scan, bucket_id, set(keys), durable, report)
-    report.buckets = len(scan.buckets)
-    report.keys = sum(len(b.meta.records) for b in scan.buckets.values())
+        _drop_shadowed(fs, scan.path, index, bucket_id, len(keys), durable, report)
+    report.buckets = len(index.buckets)
+    report.keys = len(index)
     return report
 
 
@@ -263,27 +258,27 @@ def _remove_files(fs: FileSystem, directory: str, finding: Finding, quarantine: 
 
 
 def _drop_shadowed(
-    fs: FileSystem, scan: DirectoryScan, bucket_id: int, keys: set[str], durable: bool, report: RecoveryReport
+    fs: FileSystem, directory: str, index: Index, bucket_id: int, superseded: int, durable: bool, report: RecoveryReport
 ) -> None:
-    """Finish an interrupted compaction: the older bucket forgets keys the newer one holds."""
-    loaded = scan.buckets[bucket_id]
-    kept = [r for r in loaded.meta.records if r.key not in keys]
-    if not kept:
+    """Finish an interrupted compaction: the older bucket's meta forgets the
+    keys the newer one holds (the index already moved them)."""
+    bucket = index.buckets[bucket_id]
+    if not bucket.keys:
         names = [meta_name(bucket_id), data_name(bucket_id)]
-        size = sum(fs.stat(os.path.join(scan.path, name)).st_size for name in names)
-        delete_bucket_files(fs, scan.path, bucket_id, durable=durable)
-        del scan.buckets[bucket_id]
+        size = sum(fs.stat(os.path.join(directory, name)).st_size for name in names)
+        delete_bucket_files(fs, directory, bucket_id, durable=durable)
+        index.drop_bucket(bucket_id)
         reason = "every object superseded by a newer bucket"
         report.removed_files += names
         report.freed_bytes += size
         report.dropped_buckets.append((bucket_id, reason))
         log.warning("recovery removed bucket %d: %s", bucket_id, reason)
         return
-    loaded.meta = replace(loaded.meta, records=kept)
-    meta_physical = publish_meta(fs, scan.path, loaded.meta, durable=durable)
-    loaded.physical = _data_physical(fs, scan.path, bucket_id) + meta_physical
+    rows = (MetaRecord(key, meta.offset, meta.size, meta.checksum) for key, meta in index.records(bucket))
+    meta_physical = publish_meta(fs, directory, BucketMeta(bucket_id, bucket.data_length, bucket.aligned, rows), durable=durable)
+    index.set_physical(bucket, _data_physical(fs, directory, bucket_id) + meta_physical)
     report.rewritten_buckets.append(bucket_id)
-    log.warning("recovery rewrote the meta of bucket %d without %d superseded keys", bucket_id, len(keys))
+    log.warning("recovery rewrote the meta of bucket %d without %d superseded keys", bucket_id, superseded)
 
 
 def _data_physical(fs: FileSystem, directory: str, bucket_id: int) -> int:

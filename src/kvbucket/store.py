@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ from .fs import FileSystem
 from .grouping import OffloadGrouper
 from .index import Bucket, Index, ObjectMeta
 from .lockfile import StoreLock
-from .recovery import DirectoryScan, RecoveryReport, build_index, repair, scan_directory
+from .recovery import RecoveryReport, build_index, repair, scan_directory
 from .usage import measure_directory
 
 log = logging.getLogger(__name__)
@@ -162,24 +163,20 @@ class BucketStore:
 
     def _recover(self) -> None:
         scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
+        index = build_index(scan)
         if self._lock is not None:
-            durable = self._config.durability == "strict"
+            lock, durable = self._lock, self._durable
             self.recovery_report = self._io(
-                "recovering", lambda: repair(self._fs, scan, self._lock, quarantine=self._config.quarantine, durable=durable)
+                "recovering", lambda: repair(self._fs, scan, index, lock, quarantine=self._config.quarantine, durable=durable)
             )
-            self._next_id = max(self._lock.high_water_mark, scan.max_id) + 1
+            self._next_id = max(lock.high_water_mark, scan.max_id) + 1
         else:
-            self.recovery_report = RecoveryReport(
-                buckets=len(scan.buckets),
-                keys=sum(len(b.meta.records) for b in scan.buckets.values()),
-                foreign_files=list(scan.foreign),
-            )
-        self._load(scan)
+            self.recovery_report = RecoveryReport(buckets=len(index.buckets), keys=len(index), foreign_files=list(scan.foreign))
+        self._install(index)
         self._reconcile_physical()
 
-    def _load(self, scan: DirectoryScan) -> None:
-        """Replace the index with the scan's buckets."""
-        index = build_index(scan)
+    def _install(self, index: Index) -> None:
+        """Replace the index (on open and refresh)."""
         with self._mutex:
             old, self._index = self._index, index
             self._clock = len(index.buckets)
@@ -191,7 +188,7 @@ class BucketStore:
         self._check_open()
         scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
         with self._writer:
-            self._load(scan)
+            self._install(build_index(scan))
             self._reconcile_physical()
 
     def close(self) -> None:
@@ -269,7 +266,9 @@ class BucketStore:
             need = Usage(sum(o.size for o in batch), _physical_estimate(batch, length), len(batch))
             self._make_room(need, on_evict)
             bucket_id = self._allocate_id()
-            meta = BucketMeta(bucket_id, length, aligned, [MetaRecord(o.key, off, o.size, o.crc) for o, off in zip(batch, offsets)])
+            meta = BucketMeta.from_columns(
+                bucket_id, length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I", [o.crc for o in batch])
+            )
             physical = self._io(
                 f"writing bucket {bucket_id}",
                 lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable),
@@ -283,13 +282,13 @@ class BucketStore:
     def _commit(self, meta: BucketMeta, physical: int) -> Bucket:
         bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
         with self._mutex:
-            self._index.add_bucket(bucket, meta.records)
+            self._index.add_bucket(bucket, meta)
             self._touch(bucket)
         return bucket
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
-        keys = [r.key for r in meta.records]
-        metas = [ObjectMeta(meta.bucket_id, r.offset, r.size, r.crc) for r in meta.records]
+        keys = list(meta.keys)
+        metas = [ObjectMeta(meta.bucket_id, *fields) for fields in zip(meta.offsets, meta.sizes, meta.crcs)]
         try:
             on_complete(keys, metas)
         except BaseException:
@@ -483,8 +482,7 @@ class BucketStore:
         """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
         with self._mutex:
             self._check_open()
-            found = ((key, self._index.get(key)) for key in keys)
-            return {key: meta for key, meta in found if meta is not None}
+            return self._index.query(keys)
 
     def scan_meta(self, batch_size: int = 20000) -> Iterator[list[tuple[str, ObjectMeta]]]:
         """Pages of ``(key, meta)`` in bucket order; a page never splits a bucket
@@ -676,8 +674,8 @@ class BucketStore:
             for bucket in victims:
                 bucket.retired = False
                 bucket.keys, bucket.logical, bucket.used = [], 0, 0
-                entries = [(k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id]]
-                self._index.add_bucket(bucket, entries)
+                rows = (MetaRecord(k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id])
+                self._index.add_bucket(bucket, BucketMeta(bucket.bucket_id, bucket.data_length, bucket.aligned, rows))
 
     def evict_to_watermark(
         self, high: float | None = None, low: float | None = None, on_evict: Callback | None = None
