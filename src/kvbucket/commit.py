@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from array import array
 from collections.abc import Callable, Sequence
 
 from .datafile import write_values
@@ -38,10 +39,13 @@ def write_bucket(
     *,
     direct: bool,
     durable: bool,
+    checksums: Callable[[], array] | None = None,
 ) -> int:
     """Write a new bucket's data file and meta; return their allocated bytes.
 
-    On any failure both files are removed before the error propagates.
+    ``checksums``, when given, supplies ``meta.crcs`` once the data is
+    durable (the caller computes them while the data is written). On any
+    failure both files are removed before the error propagates.
     """
     data_path = os.path.join(directory, data_name(meta.bucket_id))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if direct else 0)
@@ -54,6 +58,8 @@ def write_bucket(
             data_physical = fs.fstat(fd).st_blocks * 512
         finally:
             fs.close(fd)
+        if checksums is not None:
+            meta.crcs = checksums()
         return data_physical + publish_meta(fs, directory, meta, durable=durable)
     except BaseException:
         _discard(fs, directory, meta.bucket_id)

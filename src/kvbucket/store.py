@@ -104,7 +104,6 @@ class _Object:
     key: str
     views: list[memoryview]
     size: int
-    crc: int
 
 
 class BucketStore:
@@ -267,11 +266,13 @@ class BucketStore:
             self._make_room(need, on_evict)
             bucket_id = self._allocate_id()
             meta = BucketMeta.from_columns(
-                bucket_id, length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I", [o.crc for o in batch])
+                bucket_id, length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I")
             )
+            # The checksums are needed only for the meta: compute them while the data is written.
+            checksums = self._executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
             physical = self._io(
                 f"writing bucket {bucket_id}",
-                lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable),
+                lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable, checksums=checksums.result),
             )
             bucket = self._commit(meta, physical)
             self._track_directory_growth()
@@ -925,7 +926,7 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
             raise KeyExists(f"key {key!r} appears twice in the batch")
         seen.add(key)
         views = value_views(value, f"value of key {key!r}")
-        batch.append(_Object(key, views, sum(len(v) for v in views), crc32c_of(views)))
+        batch.append(_Object(key, views, sum(len(v) for v in views)))
     if not batch:
         raise InvalidArgument("batch_offload needs at least one object")
     return batch
