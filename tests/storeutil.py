@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 
@@ -27,3 +28,13 @@ def snapshot(directory: str | os.PathLike[str]) -> dict[str, str]:
 def our_files(directory: str | os.PathLike[str]) -> list[str]:
     """Names in the store directory other than LOCK."""
     return sorted(name for name in os.listdir(directory) if name != "LOCK")
+
+
+def du(path: str | os.PathLike[str]) -> int:
+    """Allocated bytes of ``path`` and everything below it, as ``du`` counts them."""
+    total = os.lstat(path).st_blocks * 512
+    with os.scandir(path) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            total += du(entry.path) if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
+    return total

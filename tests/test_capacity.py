@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,11 @@ import pytest
 from kvbucket import BucketConfig, BucketStore
 from kvbucket.errors import CapacityExceeded, InvalidArgument
 from kvbucket.fs import FileSystem
-from storeutil import snapshot, value_for
+from storeutil import du, snapshot, value_for
 
 KiB = 1024
 
 # -- helpers -------------------------------------------------------------------
-def du(path: str | os.PathLike[str]) -> int:
-    """Allocated bytes of ``path`` and everything below it, as ``du`` counts them."""
-    total = os.lstat(path).st_blocks * 512
-    with os.scandir(path) as entries:
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            total += du(entry.path) if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
-    return total
-
-
 def live(store: BucketStore) -> dict[str, Any]:
     """Every live key with its location, in bucket order."""
     return {key: meta for page in store.scan_meta() for key, meta in page}

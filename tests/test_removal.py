@@ -4,7 +4,6 @@ accounting, compaction, and eviction's preference for dead space."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,9 @@ import pytest
 
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument, KeyNotFound, ReadOnlyStore
-from storeutil import value_for
+from storeutil import du, value_for
 
 KiB = 1024
-
-
-def du(path: str | os.PathLike[str]) -> int:
-    """Allocated bytes of ``path`` and everything below it, as ``du`` counts them."""
-    total = os.lstat(path).st_blocks * 512
-    with os.scandir(path) as entries:
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            total += du(entry.path) if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
-    return total
 
 
 def bucket_files_bytes(directory: Path, bucket_id: int) -> int:
