@@ -2,50 +2,181 @@
 
 A data file is the values of its objects at the offsets the meta records
 (docs/FORMAT.md, "The data file"). Buffered writes hand the caller's buffers
-straight to ``pwritev`` (no copy in Python). Direct writes copy through
-page-aligned staging buffers, because O_DIRECT needs aligned memory, offsets
-and lengths; aligned buckets pad every value to :data:`ALIGNMENT`, so either
-mode reads either kind of bucket.
+straight to ``pwritev`` (no copy in Python). O_DIRECT needs aligned memory,
+offsets and lengths, and aligned buckets pad every value to
+:data:`ALIGNMENT`, so either mode reads either kind of bucket. Direct I/O
+moves the bytes of a caller's buffer straight between the file and the
+buffer wherever both are aligned (pinned host pools, mmap-backed arrays: the
+usual case for whole pages), and copies through page-aligned staging buffers
+only the rest: unaligned buffers, heads and tails, padding. Copies run
+outside the GIL (``ctypes.memmove``), and a long staged write overlaps the
+copy into one staging buffer with the write of the previous one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .format import ALIGNMENT
-from .fs import O_DIRECT, WRITE_CHUNK, FileSystem
+from . import fs as _fs
+from .fs import IOV_MAX, O_DIRECT, WRITE_CHUNK, FileSystem
 
 __all__ = ["write_values", "read_value", "open_for_read", "STAGING_BYTES"]
 
 STAGING_BYTES = WRITE_CHUNK
-"""Size of one page-aligned staging buffer for direct I/O."""
+"""Size of the largest page-aligned staging buffer for direct I/O."""
+
+_COPY_OUTSIDE_GIL = 16 << 10
+"""Staging copies of a write at least this long go through ``ctypes.memmove``
+(which releases the GIL, so the write thread keeps going); shorter ones are
+memoryview slice assignments (less call overhead)."""
+
+_READ_COPY_OUTSIDE_GIL = 256 << 10
+"""The same for the copy-out of a read. Reads run in a pool of many threads:
+giving the GIL up and waiting to get it back costs more than a 64 KiB copy
+under it (measured: 16 threads, 2 vCPUs), so only long copies release it."""
+
+
+# ---------------------------------------------------------------------------
+# addresses of caller buffers
+# ---------------------------------------------------------------------------
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer``, to read the address of a read-only buffer."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+try:
+    _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+    _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    _get_buffer.restype = ctypes.c_int
+    _release_buffer = ctypes.pythonapi.PyBuffer_Release
+    _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+    _release_buffer.restype = None
+except (AttributeError, OSError):  # not CPython: read-only buffers count as unaligned
+    _get_buffer = None
+
+
+def _address(view: memoryview) -> int | None:
+    """Where ``view``'s bytes start in memory; None when unknown (treated as
+    unaligned, so the bytes are staged)."""
+    if not len(view):
+        return None
+    try:
+        if not view.readonly:
+            return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        if _get_buffer is None:
+            return None
+        info = _PyBuffer()
+        _get_buffer(view, ctypes.byref(info), 0)  # PyBUF_SIMPLE
+        try:
+            return info.buf
+        finally:
+            _release_buffer(ctypes.byref(info))
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
+def _split(view: memoryview, position: int) -> tuple[int | None, int, int]:
+    """How a piece of ``len(view)`` bytes at file ``position`` splits for
+    O_DIRECT: ``(address, head, middle)``. The ``middle`` bytes after the
+    first ``head`` are aligned in memory, in the file and in length (they go
+    straight between file and buffer); the head and the rest are staged.
+    A piece whose address is not congruent to its file position is staged
+    whole (``head = len(view)``)."""
+    n = len(view)
+    address = _address(view)
+    if address is None or (address - position) % ALIGNMENT:
+        return address, n, 0
+    head = min(n, -position % ALIGNMENT)
+    return address, head, (n - head) - (n - head) % ALIGNMENT
+
+
+def _copy(dst: memoryview, dst_address: int | None, src: memoryview, src_address: int | None, n: int) -> None:
+    """Copy ``n`` bytes of a read from staging ``src`` to ``dst`` (outside the GIL when long)."""
+    if n >= _READ_COPY_OUTSIDE_GIL and dst_address is not None and src_address is not None:
+        ctypes.memmove(dst_address, src_address, n)
+    else:
+        dst[:n] = src[:n]
+
+
+# ---------------------------------------------------------------------------
+# staging buffers
+# ---------------------------------------------------------------------------
+
+
+class _Stage:
+    """One page-aligned staging buffer (a private anonymous mmap)."""
+
+    __slots__ = ("size", "map", "view", "address")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self.map)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+
+def _size_class(nbytes: int) -> int:
+    """The staging size for a request of ``nbytes``: a power of two from
+    ALIGNMENT to STAGING_BYTES."""
+    nbytes = min(max(nbytes, ALIGNMENT), STAGING_BYTES)
+    return min(1 << (nbytes - 1).bit_length(), STAGING_BYTES)
 
 
 class _StagingPool:
-    """Reused page-aligned buffers (anonymous mmaps are page-aligned)."""
+    """Reused staging buffers by size class; the lock covers only the free lists."""
 
     def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
+        self._free: dict[int, list[_Stage]] = {}
         self._lock = threading.Lock()
 
-    @contextmanager
-    def buffer(self) -> Iterator[memoryview]:
+    def take(self, nbytes: int) -> _Stage:
+        """A buffer of at least ``min(nbytes, STAGING_BYTES)`` bytes."""
+        size = _size_class(nbytes)
         with self._lock:
-            buf = self._free.pop() if self._free else mmap.mmap(-1, STAGING_BYTES)
-        view = memoryview(buf)
-        try:
-            yield view
-        finally:
-            view.release()
-            with self._lock:
-                self._free.append(buf)
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return _Stage(size)
+
+    def give(self, stage: _Stage) -> None:
+        with self._lock:
+            self._free.setdefault(stage.size, []).append(stage)
+
+    def reset(self) -> None:
+        """Forget every buffer (in a forked child: the lock may be held)."""
+        self._free = {}
+        self._lock = threading.Lock()
 
 
 _POOL = _StagingPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.reset)
+
+
+# ---------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------
 
 
 def write_values(
@@ -61,43 +192,191 @@ def write_values(
 def _write_direct(
     fs: FileSystem, fd: int, values: Sequence[Sequence[memoryview]], offsets: Sequence[int], length: int
 ) -> None:
-    """Copy values into aligned staging buffers and write whole buffers.
+    """Write values with O_DIRECT: aligned middles of the pieces straight from
+    the caller's memory, everything else (and the zero padding) staged.
 
     Invariant: ``offsets`` are multiples of ALIGNMENT and ``length`` is the
     padded end, so every write starts and ends on an aligned boundary, and
-    padding bytes are written as zeros.
+    every byte of the file not covered by a value is written as zero.
     """
-    with _POOL.buffer() as stage:
-        filled = 0  # bytes of ``stage`` holding data for file offset ``base``
-        base = 0
-        for pieces, offset in zip(values, offsets):
-            position = offset
-            for piece in pieces:
-                start = 0
-                while start < len(piece):
-                    if position - base >= STAGING_BYTES:
-                        _zero(stage, filled, STAGING_BYTES)
-                        fs.write_all(fd, [stage], base)
-                        base += STAGING_BYTES
-                        filled = 0
-                    room = STAGING_BYTES - (position - base)
-                    chunk = piece[start : start + room]
-                    _zero(stage, filled, position - base)
-                    stage[position - base : position - base + len(chunk)] = chunk
-                    filled = position - base + len(chunk)
-                    position += len(chunk)
-                    start += len(chunk)
-        while base < length:
-            end = min(length - base, STAGING_BYTES)
-            _zero(stage, filled, end)
-            fs.write_all(fd, [stage[:end]], base)
-            base += end
-            filled = 0
+    plan: list[tuple[int, memoryview, int | None, bool]] = []  # (file position, bytes, address, direct)
+    direct_bytes = 0
+    for pieces, offset in zip(values, offsets):
+        position = offset
+        for piece in pieces:
+            n = len(piece)
+            if not n:
+                continue
+            address, head, middle = _split(piece, position)
+            if head:
+                plan.append((position, piece[:head], address, False))
+            if middle:
+                plan.append((position + head, piece[head : head + middle], None, True))
+                direct_bytes += middle
+            if n - head - middle:
+                rest = head + middle
+                plan.append((position + rest, piece[rest:], None if address is None else address + rest, False))
+            position += n
+    writer = _DirectWriter(fs, fd, length, max(0, length - direct_bytes))
+    try:
+        for position, view, address, direct in plan:
+            if direct:
+                writer.direct(position, view)
+            else:
+                writer.staged(position, view, address)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        writer.release()
 
 
-def _zero(stage: memoryview, start: int, end: int) -> None:
-    if end > start:
-        stage[start:end] = bytes(end - start)
+class _DirectWriter:
+    """Gathers a data file into aligned batches of at most ``fs.WRITE_CHUNK``
+    bytes: iovecs over the caller's memory and runs of one staging buffer.
+
+    When more than one batch is staged (``length > WRITE_CHUNK`` and something
+    to copy), batches are written by one background thread while the caller
+    fills the next staging buffer (two buffers, one write in flight). Writes
+    stay in file order, one at a time, through ``fs.write_all`` (which loops
+    over short writes).
+    """
+
+    def __init__(self, fs: FileSystem, fd: int, length: int, staged_bytes: int) -> None:
+        self.fs, self.fd, self.length = fs, fd, length
+        chunk = min(_fs.WRITE_CHUNK, STAGING_BYTES)  # read at call time: crash tests shrink it
+        self.chunk = max(ALIGNMENT, chunk - chunk % ALIGNMENT)
+        self.stage_bytes = min(staged_bytes, STAGING_BYTES)
+        self.overlap = staged_bytes > 0 and length > self.chunk
+        self.base = 0  # file offset of the current batch
+        self.iov: list[memoryview] = []  # closed iovecs of the current batch
+        self.size = 0  # bytes in ``iov``
+        self.stage: _Stage | None = None  # staging buffer of the current batch
+        self.run = 0  # where the open staged run starts in ``stage``
+        self.used = 0  # bytes of ``stage`` in use
+        self.spare: list[_Stage] = []
+        self.inflight: tuple[Future[int], _Stage | None] | None = None
+        self.executor: ThreadPoolExecutor | None = None
+
+    def _cursor(self) -> int:
+        return self.base + self.size + self.used - self.run
+
+    def staged(self, position: int, view: memoryview | None, address: int | None) -> None:
+        """Stage zeros up to ``position``, then ``view`` (if any)."""
+        gap = position - self._cursor()
+        if gap > 0:
+            self._put(gap, None, None)
+        if view is not None:
+            self._put(len(view), view, address)
+
+    def direct(self, position: int, view: memoryview) -> None:
+        """Write ``view`` (aligned) at ``position`` (aligned) from the caller's memory."""
+        self.staged(position, None, None)
+        self._close_run()
+        while len(view):
+            room = self.chunk - self.size
+            if room <= 0 or len(self.iov) >= IOV_MAX:
+                self._seal()
+                continue
+            take = view[:room]
+            self.iov.append(take)
+            self.size += len(take)
+            view = view[len(take) :]
+
+    def finish(self) -> None:
+        """Zero-pad to ``length``, write what is left and wait for it."""
+        self.staged(self.length, None, None)
+        self._seal()
+        self._wait()
+
+    def abort(self) -> None:
+        """After an error: wait for a write still in flight (the caller closes
+        the descriptor next); the error already propagating wins over its."""
+        try:
+            self._wait()
+        except BaseException:
+            pass
+
+    def release(self) -> None:
+        """Stop the write thread and give the staging buffers back."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
+        for stage in self.spare + ([self.stage] if self.stage is not None else []):
+            _POOL.give(stage)
+        self.spare, self.stage = [], None
+
+    def _put(self, n: int, view: memoryview | None, address: int | None) -> None:
+        """Append ``n`` staged bytes at the cursor: ``view``'s, or zeros."""
+        done = 0
+        while done < n:
+            if self.stage is None:
+                self.stage = self.spare.pop() if self.spare else _POOL.take(self.stage_bytes)
+                self.run = self.used = 0
+            room = min(self.chunk - self.size - (self.used - self.run), self.stage.size - self.used)
+            if room <= 0:
+                self._seal()
+                continue
+            k = min(room, n - done)
+            target = self.stage.address + self.used
+            if view is None:
+                ctypes.memset(target, 0, k)
+            elif address is not None and k >= _COPY_OUTSIDE_GIL:
+                ctypes.memmove(target, address + done, k)
+            else:
+                self.stage.view[self.used : self.used + k] = view[done : done + k]
+            self.used += k
+            done += k
+
+    def _close_run(self) -> None:
+        if self.stage is not None and self.used > self.run:
+            self.iov.append(self.stage.view[self.run : self.used])
+            self.size += self.used - self.run
+            self.run = self.used
+
+    def _seal(self) -> None:
+        """Send the current batch to be written; start an empty one after it."""
+        self._close_run()
+        iov, base, stage = self.iov, self.base, self.stage
+        self.base += self.size
+        self.iov, self.size, self.stage, self.run, self.used = [], 0, None, 0, 0
+        if not iov:
+            if stage is not None:
+                self.spare.append(stage)
+            return
+        if not self.overlap:
+            try:
+                self.fs.write_all(self.fd, iov, base)
+            finally:
+                if stage is not None:
+                    self.spare.append(stage)
+            return
+        try:
+            self._wait()
+        except BaseException:
+            if stage is not None:
+                self.spare.append(stage)
+            raise
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvbucket-write")
+        self.inflight = (self.executor.submit(self.fs.write_all, self.fd, iov, base), stage)
+
+    def _wait(self) -> None:
+        if self.inflight is None:
+            return
+        future, stage = self.inflight
+        self.inflight = None
+        try:
+            future.result()
+        finally:
+            if stage is not None:
+                self.spare.append(stage)
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
 
 
 def open_for_read(fs: FileSystem, path: str, direct: bool) -> int:
@@ -110,26 +389,153 @@ def read_value(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview]
     read (short only when the file is shorter than the meta says)."""
     if not direct:
         return fs.readv_into(fd, dests, offset)
-    total = sum(len(d) for d in dests)
-    pieces = iter(dests)
-    piece, used = next(pieces, memoryview(b"")), 0
-    done = 0
-    while done < total:
-        start = offset + done
-        aligned = start - start % ALIGNMENT
-        with _POOL.buffer() as stage:
-            want = min(STAGING_BYTES, -(-(start + total - done - aligned) // ALIGNMENT) * ALIGNMENT)
-            got = fs.read_into(fd, stage[:want], aligned)
-            usable = min(got - (start - aligned), total - done)
-            if usable <= 0:
+    if len(dests) == 1:  # the common cases, without the general planning below
+        dest = dests[0]
+        address = _address(dest)
+        if address is not None and not (offset | len(dest) | address) % ALIGNMENT:
+            return fs.readv_into(fd, dests, offset)  # one aligned page buffer: no staging
+        start = offset - offset % ALIGNMENT
+        stop = -(-(offset + len(dest)) // ALIGNMENT) * ALIGNMENT
+        if dest and (address is None or (address - offset) % ALIGNMENT) and stop - start <= STAGING_BYTES:
+            return _read_staged(fs, fd, offset, dest, address, start, stop)
+    return _read_direct(fs, fd, offset, dests)
+
+
+def _read_staged(fs: FileSystem, fd: int, offset: int, dest: memoryview, address: int | None, start: int, stop: int) -> int:
+    """Read one unaligned destination through one staging buffer sized to it."""
+    stage = _POOL.take(stop - start)
+    try:
+        got = fs.read_into(fd, stage.view[: stop - start], start)
+        usable = max(0, min(len(dest), start + got - offset))
+        _copy(dest, address, stage.view[offset - start :], stage.address + offset - start, usable)
+        return usable
+    finally:
+        _POOL.give(stage)
+
+
+def _read_direct(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview]) -> int:
+    """O_DIRECT read of the aligned range around the value: the aligned
+    middles of the destinations are read into directly, every other byte
+    (unaligned destinations, heads, tails, neighbouring bytes) into a staging
+    buffer sized to them, then copied out."""
+    direct: list[tuple[int, memoryview]] = []  # (file position, destination slice)
+    staged: list[tuple[int, memoryview, int | None]] = []  # (file position, destination slice, its address)
+    position = offset
+    for piece in dests:
+        n = len(piece)
+        if not n:
+            continue
+        address, head, middle = _split(piece, position)
+        if head:
+            staged.append((position, piece[:head], address))
+        if middle:
+            direct.append((position + head, piece[head : head + middle]))
+        if n - head - middle:
+            rest = head + middle
+            staged.append((position + rest, piece[rest:], None if address is None else address + rest))
+        position += n
+    end = position
+    if end == offset:
+        return 0
+    start = offset - offset % ALIGNMENT
+    stop = -(-end // ALIGNMENT) * ALIGNMENT
+    staged_bytes = (stop - start) - sum(len(v) for _, v in direct)
+    reader = _DirectReader(fs, fd, start, staged, staged_bytes)
+    try:
+        cursor = start
+        for position, view in direct:
+            if position > cursor and not reader.gap(cursor, position):
                 break
-            source = stage[start - aligned : start - aligned + usable]
-            while len(source):  # scatter into the destination pieces
-                while used == len(piece):
-                    piece, used = next(pieces), 0
-                n = min(len(source), len(piece) - used)
-                piece[used : used + n] = source[:n]
-                used += n
-                source = source[n:]
-        done += usable
-    return done
+            if not reader.direct(view):
+                break
+            cursor = position + len(view)
+        else:
+            if stop > cursor:
+                reader.gap(cursor, stop)
+            reader.flush()
+    finally:
+        reader.close()
+    return max(0, min(end, reader.valid_end) - offset)
+
+
+class _DirectReader:
+    """Issues the reads of one value: calls over a contiguous aligned file
+    range, with iovecs over the destinations and one staging buffer; after
+    each call, copies the staged bytes that belong to the value out."""
+
+    def __init__(self, fs: FileSystem, fd: int, start: int, staged: list[tuple[int, memoryview, int | None]], staged_bytes: int) -> None:
+        self.fs, self.fd = fs, fd
+        self.staged = staged
+        self.next_staged = 0  # first entry of ``staged`` not yet fully copied out
+        self.stage = _POOL.take(staged_bytes) if staged_bytes > 0 else None
+        self.base = start  # file offset of the current call
+        self.size = 0  # bytes in ``iov``
+        self.iov: list[memoryview] = []
+        self.chunks: list[tuple[int, int, int]] = []  # (stage offset, file start, file end)
+        self.used = 0
+        self.valid_end = start  # file bytes before this are in place
+        self.short = False
+
+    def gap(self, begin: int, end: int) -> bool:
+        """Read file bytes ``[begin, end)`` into staging; False after a short read."""
+        assert self.stage is not None
+        while begin < end:
+            room = self.stage.size - self.used
+            if room <= 0 or len(self.iov) >= IOV_MAX:
+                if not self.flush():
+                    return False
+                continue
+            k = min(room, end - begin)
+            self.iov.append(self.stage.view[self.used : self.used + k])
+            self.chunks.append((self.used, begin, begin + k))
+            self.used += k
+            self.size += k
+            begin += k
+        return True
+
+    def direct(self, view: memoryview) -> bool:
+        if len(self.iov) >= IOV_MAX and not self.flush():
+            return False
+        self.iov.append(view)
+        self.size += len(view)
+        return True
+
+    def flush(self) -> bool:
+        """Issue the current call and copy out; False when it read short."""
+        if not self.iov:
+            return True
+        got = self.fs.readv_into(self.fd, self.iov, self.base)
+        self.valid_end = self.base + got
+        self._copy_out()
+        self.short = got < self.size
+        self.base += self.size
+        self.iov, self.chunks, self.size, self.used = [], [], 0, 0
+        return not self.short
+
+    def _copy_out(self) -> None:
+        stage = self.stage
+        staged = self.staged
+        for stage_offset, begin, end in self.chunks:
+            end = min(end, self.valid_end)
+            i = self.next_staged
+            while i < len(staged) and staged[i][0] + len(staged[i][1]) <= begin:
+                i += 1
+            self.next_staged = i
+            while i < len(staged) and staged[i][0] < end:
+                position, view, address = staged[i]
+                lo, hi = max(position, begin), min(position + len(view), end)
+                if hi > lo:
+                    source = stage_offset + lo - begin  # type: ignore[union-attr]
+                    _copy(
+                        view[lo - position :],
+                        None if address is None else address + lo - position,
+                        stage.view[source:],  # type: ignore[union-attr]
+                        stage.address + source,  # type: ignore[union-attr]
+                        hi - lo,
+                    )
+                i += 1
+
+    def close(self) -> None:
+        if self.stage is not None:
+            _POOL.give(self.stage)
+            self.stage = None
