@@ -22,15 +22,14 @@ from crash_sweeps import fault_sweep
 
 def fault_workload() -> list[dict]:
     ops = H.simple_workload(2, per_bucket=3, tag="f", seed=21)
-    if H.has_api("remove", "batch_remove", "compact"):
-        first, second = ops[0]["keys"], ops[1]["keys"]
-        ops[2:2] = [
-            {"op": "remove", "keys": [first[0]]},
-            {"op": "batch_remove", "keys": [second[0], H.make_key("never-stored", 3)]},
-            {"op": "compact", "ratio": 0.01},
-            {"op": "delete_bucket_of", "key": first[1]},
-            {"op": "offload", "keys": [H.make_key("f-last", 10000), H.make_key("f-last2", 0)]},
-        ]
+    first, second = ops[0]["keys"], ops[1]["keys"]
+    ops[2:2] = [
+        {"op": "remove", "keys": [first[0]]},
+        {"op": "batch_remove", "keys": [second[0], H.make_key("never-stored", 3)]},
+        {"op": "compact", "ratio": 0.01},
+        {"op": "delete_bucket_of", "key": first[1]},
+        {"op": "offload", "keys": [H.make_key("f-last", 10000), H.make_key("f-last2", 0)]},
+    ]
     return ops
 
 

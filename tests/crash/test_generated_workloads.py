@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 import crash_harness as H
 from crash_sweeps import fault_run, powerloss_sweep
 
-LIFECYCLE = H.has_api("remove", "batch_remove", "compact")
 SIZES = st.sampled_from([0, 1, 511, 512, 4095, 4096, 4097, 8192, 13000])
 
 
@@ -23,7 +22,7 @@ SIZES = st.sampled_from([0, 1, 511, 512, 4095, 4096, 4097, 8192, 13000])
 def workloads(draw) -> list[dict]:
     ops: list[dict] = []
     live: list[str] = []
-    kinds = ["offload", "offload", "remove", "batch_remove", "delete_bucket_of", "compact"] if LIFECYCLE else ["offload"]
+    kinds = ["offload", "offload", "remove", "batch_remove", "delete_bucket_of", "compact"]
     for b in range(draw(st.integers(1, 7))):
         kind = draw(st.sampled_from(kinds))
         if kind == "offload" or not live:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 import crash_harness as H
 import crash_power as P
@@ -136,7 +135,6 @@ def test_canaries_are_registered():
     assert set(CANARIES) == {"no_data_fdatasync", "no_meta_fsync", "no_dir_fsync", "meta_in_place"}
 
 
-@pytest.mark.skipif(not H.has_api("remove", "batch_remove"), reason="needs removal (issue 3)")
 def test_kill9_harness_catches_a_store_that_never_deletes(runner, tmp_path, crash_counts):
     """A kill -9 cannot lose unsynced data, but it does expose a store whose
     deletions never happen: removed keys come back after the crash."""

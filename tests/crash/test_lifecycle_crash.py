@@ -18,11 +18,6 @@ import pytest
 import crash_harness as H
 from crash_sweeps import kill_sweep, powerloss_sweep
 
-pytestmark = pytest.mark.skipif(
-    not H.has_api("remove", "batch_remove", "compact", "evict_to_watermark"),
-    reason="the store has no removal/compaction/eviction yet (issue 3)",
-)
-
 EVICTING = {"eviction_policy": "fifo", "max_physical_bytes": 96 * 1024}
 SEEDS = [1, 2, 3] if not H.FULL else list(range(1, 9))
 

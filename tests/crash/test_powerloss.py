@@ -48,20 +48,17 @@ def test_powerloss_relaxed(tmp_path, crash_counts, small_writes):
 
 
 def canary_workload() -> list[dict]:
-    """Offloads, then (when the store has it) a removal that rewrites a meta:
-    writing metas in place is only unsafe for a rewrite."""
+    """Offloads, then a removal that rewrites a meta: writing metas in place
+    is only unsafe for a rewrite."""
     ops = H.simple_workload(3, per_bucket=3, seed=13)[:-1]
-    if H.has_api("batch_remove"):
-        ops.append({"op": "batch_remove", "keys": [ops[0]["keys"][0]]})
-        ops.append({"op": "offload", "keys": [H.make_key("after-remove", 3000)]})
+    ops.append({"op": "batch_remove", "keys": [ops[0]["keys"][0]]})
+    ops.append({"op": "offload", "keys": [H.make_key("after-remove", 3000)]})
     return ops
 
 
 @pytest.mark.parametrize("canary", list(CANARIES))
 def test_canary_is_caught(tmp_path, crash_counts, small_writes, canary):
     ops = canary_workload()
-    if canary == "meta_in_place" and not H.has_api("batch_remove"):
-        pytest.skip("the store has no removal yet: a meta written in place only breaks a rewrite")
     config = {"durability": "strict", "io_threads": 1}
     kw = sweep_kw(10**9, 3)
     # the real protocol on the same workload and sampling: no failure
