@@ -16,163 +16,21 @@ copy into one staging buffer with the write of the previous one.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .format import ALIGNMENT
 from . import fs as _fs
-from .fs import IOV_MAX, O_DIRECT, WRITE_CHUNK, FileSystem
+from .format import ALIGNMENT
+from .fs import IOV_MAX, O_DIRECT, FileSystem
+from .staging import POOL, STAGING_BYTES, Stage, address_of, copy_out, split_for_direct
 
 __all__ = ["write_values", "read_value", "open_for_read", "STAGING_BYTES"]
-
-STAGING_BYTES = WRITE_CHUNK
-"""Size of the largest page-aligned staging buffer for direct I/O."""
 
 _COPY_OUTSIDE_GIL = 16 << 10
 """Staging copies of a write at least this long go through ``ctypes.memmove``
 (which releases the GIL, so the write thread keeps going); shorter ones are
 memoryview slice assignments (less call overhead)."""
-
-_READ_COPY_OUTSIDE_GIL = 256 << 10
-"""The same for the copy-out of a read. Reads run in a pool of many threads:
-giving the GIL up and waiting to get it back costs more than a 64 KiB copy
-under it (measured: 16 threads, 2 vCPUs), so only long copies release it."""
-
-
-# ---------------------------------------------------------------------------
-# addresses of caller buffers
-# ---------------------------------------------------------------------------
-
-
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer``, to read the address of a read-only buffer."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-try:
-    _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-    _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-    _get_buffer.restype = ctypes.c_int
-    _release_buffer = ctypes.pythonapi.PyBuffer_Release
-    _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-    _release_buffer.restype = None
-except (AttributeError, OSError):  # not CPython: read-only buffers count as unaligned
-    _get_buffer = None
-
-
-def _address(view: memoryview) -> int | None:
-    """Where ``view``'s bytes start in memory; None when unknown (treated as
-    unaligned, so the bytes are staged)."""
-    if not len(view):
-        return None
-    try:
-        if not view.readonly:
-            return ctypes.addressof(ctypes.c_char.from_buffer(view))
-        if _get_buffer is None:
-            return None
-        info = _PyBuffer()
-        _get_buffer(view, ctypes.byref(info), 0)  # PyBUF_SIMPLE
-        try:
-            return info.buf
-        finally:
-            _release_buffer(ctypes.byref(info))
-    except (TypeError, ValueError, BufferError):
-        return None
-
-
-def _split(view: memoryview, position: int) -> tuple[int | None, int, int]:
-    """How a piece of ``len(view)`` bytes at file ``position`` splits for
-    O_DIRECT: ``(address, head, middle)``. The ``middle`` bytes after the
-    first ``head`` are aligned in memory, in the file and in length (they go
-    straight between file and buffer); the head and the rest are staged.
-    A piece whose address is not congruent to its file position is staged
-    whole (``head = len(view)``)."""
-    n = len(view)
-    address = _address(view)
-    if address is None or (address - position) % ALIGNMENT:
-        return address, n, 0
-    head = min(n, -position % ALIGNMENT)
-    return address, head, (n - head) - (n - head) % ALIGNMENT
-
-
-def _copy(dst: memoryview, dst_address: int | None, src: memoryview, src_address: int | None, n: int) -> None:
-    """Copy ``n`` bytes of a read from staging ``src`` to ``dst`` (outside the GIL when long)."""
-    if n >= _READ_COPY_OUTSIDE_GIL and dst_address is not None and src_address is not None:
-        ctypes.memmove(dst_address, src_address, n)
-    else:
-        dst[:n] = src[:n]
-
-
-# ---------------------------------------------------------------------------
-# staging buffers
-# ---------------------------------------------------------------------------
-
-
-class _Stage:
-    """One page-aligned staging buffer (a private anonymous mmap)."""
-
-    __slots__ = ("size", "map", "view", "address")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.view = memoryview(self.map)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-
-
-def _size_class(nbytes: int) -> int:
-    """The staging size for a request of ``nbytes``: a power of two from
-    ALIGNMENT to STAGING_BYTES."""
-    nbytes = min(max(nbytes, ALIGNMENT), STAGING_BYTES)
-    return min(1 << (nbytes - 1).bit_length(), STAGING_BYTES)
-
-
-class _StagingPool:
-    """Reused staging buffers by size class; the lock covers only the free lists."""
-
-    def __init__(self) -> None:
-        self._free: dict[int, list[_Stage]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> _Stage:
-        """A buffer of at least ``min(nbytes, STAGING_BYTES)`` bytes."""
-        size = _size_class(nbytes)
-        with self._lock:
-            free = self._free.get(size)
-            if free:
-                return free.pop()
-        return _Stage(size)
-
-    def give(self, stage: _Stage) -> None:
-        with self._lock:
-            self._free.setdefault(stage.size, []).append(stage)
-
-    def reset(self) -> None:
-        """Forget every buffer (in a forked child: the lock may be held)."""
-        self._free = {}
-        self._lock = threading.Lock()
-
-
-_POOL = _StagingPool()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_POOL.reset)
-
 
 # ---------------------------------------------------------------------------
 # writing
@@ -207,7 +65,7 @@ def _write_direct(
             n = len(piece)
             if not n:
                 continue
-            address, head, middle = _split(piece, position)
+            address, head, middle = split_for_direct(piece, position)
             if head:
                 plan.append((position, piece[:head], address, False))
             if middle:
@@ -252,11 +110,11 @@ class _DirectWriter:
         self.base = 0  # file offset of the current batch
         self.iov: list[memoryview] = []  # closed iovecs of the current batch
         self.size = 0  # bytes in ``iov``
-        self.stage: _Stage | None = None  # staging buffer of the current batch
+        self.stage: Stage | None = None  # staging buffer of the current batch
         self.run = 0  # where the open staged run starts in ``stage``
         self.used = 0  # bytes of ``stage`` in use
-        self.spare: list[_Stage] = []
-        self.inflight: tuple[Future[int], _Stage | None] | None = None
+        self.spare: list[Stage] = []
+        self.inflight: tuple[Future[int], Stage | None] | None = None
         self.executor: ThreadPoolExecutor | None = None
 
     def _cursor(self) -> int:
@@ -304,7 +162,7 @@ class _DirectWriter:
             self.executor.shutdown(wait=True)
             self.executor = None
         for stage in self.spare + ([self.stage] if self.stage is not None else []):
-            _POOL.give(stage)
+            POOL.give(stage)
         self.spare, self.stage = [], None
 
     def _put(self, n: int, view: memoryview | None, address: int | None) -> None:
@@ -312,7 +170,7 @@ class _DirectWriter:
         done = 0
         while done < n:
             if self.stage is None:
-                self.stage = self.spare.pop() if self.spare else _POOL.take(self.stage_bytes)
+                self.stage = self.spare.pop() if self.spare else POOL.take(self.stage_bytes)
                 self.run = self.used = 0
             room = min(self.chunk - self.size - (self.used - self.run), self.stage.size - self.used)
             if room <= 0:
@@ -391,7 +249,7 @@ def read_value(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview]
         return fs.readv_into(fd, dests, offset)
     if len(dests) == 1:  # the common cases, without the general planning below
         dest = dests[0]
-        address = _address(dest)
+        address = address_of(dest)
         if address is not None and not (offset | len(dest) | address) % ALIGNMENT:
             return fs.readv_into(fd, dests, offset)  # one aligned page buffer: no staging
         start = offset - offset % ALIGNMENT
@@ -403,14 +261,14 @@ def read_value(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview]
 
 def _read_staged(fs: FileSystem, fd: int, offset: int, dest: memoryview, address: int | None, start: int, stop: int) -> int:
     """Read one unaligned destination through one staging buffer sized to it."""
-    stage = _POOL.take(stop - start)
+    stage = POOL.take(stop - start)
     try:
         got = fs.read_into(fd, stage.view[: stop - start], start)
         usable = max(0, min(len(dest), start + got - offset))
-        _copy(dest, address, stage.view[offset - start :], stage.address + offset - start, usable)
+        copy_out(dest, address, stage.view[offset - start :], stage.address + offset - start, usable)
         return usable
     finally:
-        _POOL.give(stage)
+        POOL.give(stage)
 
 
 def _read_direct(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryview]) -> int:
@@ -425,7 +283,7 @@ def _read_direct(fs: FileSystem, fd: int, offset: int, dests: Sequence[memoryvie
         n = len(piece)
         if not n:
             continue
-        address, head, middle = _split(piece, position)
+        address, head, middle = split_for_direct(piece, position)
         if head:
             staged.append((position, piece[:head], address))
         if middle:
@@ -467,7 +325,7 @@ class _DirectReader:
         self.fs, self.fd = fs, fd
         self.staged = staged
         self.next_staged = 0  # first entry of ``staged`` not yet fully copied out
-        self.stage = _POOL.take(staged_bytes) if staged_bytes > 0 else None
+        self.stage = POOL.take(staged_bytes) if staged_bytes > 0 else None
         self.base = start  # file offset of the current call
         self.size = 0  # bytes in ``iov``
         self.iov: list[memoryview] = []
@@ -526,7 +384,7 @@ class _DirectReader:
                 lo, hi = max(position, begin), min(position + len(view), end)
                 if hi > lo:
                     source = stage_offset + lo - begin  # type: ignore[union-attr]
-                    _copy(
+                    copy_out(
                         view[lo - position :],
                         None if address is None else address + lo - position,
                         stage.view[source:],  # type: ignore[union-attr]
@@ -537,5 +395,5 @@ class _DirectReader:
 
     def close(self) -> None:
         if self.stage is not None:
-            _POOL.give(self.stage)
+            POOL.give(self.stage)
             self.stage = None
