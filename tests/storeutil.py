@@ -6,6 +6,9 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
+
+from kvbucket.errors import StorageIOError
 
 
 def value_for(key: str, size: int) -> bytes:
@@ -38,3 +41,19 @@ def du(path: str | os.PathLike[str]) -> int:
             st = entry.stat(follow_symlinks=False)
             total += du(entry.path) if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
     return total
+
+
+class FailingStore:
+    """Wraps a store; the first ``failures`` writes raise like a full disk."""
+
+    def __init__(self, store: Any, failures: int) -> None:
+        self._store, self.failures = store, failures
+
+    def batch_offload(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
+        return self._store.batch_offload(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

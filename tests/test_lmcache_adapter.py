@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from kvbucket.errors import InvalidArgument, StorageIOError, StoreLocked
-
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
+from storeutil import FailingStore
+
+from kvbucket.errors import InvalidArgument, StoreLocked
 
 CHUNK = 64 * 1024
 
@@ -146,22 +146,6 @@ def test_kvbucket_eviction_keeps_usage_right(opened: list[Any], tmp_path: Path) 
 
     adapter = restart(opened, adapter, tmp_path, max_total_size=4 * CHUNK)
     assert adapter.get_usage().total_bytes_used == 4 * CHUNK
-
-
-class FailingStore:
-    """Wraps a store; the first ``failures`` writes fail like a full disk."""
-
-    def __init__(self, store: Any, failures: int) -> None:
-        self._store, self.failures = store, failures
-
-    def batch_offload(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
-        return self._store.batch_offload(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path) -> None:

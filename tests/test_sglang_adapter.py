@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from kvbucket.errors import InvalidArgument, StorageIOError
-
 from standins import sglang_standin as sg
+from storeutil import FailingStore
+
+from kvbucket.errors import InvalidArgument
 
 HASHES = [f"{i:064x}" for i in range(1, 9)]
 
@@ -159,22 +159,6 @@ def test_a_changed_pool_layout_does_not_read_old_pages(opened: list[Any], tmp_pa
     assert all(backend.batch_set_v1(HASHES[:1], backend.mem_pool_host.page_indices([0])))
     backend = reopen(opened, backend, config, sg.FakeHostPool(dtype=np.int16))  # same page size, other dtype
     assert backend.batch_exists(HASHES[:1]) == 0
-
-
-class FailingStore:
-    """Wraps a store; the first ``failures`` writes raise like a full disk."""
-
-    def __init__(self, store: Any, failures: int) -> None:
-        self._store, self.failures = store, failures
-
-    def batch_offload(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
-        return self._store.batch_offload(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def test_a_failed_write_reports_false_and_the_store_stays_usable(opened: list[Any], tmp_path: Path) -> None:

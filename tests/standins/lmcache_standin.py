@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import os
 import select
-import sys
 import threading
 import types
 from abc import ABC, abstractmethod
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from standins.modules import imported_against, module
 
 MODULE = "kvbucket.integrations.lmcache"
 
@@ -188,12 +189,12 @@ class PluginL2AdapterConfig(L2AdapterConfigBase):
 
 def create_plugin_adapter(config: PluginL2AdapterConfig, l1_memory_desc: Any = None) -> L2AdapterInterface:
     """The plugin factory: import, check the subclass, resolve the config class, construct."""
-    module = importlib.import_module(config.module_path)
-    adapter_cls = getattr(module, config.class_name)
+    plugin_module = importlib.import_module(config.module_path)
+    adapter_cls = getattr(plugin_module, config.class_name)
     if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, L2AdapterInterface)):
         raise TypeError(f"{config.class_name} is not a subclass of L2AdapterInterface")
     for name in (config.config_class_name, config.class_name + "Config", getattr(adapter_cls, "config_class_name", None)):
-        cfg_cls = getattr(module, name, None) if name else None
+        cfg_cls = getattr(plugin_module, name, None) if name else None
         if isinstance(cfg_cls, type) and issubclass(cfg_cls, L2AdapterConfigBase):
             return adapter_cls(cfg_cls.from_dict(config.adapter_params))
     return adapter_cls(config.adapter_params)
@@ -274,35 +275,20 @@ def load(adapter: Any, keys: list[ObjectKey], objects: list[Any]) -> list[int]:
     return [i for i in range(len(keys)) if bitmap.test(i)]
 
 
-def _module(name: str, **attrs: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
 @contextlib.contextmanager
 def installed() -> Iterator[types.ModuleType]:
     """Install the stand-ins as ``lmcache.*`` and (re)import the adapter module against them."""
     base = "lmcache.v1.distributed"
     modules = {
-        "lmcache": _module("lmcache"),
-        "lmcache.lmcache_native": _module("lmcache.lmcache_native", Bitmap=Bitmap),
-        "lmcache.v1": _module("lmcache.v1"),
-        base: _module(base),
-        f"{base}.api": _module(f"{base}.api", ObjectKey=ObjectKey),
-        f"{base}.internal_api": _module(f"{base}.internal_api", L2StoreResult=L2StoreResult),
-        f"{base}.l2_adapters": _module(f"{base}.l2_adapters", L2AdapterInterface=L2AdapterInterface),
-        f"{base}.l2_adapters.base": _module(f"{base}.l2_adapters.base", L2AdapterInterface=L2AdapterInterface, AdapterUsage=AdapterUsage),
-        f"{base}.l2_adapters.config": _module(f"{base}.l2_adapters.config", L2AdapterConfigBase=L2AdapterConfigBase),
+        "lmcache": module("lmcache"),
+        "lmcache.lmcache_native": module("lmcache.lmcache_native", Bitmap=Bitmap),
+        "lmcache.v1": module("lmcache.v1"),
+        base: module(base),
+        f"{base}.api": module(f"{base}.api", ObjectKey=ObjectKey),
+        f"{base}.internal_api": module(f"{base}.internal_api", L2StoreResult=L2StoreResult),
+        f"{base}.l2_adapters": module(f"{base}.l2_adapters", L2AdapterInterface=L2AdapterInterface),
+        f"{base}.l2_adapters.base": module(f"{base}.l2_adapters.base", L2AdapterInterface=L2AdapterInterface, AdapterUsage=AdapterUsage),
+        f"{base}.l2_adapters.config": module(f"{base}.l2_adapters.config", L2AdapterConfigBase=L2AdapterConfigBase),
     }
-    saved = {name: sys.modules.get(name) for name in [*modules, MODULE]}
-    sys.modules.update(modules)
-    sys.modules.pop(MODULE, None)
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    with imported_against(modules, MODULE) as adapter_module:
+        yield adapter_module

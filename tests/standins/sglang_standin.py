@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import numpy as np
+
+from standins.modules import imported_against, module
 
 MODULE = "kvbucket.integrations.sglang"
 
@@ -119,8 +120,8 @@ class StorageBackendFactory:
 
     @staticmethod
     def _load_backend_class(module_path: str, class_name: str, backend_name: str) -> type:
-        module = importlib.import_module(module_path)
-        backend_class = getattr(module, class_name)
+        backend_module = importlib.import_module(module_path)
+        backend_class = getattr(backend_module, class_name)
         if not issubclass(backend_class, HiCacheStorage):
             raise TypeError(f"Backend class {class_name} must inherit from HiCacheStorage")
         return backend_class
@@ -226,34 +227,19 @@ def make_config(root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bo
     )
 
 
-def _module(name: str, **attrs: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
 @contextlib.contextmanager
 def installed() -> Iterator[types.ModuleType]:
     """Install the stand-ins as ``sglang.*`` and (re)import the adapter module against them."""
     modules = {
-        "sglang": _module("sglang"),
-        "sglang.srt": _module("sglang.srt"),
-        "sglang.srt.mem_cache": _module("sglang.srt.mem_cache"),
-        "sglang.srt.mem_cache.hicache_storage": _module(
+        "sglang": module("sglang"),
+        "sglang.srt": module("sglang.srt"),
+        "sglang.srt.mem_cache": module("sglang.srt.mem_cache"),
+        "sglang.srt.mem_cache.hicache_storage": module(
             "sglang.srt.mem_cache.hicache_storage",
             HiCacheStorage=HiCacheStorage, HiCacheStorageConfig=HiCacheStorageConfig, HiCacheStorageExtraInfo=HiCacheStorageExtraInfo,
         ),
-        "sglang.srt.mem_cache.storage": _module("sglang.srt.mem_cache.storage", StorageBackendFactory=StorageBackendFactory),
-        "sglang.srt.mem_cache.storage.backend_factory": _module("sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory),
+        "sglang.srt.mem_cache.storage": module("sglang.srt.mem_cache.storage", StorageBackendFactory=StorageBackendFactory),
+        "sglang.srt.mem_cache.storage.backend_factory": module("sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory),
     }
-    saved = {name: sys.modules.get(name) for name in [*modules, MODULE]}
-    sys.modules.update(modules)
-    sys.modules.pop(MODULE, None)
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    with imported_against(modules, MODULE) as adapter_module:
+        yield adapter_module
