@@ -9,9 +9,26 @@ import numpy as np
 
 from kvbucket import BucketStore
 from kvbucket.errors import KeyNotFound
+from kvbucket.fs import FileSystem
 from storeutil import value_for
 
 SIZE = 64 << 10
+
+
+class PausingReads(FileSystem):
+    """The first ``preadv`` after :meth:`arm` sets ``entered`` and waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.armed, self.entered, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def arm(self) -> None:
+        self.armed.set()
+
+    def preadv(self, fd, buffers, offset):  # type: ignore[no-untyped-def]
+        if self.armed.is_set() and not self.entered.is_set():
+            self.entered.set()
+            self.release.wait()
+        return super().preadv(fd, buffers, offset)
 
 
 def test_reads_stay_correct_under_writes_and_deletes(store_dir: Path) -> None:
@@ -76,28 +93,84 @@ def test_reads_stay_correct_under_writes_and_deletes(store_dir: Path) -> None:
 
 def test_a_read_in_flight_completes_when_its_bucket_is_deleted(store_dir: Path) -> None:
     """The pinned descriptor keeps the unlinked data file readable."""
-    from kvbucket.fs import FileSystem
-
-    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
-
-    class PausingReads(FileSystem):
-        def preadv(self, fd, buffers, offset):  # type: ignore[no-untyped-def]
-            if armed.is_set() and not entered.is_set():
-                entered.set()
-                release.wait()
-            return super().preadv(fd, buffers, offset)
-
-    store = BucketStore.open(store_dir, filesystem=PausingReads())
+    fs = PausingReads()
+    store = BucketStore.open(store_dir, filesystem=fs)
     bucket_id = store.batch_offload({"a": value_for("a", SIZE)})
     result: dict[str, bytes] = {}
-    armed.set()
+    fs.arm()
     reader = threading.Thread(target=lambda: result.update(store.batch_get(["a"])))
     reader.start()
-    entered.wait()
+    fs.entered.wait()
     store.delete_bucket(bucket_id)
     assert not (store_dir / f"{bucket_id}.bucket").exists()
-    release.set()
+    fs.release.set()
     reader.join()
     assert result == {"a": value_for("a", SIZE)}
     assert not store.exists("a")
+    store.close()
+
+
+def test_refresh_during_a_read_keeps_the_descriptor_cache_whole(store_dir: Path) -> None:
+    """The retired bucket of a refresh and its replacement share an id: the
+    old one's last unpin closes only its own descriptor."""
+    with BucketStore.open(store_dir) as writer:
+        writer.batch_offload({"a": value_for("a", SIZE), "b": value_for("b", SIZE)})
+    fs = PausingReads()
+    reader_store = BucketStore.open(store_dir, readonly=True, filesystem=fs)
+    result: dict[str, bytes] = {}
+    fs.arm()
+    reader = threading.Thread(target=lambda: result.update(reader_store.batch_get(["a"])))
+    reader.start()
+    fs.entered.wait()
+    reader_store.refresh()  # retires the pinned bucket; the new one gets the same id
+    assert reader_store.batch_get(["b"]) == {"b": value_for("b", SIZE)}  # opens the new bucket's descriptor
+    fs.release.set()
+    reader.join()
+    assert result == {"a": value_for("a", SIZE)}
+    for _ in range(3):
+        assert reader_store.batch_get(["a", "b"]) == {"a": value_for("a", SIZE), "b": value_for("b", SIZE)}
+    reader_store.close()
+
+
+def test_readers_and_a_refresher_on_a_readonly_store(store_dir: Path) -> None:
+    """The readonly+refresh pattern under threads: no error, every byte right."""
+    keys = [f"k{i}" for i in range(16)]
+    with BucketStore.open(store_dir) as writer:
+        for start in range(0, len(keys), 4):
+            writer.batch_offload({k: value_for(k, SIZE) for k in keys[start : start + 4]})
+    store = BucketStore.open(store_dir, readonly=True, io_threads=4)
+    done = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def reader(offset: int) -> None:
+        i = offset
+        while not done.is_set():
+            batch = [keys[(i + j) % len(keys)] for j in range(1 + i % 5)]
+            assert store.batch_get(batch) == {k: value_for(k, SIZE) for k in batch}
+            reads[0] += 1
+            i += 3
+
+    def refresher() -> None:
+        for _ in range(100):
+            store.refresh()
+
+    def guarded(target, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            target(*args)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            if target is refresher or errors:
+                done.set()
+
+    threads = [threading.Thread(target=guarded, args=(reader, n)) for n in range(3)]
+    threads.append(threading.Thread(target=guarded, args=(refresher,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert reads[0] > 0
+    assert store.batch_get(keys) == {k: value_for(k, SIZE) for k in keys}
     store.close()

@@ -117,7 +117,10 @@ class BucketStore:
         self._index = Index()
         self._mutex = threading.Lock()
         self._writer = threading.RLock()
-        self._descriptors: OrderedDict[int, Bucket] = OrderedDict()
+        # Buckets with an open read descriptor, least recently used first. Keyed
+        # by the Bucket itself, not its id: after a refresh the retired bucket
+        # and its replacement share an id, and each closes only its own descriptor.
+        self._descriptors: OrderedDict[Bucket, None] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._clock = 0
@@ -420,7 +423,7 @@ class BucketStore:
     def _open_descriptor(self, bucket: Bucket) -> None:
         """Ensure ``bucket.fd`` is open (under ``_mutex``); bound the cache."""
         if bucket.fd >= 0:
-            self._descriptors.move_to_end(bucket.bucket_id)
+            self._descriptors.move_to_end(bucket)
             return
         path = os.path.join(self._dir, data_name(bucket.bucket_id))
         try:
@@ -429,15 +432,15 @@ class BucketStore:
             raise KeyNotFound(f"bucket {bucket.bucket_id} was deleted by its writer; refresh() the store") from exc
         except OSError as exc:
             raise StorageIOError(f"opening bucket {bucket.bucket_id} failed: {exc.strerror}", exc) from exc
-        self._descriptors[bucket.bucket_id] = bucket
+        self._descriptors[bucket] = None
         while len(self._descriptors) > MAX_OPEN_DESCRIPTORS:
-            oldest = next((b for b in self._descriptors.values() if b.pins == 0), None)
+            oldest = next((b for b in self._descriptors if b.pins == 0), None)
             if oldest is None:
                 break
             self._close_descriptor(oldest)
 
     def _close_descriptor(self, bucket: Bucket) -> None:
-        self._descriptors.pop(bucket.bucket_id, None)
+        self._descriptors.pop(bucket, None)
         if bucket.fd >= 0:
             fd, bucket.fd = bucket.fd, -1
             try:
