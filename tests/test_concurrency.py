@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kvbucket import BucketStore
-from kvbucket.errors import KeyNotFound
+from kvbucket.errors import KeyNotFound, StoreClosed
 from kvbucket.fs import FileSystem
 from storeutil import value_for
 
@@ -174,3 +176,69 @@ def test_readers_and_a_refresher_on_a_readonly_store(store_dir: Path) -> None:
     assert reads[0] > 0
     assert store.batch_get(keys) == {k: value_for(k, SIZE) for k in keys}
     store.close()
+
+
+class _SetOnRecord(logging.Handler):
+    """Sets ``event`` when a record whose message contains ``fragment`` is logged."""
+
+    def __init__(self, fragment: str, event: threading.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.fragment, self.event = fragment, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.fragment in record.getMessage():
+            self.event.set()
+
+
+def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
+    """A load that has pinned its buckets but not yet started its I/O lanes
+    when close() begins completes with the right bytes; close() returns after
+    it; a load that starts after close() raises StoreClosed."""
+    store = BucketStore.open(store_dir, io_threads=2)
+    store.batch_offload({"a": value_for("a", SIZE), "b": value_for("b", SIZE)})
+    assert store.batch_get(["a", "b"]) == {"a": value_for("a", SIZE), "b": value_for("b", SIZE)}  # starts the I/O pool
+    looked_up, proceed = threading.Event(), threading.Event()
+    start_lanes = store._executor
+
+    def pausing_executor():  # type: ignore[no-untyped-def]
+        looked_up.set()  # called only after the lookup pinned the buckets
+        proceed.wait()
+        return start_lanes()
+
+    store._executor = pausing_executor  # type: ignore[method-assign]
+    buffers = {"a": bytearray(SIZE), "b": bytearray(SIZE)}
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            store.batch_load(buffers)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def close() -> None:
+        store.close()
+        proceed.set()  # close() returned without waiting for the load
+
+    waiting = _SetOnRecord("read(s) in flight", proceed)  # or close() waits for it
+    store_log = logging.getLogger("kvbucket.store")
+    level = store_log.level
+    store_log.setLevel(logging.DEBUG)
+    store_log.addHandler(waiting)
+    try:
+        loader = threading.Thread(target=load)
+        loader.start()
+        looked_up.wait()
+        closer = threading.Thread(target=close)
+        closer.start()
+        proceed.wait()
+        with pytest.raises(StoreClosed):
+            store.batch_get(["a"])
+        loader.join()
+        closer.join()
+    finally:
+        store_log.removeHandler(waiting)
+        store_log.setLevel(level)
+    assert errors == []
+    assert buffers == {"a": bytearray(value_for("a", SIZE)), "b": bytearray(value_for("b", SIZE))}
+    assert store.closed
+

@@ -7,7 +7,8 @@ deletion, eviction, compaction. Reads take neither during I/O: they *pin*
 their buckets under ``_mutex``, read through the pinned descriptor, and
 unpin. A bucket deleted meanwhile is unlinked at once, but its descriptor
 stays open until the last pin goes, so a read that has started completes
-with the right bytes (POSIX keeps an unlinked file readable).
+with the right bytes (POSIX keeps an unlinked file readable). ``close()``
+waits for the reads in flight before it stops the I/O threads.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class BucketStore:
         self._index = Index()
         self._mutex = threading.Lock()
         self._writer = threading.RLock()
+        # Reads counted from their lookup (under _mutex) to their unpin. close()
+        # shuts the I/O pool down only once this is 0 with _closed set, so no read
+        # submits to a shut-down pool and none starts after close().
+        self._reads_in_flight = 0
+        self._reads_done = threading.Condition(self._mutex)
         # Buckets with an open read descriptor, least recently used first. Keyed
         # by the Bucket itself, not its id: after a refresh the retired bucket
         # and its replacement share an id, and each closes only its own descriptor.
@@ -202,11 +208,19 @@ class BucketStore:
                 self._closed = True
                 for bucket in list(self._index.buckets.values()):
                     self._retire(bucket)
+                self._wait_for_reads_locked()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self._close_quietly("finishing deletions", self._finish_deletions)
             if self._lock is not None:
                 self._close_quietly("releasing the writer lock", self._lock.release)
+
+    def _wait_for_reads_locked(self) -> None:
+        """Wait (releasing ``_mutex``) until every read in flight has unpinned."""
+        if self._reads_in_flight:
+            log.debug("closing %s waits for %d read(s) in flight", self._dir, self._reads_in_flight)
+        while self._reads_in_flight:
+            self._reads_done.wait()
 
     def _close_quietly(self, what: str, step: Callable[[], None]) -> None:
         """A close step that fails is logged: what it leaves, the next open repairs."""
@@ -367,7 +381,8 @@ class BucketStore:
             self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values())
 
     def _pin(self, views: dict[str, list[memoryview]]) -> list[_Read]:
-        """Look up every key and pin its bucket, all under one lock hold."""
+        """Look up every key and pin its bucket, all under one lock hold; the
+        read is in flight until :meth:`_unpin`."""
         plan = []
         with self._mutex:
             self._check_open()
@@ -387,6 +402,7 @@ class BucketStore:
             except BaseException:
                 self._unpin_locked(pinned)
                 raise
+            self._reads_in_flight += 1
         return plan
 
     def _run_reads(self, plan: list[_Read]) -> None:
@@ -449,8 +465,12 @@ class BucketStore:
                 log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
 
     def _unpin(self, buckets: Iterable[Bucket]) -> None:
+        """Unpin the buckets of a read that :meth:`_pin` started; the read is over."""
         with self._mutex:
             self._unpin_locked(buckets)
+            self._reads_in_flight -= 1
+            if not self._reads_in_flight:
+                self._reads_done.notify_all()
 
     def _unpin_locked(self, buckets: Iterable[Bucket]) -> None:
         for bucket in buckets:
