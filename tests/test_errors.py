@@ -68,6 +68,24 @@ BAD_CALLS: dict[str, tuple[Callable[[BucketStore], object], type[Exception], str
     "compact ratio": (lambda s: s.compact(2), InvalidArgument, "min_dead_ratio"),
     "watermarks": (lambda s: s.evict_to_watermark(high=0.5, low=0.9), InvalidArgument, "watermarks"),
     "group size": (lambda s: s.group_for_offload({"c": -1}), InvalidArgument, "'c'"),
+    "group not a mapping": (lambda s: s.group_for_offload(["c"]), InvalidArgument, "group_for_offload takes a mapping"),
+    "offload a str": (lambda s: s.batch_offload("ab"), InvalidArgument, "mapping"),
+    "load a list": (lambda s: s.batch_load(["a"]), InvalidArgument, "batch_load takes a mapping"),
+    "load None": (lambda s: s.batch_load(None), InvalidArgument, "batch_load takes a mapping"),
+    "load int key": (lambda s: s.batch_load({5: bytearray(5)}), InvalidArgument, "5"),
+    "get a str": (lambda s: s.batch_get("ab"), InvalidArgument, "batch_get takes a collection of keys, not one str"),
+    "get None": (lambda s: s.batch_get(None), InvalidArgument, "batch_get takes a collection"),
+    "remove a str": (lambda s: s.batch_remove("ab"), InvalidArgument, "pass [key]"),
+    "remove bytes": (lambda s: s.batch_remove(b"ab"), InvalidArgument, "batch_remove"),
+    "remove None": (lambda s: s.batch_remove(None), InvalidArgument, "batch_remove"),
+    "exists int": (lambda s: s.exists(5), InvalidArgument, "5"),
+    "exists bytes": (lambda s: s.exists(b"a"), InvalidArgument, "b'a'"),
+    "exists batch a str": (lambda s: s.batch_exists("ab"), InvalidArgument, "batch_exists"),
+    "exists batch None": (lambda s: s.batch_exists(None), InvalidArgument, "batch_exists"),
+    "exists batch an int": (lambda s: s.batch_exists(5), InvalidArgument, "batch_exists"),
+    "exists batch int key": (lambda s: s.batch_exists(["a", 5]), InvalidArgument, "5"),
+    "query a str": (lambda s: s.batch_query("ab"), InvalidArgument, "batch_query"),
+    "query None key": (lambda s: s.batch_query(iter(["a", None])), InvalidArgument, "None"),
 }
 
 
@@ -138,3 +156,16 @@ def test_bad_value_inside_a_batch_writes_nothing(filled: BucketStore) -> None:
         filled.batch_offload({"c": b"fine", "bad": object()})
     assert snapshot(filled.path) == before
     assert not filled.exists("c")
+
+
+def test_lookups_take_any_str_key(filled: BucketStore) -> None:
+    """A str that could never be stored is not found; a str subclass is a key."""
+
+    class Name(str):
+        pass
+
+    assert filled.batch_exists(("a", Name("b"), "", "x" * 5000)) == [True, True, False, False]
+    assert filled.batch_exists(key for key in ["b", "c"]) == [True, False]
+    assert set(filled.batch_query([Name("a"), "zz"])) == {"a"}
+    assert filled.exists(Name("a")) and not filled.exists("zz")
+

@@ -415,6 +415,35 @@ def test_bad_keys_and_values_stage_nothing(store: BucketStore) -> None:
         assert queue.stats().staged_keys == 0
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q: q.put_batch("ab"),
+        lambda q: q.put_batch(b"ab"),
+        lambda q: q.put_batch(None),
+        lambda q: q.put_batch([("k", b"v", 1)]),
+        lambda q: q.is_staged(5),
+        lambda q: q.exists(5),
+        lambda q: q.batch_exists("ab"),
+        lambda q: q.batch_exists(None),
+        lambda q: q.batch_exists(["a", 5]),
+        lambda q: q.get_into(5, bytearray(1)),
+        lambda q: q.batch_get_into(["a"]),
+        lambda q: q.batch_get_into({b"a": bytearray(1)}),
+    ],
+    ids=["put str", "put bytes", "put None", "put triple", "is_staged int", "exists int", "batch_exists str",
+         "batch_exists None", "batch_exists int key", "get_into int", "get_into list", "get_into bytes key"],
+)
+def test_bad_key_arguments_are_invalid(store: BucketStore, call: Any) -> None:
+    with OffloadQueue(store) as queue:
+        queue.put("a", b"v")
+        queue.flush()
+        with pytest.raises(InvalidArgument):
+            call(queue)
+        assert queue.stats().staged_keys == 0
+        assert queue.batch_exists(["a", "b"]) == [True, False]
+
+
 # -- nothing is ever dropped -------------------------------------------------------
 def test_every_key_accounted_for_under_io_errors(tmp_path: Path) -> None:
     faults = FaultFS(write_every=5, sync_every=3)

@@ -66,6 +66,7 @@ from .errors import (
     SizeMismatch,
     StoreClosed,
 )
+from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
 from .format import check_key
 
 __all__ = ["OffloadQueue", "PipelineStats", "Callback"]
@@ -212,9 +213,8 @@ class OffloadQueue:
 
         ``callback(key, error)`` is called once per key. See :meth:`put`.
         """
-        pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
         prepared: dict[str, tuple[list[memoryview], int]] = {}
-        for key, value in pairs:
+        for key, value in key_value_pairs(mapping, "put_batch"):
             prepared[key] = _prepare(key, value)
         if not prepared:
             raise InvalidArgument("put_batch needs at least one object")
@@ -273,11 +273,13 @@ class OffloadQueue:
     # -- reads --------------------------------------------------------------
     def is_staged(self, key: str) -> bool:
         """Whether ``key`` is staged and not yet resolved (stored or failed)."""
+        check_lookup_key(key)
         with self._lock:
             return key in self._entries
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is staged or stored."""
+        check_lookup_key(key)
         with self._lock:
             if key in self._entries:
                 return True
@@ -285,7 +287,7 @@ class OffloadQueue:
 
     def batch_exists(self, keys: Sequence[str]) -> list[bool]:
         """:meth:`exists` for each key, in order."""
-        keys = list(keys)
+        keys = lookup_keys(keys, "batch_exists")
         with self._lock:
             staged = [key in self._entries for key in keys]
         rest = [key for key, hit in zip(keys, staged) if not hit]
@@ -303,6 +305,7 @@ class OffloadQueue:
 
     def batch_get_into(self, mapping: Mapping[str, Buffer]) -> dict[str, bool]:
         """Fill each buffer in place; ``{key: found}`` for every key."""
+        mapping = key_mapping(mapping, "batch_get_into")
         dests = {key: writable_view(buf, f"destination buffer of key {key!r}") for key, buf in mapping.items()}
         pinned = self._pin(dests)
         found: dict[str, bool] = {}

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
 from .buffers import Buffer, value_views, writable_views
 from .checksum import crc32c_of
 from .commit import delete_bucket_files, publish_meta, write_bucket
@@ -354,18 +355,17 @@ class BucketStore:
         :class:`SizeMismatch`, a failed checksum :class:`CorruptionError`; on
         error the buffers' content is unspecified.
         """
+        destinations = key_mapping(destinations, "batch_load")
         if not destinations:
             raise InvalidArgument("batch_load needs at least one key")
-        views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in _checked_items(destinations)}
+        views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
         self._read(views)
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""
-        keys = list(keys)
+        keys = key_list(keys, "batch_get")
         if not keys:
             raise InvalidArgument("batch_get needs at least one key")
-        for key in keys:
-            check_key(key)
         with self._mutex:
             self._check_open()
             sizes = {key: self._meta_locked(key).size for key in keys}
@@ -491,12 +491,14 @@ class BucketStore:
     # -- metadata -------------------------------------------------------------
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""
+        check_lookup_key(key)
         with self._mutex:
             self._check_open()
             return key in self._index
 
     def batch_exists(self, keys: Iterable[str]) -> list[bool]:
         """For each key, whether it is stored."""
+        keys = lookup_keys(keys, "batch_exists")
         with self._mutex:
             self._check_open()
             slots = self._index.slots
@@ -504,6 +506,7 @@ class BucketStore:
 
     def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
         """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
+        keys = lookup_keys(keys, "batch_query")
         with self._mutex:
             self._check_open()
             return self._index.query(keys)
@@ -571,9 +574,7 @@ class BucketStore:
         rewritten without the removed keys (their bytes become dead until
         :meth:`compact` or eviction reclaims them).
         """
-        keys = list(keys)
-        for key in keys:
-            check_key(key)
+        keys = key_list(keys, "batch_remove")
         with self._writer:
             self._check_writable()
             by_bucket: dict[int, set[str]] = {}
@@ -780,8 +781,7 @@ class BucketStore:
         the rest too. Keys already stored or already pending are dropped; an
         object larger than ``bucket_size_limit`` gets a bucket of its own.
         """
-        for key, size in sizes.items():
-            check_key(key)
+        for key, size in key_mapping(sizes, "group_for_offload").items():
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
         with self._mutex:  # grouping is memory-only: never wait behind a bucket write
@@ -924,26 +924,11 @@ def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
         raise StorageIOError(f"creating {directory} failed: {exc.strerror}", exc) from exc
 
 
-def _checked_items(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    for key, value in mapping.items():
-        check_key(key)
-        yield key, value
-
-
 def _prepare_batch(objects: Objects) -> list[_Object]:
     """Validate a batch and turn its values into views; nothing is written yet."""
-    if isinstance(objects, Mapping):
-        items: Iterable[Any] = objects.items()
-    elif isinstance(objects, (str, bytes)) or not isinstance(objects, Iterable):
-        raise InvalidArgument(f"objects must be a mapping or an iterable of (key, value) pairs; got {type(objects).__name__}")
-    else:
-        items = objects
     batch: list[_Object] = []
     seen: set[str] = set()
-    for item in items:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise InvalidArgument(f"each object must be a (key, value) pair; got {item!r:.60}")
-        key, value = item
+    for key, value in key_value_pairs(objects, "batch_offload"):
         check_key(key)
         if key in seen:
             raise KeyExists(f"key {key!r} appears twice in the batch")

@@ -1,0 +1,83 @@
+"""Checks of the key and mapping arguments of the public methods.
+
+Every public method that takes keys or a mapping validates it here before it
+touches the store, so a wrong type gets :class:`InvalidArgument` naming the
+method, never a ``TypeError``/``AttributeError`` from deep inside, and never
+a silently wrong answer (a ``str`` is iterable: taken as a list of keys it
+would be its one-character substrings).
+
+Lookups (``exists``, ``batch_exists``, ``batch_query``) only need each key to
+be a ``str``: a ``str`` that could never be stored (empty, too long) is simply
+not found. Everything else applies :func:`~kvbucket.format.check_key` in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from .errors import InvalidArgument
+from .format import check_key
+
+__all__ = ["check_lookup_key", "lookup_keys", "key_list", "key_mapping", "key_value_pairs"]
+
+_ONE_VALUE = (str, bytes, bytearray, memoryview)
+"""Iterable, but one key (or one value), never a collection of keys."""
+
+
+def check_lookup_key(key: object) -> None:
+    """Raise :class:`InvalidArgument` unless ``key`` is a ``str``."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"keys must be str; got {type(key).__name__} {key!r:.60}")
+
+
+def lookup_keys(keys: object, method: str) -> Sequence[str]:
+    """``keys`` as a list or tuple of ``str`` (the hot path of ``batch_exists``
+    and ``batch_query``: one pass over the key types at C speed; a key is
+    checked one by one only when some key is not exactly a ``str``)."""
+    _check_collection(keys, method)
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)  # type: ignore[call-overload]
+    if set(map(type, keys)) - {str}:
+        for key in keys:
+            check_lookup_key(key)
+    return keys  # type: ignore[return-value]
+
+
+def key_list(keys: object, method: str) -> list[str]:
+    """``keys`` as a list, each one passing :func:`~kvbucket.format.check_key`."""
+    _check_collection(keys, method)
+    checked = list(keys)  # type: ignore[call-overload]
+    for key in checked:
+        check_key(key)
+    return checked
+
+
+def key_mapping(mapping: object, method: str) -> Mapping[str, Any]:
+    """``mapping`` itself, once it is a mapping whose keys pass :func:`~kvbucket.format.check_key`."""
+    if not isinstance(mapping, Mapping):
+        raise InvalidArgument(f"{method} takes a mapping (for example a dict) keyed by str keys; got {type(mapping).__name__} {mapping!r:.60}")
+    for key in mapping:
+        check_key(key)
+    return mapping
+
+
+def key_value_pairs(objects: object, method: str) -> Iterator[tuple[Any, Any]]:
+    """The ``(key, value)`` pairs of a mapping or of an iterable of 2-tuples;
+    the keys are left to the caller to check."""
+    if isinstance(objects, Mapping):
+        yield from objects.items()
+        return
+    if isinstance(objects, _ONE_VALUE) or not isinstance(objects, Iterable):
+        raise InvalidArgument(f"{method} takes a mapping or an iterable of (key, value) pairs; got {type(objects).__name__} {objects!r:.60}")
+    for item in objects:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise InvalidArgument(f"{method}: each object must be a (key, value) pair; got {item!r:.60}")
+        yield item
+
+
+def _check_collection(keys: object, method: str) -> None:
+    if isinstance(keys, _ONE_VALUE):
+        raise InvalidArgument(f"{method} takes a collection of keys, not one {type(keys).__name__} ({keys!r:.60}); pass [key]")
+    if not isinstance(keys, Iterable):
+        raise InvalidArgument(f"{method} takes a collection (for example a list) of str keys; got {type(keys).__name__} {keys!r:.60}")
