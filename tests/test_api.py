@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from kvbucket import BucketConfig, BucketStore, ObjectMeta, RecoveryReport, StoreStats
 from kvbucket.checksum import crc32c
 from kvbucket.errors import KeyNotFound, ReadOnlyStore, StoreClosed, StoreLocked
+from kvbucket.fs import FileSystem
 from storeutil import our_files, value_for
 
 
@@ -230,3 +232,54 @@ def test_verify_checksums_off_returns_stored_bytes(store_dir: Path) -> None:
         f.write(b"J")
     with BucketStore.open(store_dir, verify_checksums=False) as store:
         assert store.batch_get(["a"]) == {"a": b"Jello"}
+
+
+class NoIOWhenArmed(FileSystem):
+    """Fails any directory or file access once ``armed``."""
+
+    armed = False
+
+    def _check(self) -> None:
+        assert not self.armed, "I/O while armed"
+
+    def open(self, path, flags, mode=0o644):  # type: ignore[no-untyped-def]
+        self._check()
+        return super().open(path, flags, mode)
+
+    def stat(self, path):  # type: ignore[no-untyped-def]
+        self._check()
+        return super().stat(path)
+
+    def listdir(self, path):  # type: ignore[no-untyped-def]
+        self._check()
+        return super().listdir(path)
+
+
+def test_len_in_and_repr(store_dir: Path) -> None:
+    fs = NoIOWhenArmed()
+    store = BucketStore.open(store_dir, filesystem=fs)
+    assert len(store) == 0 and bool(store)
+    assert repr(store) == f"<BucketStore {str(store_dir)!r} writer, 0 keys in 0 buckets>"
+    store.batch_offload({"a": b"1", "b": b"2"})
+    seen: list[str] = []
+
+    def describe_from_another_thread(keys: list[str], metas: object) -> None:
+        # This thread holds the writer lock: repr() must not need it, nor do I/O.
+        fs.armed = True
+        reader = threading.Thread(target=lambda: seen.append(repr(store)))
+        reader.start()
+        reader.join(timeout=60)
+        fs.armed = False
+        assert not reader.is_alive()
+
+    store.batch_offload({"c": b"3"}, on_complete=describe_from_another_thread)
+    assert seen == [f"<BucketStore {str(store_dir)!r} writer, 3 keys in 2 buckets>"]
+    assert len(store) == 3
+    assert "a" in store and "c" in store and "zz" not in store
+    store.close()
+    assert repr(store) == f"<BucketStore {str(store_dir)!r} writer, closed>"
+    with pytest.raises(StoreClosed):
+        len(store)
+    with BucketStore.open(store_dir, readonly=True) as reader:
+        assert len(reader) == 3
+        assert repr(reader) == f"<BucketStore {str(store_dir)!r} readonly, 3 keys in 2 buckets>"

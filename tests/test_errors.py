@@ -80,6 +80,7 @@ BAD_CALLS: dict[str, tuple[Callable[[BucketStore], object], type[Exception], str
     "remove None": (lambda s: s.batch_remove(None), InvalidArgument, "batch_remove"),
     "exists int": (lambda s: s.exists(5), InvalidArgument, "5"),
     "exists bytes": (lambda s: s.exists(b"a"), InvalidArgument, "b'a'"),
+    "in int": (lambda s: 5 in s, InvalidArgument, "5"),
     "exists batch a str": (lambda s: s.batch_exists("ab"), InvalidArgument, "batch_exists"),
     "exists batch None": (lambda s: s.batch_exists(None), InvalidArgument, "batch_exists"),
     "exists batch an int": (lambda s: s.batch_exists(5), InvalidArgument, "batch_exists"),
@@ -167,5 +168,17 @@ def test_lookups_take_any_str_key(filled: BucketStore) -> None:
     assert filled.batch_exists(("a", Name("b"), "", "x" * 5000)) == [True, True, False, False]
     assert filled.batch_exists(key for key in ["b", "c"]) == [True, False]
     assert set(filled.batch_query([Name("a"), "zz"])) == {"a"}
-    assert filled.exists(Name("a")) and not filled.exists("zz")
+    assert Name("a") in filled and "zz" not in filled
 
+
+def test_every_error_class_is_exported_from_kvbucket() -> None:
+    import inspect
+
+    import kvbucket
+    from kvbucket import errors
+
+    classes = {name for name, value in vars(errors).items() if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == errors.__name__}
+    assert classes == set(errors.__all__)
+    for name in classes:
+        assert getattr(kvbucket, name) is getattr(errors, name)
+        assert name in kvbucket.__all__

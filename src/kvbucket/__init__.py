@@ -6,13 +6,15 @@
 ...     store.batch_get(["page-0"])
 """
 
+from . import errors as _errors
 from .config import BucketConfig
+from .errors import *  # noqa: F403 - every public error, so `from kvbucket import KeyNotFound` works
 from .index import ObjectMeta
 from .recovery import RecoveryReport
 from .pipeline import OffloadQueue
 from .store import BucketStore, StoreStats
 
-__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats"]
+__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", *_errors.__all__]
 __version__ = "0.1.0"
 
 import logging as _logging

@@ -250,6 +250,29 @@ class BucketStore:
     def closed(self) -> bool:
         return self._closed
 
+    def __len__(self) -> int:
+        """The number of stored keys."""
+        with self._mutex:
+            self._check_open()
+            return len(self._index)
+
+    def __bool__(self) -> bool:
+        """Always true, even when empty: ``if store:`` keeps meaning "is not None"."""
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        """``key in store``: :meth:`exists`."""
+        return self.exists(key)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        # No lock and no I/O: safe while _mutex or _writer is held (logging,
+        # a debugger); the counts are a snapshot of one index.
+        mode = "readonly" if self._config.readonly else "writer"
+        if self._closed:
+            return f"<BucketStore {self._dir!r} {mode}, closed>"
+        index = self._index
+        return f"<BucketStore {self._dir!r} {mode}, {len(index)} keys in {len(index.buckets)} buckets>"
+
     # -- writing --------------------------------------------------------------
     def batch_offload(
         self,
