@@ -57,6 +57,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
 from .buffers import Buffer, value_views, writable_view
 from .errors import (
     CapacityExceeded,
@@ -66,7 +67,6 @@ from .errors import (
     SizeMismatch,
     StoreClosed,
 )
-from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
 from .format import check_key
 
 __all__ = ["OffloadQueue", "PipelineStats", "Callback"]
