@@ -42,7 +42,10 @@ waits for room (up to ``put_timeout`` seconds), ``"reject"`` raises
 :class:`~kvbucket.errors.CapacityExceeded` at once. A ``put_batch`` is staged
 all or nothing, and a call that raises stages nothing and calls no callback.
 An object larger than the whole limit is accepted when nothing else is
-staged, so it can never wait forever.
+staged, so it can never wait forever. A put that finds no room has the
+partial bucket written at once (when no other bucket is queued or being
+written), so a limit below ``bucket_size_limit`` never makes producers wait
+for ``max_delay_s``.
 """
 
 from __future__ import annotations
