@@ -137,7 +137,7 @@ def test_readonly_on_a_missing_directory_is_invalid(tmp_path: Path) -> None:
         {"bucket_size_limit": -1},
         {"max_total_size": -5},
         {"io_threads": 0},
-        {"verify_checksums": "yes"},
+        {"verify_checksums": "ture"},  # text is parsed, and this is no boolean
         {"eviction_high_watermark": 1.5},
         {"eviction_low_watermark": 0.95},
         {"group_max_delay_s": -1},

@@ -190,6 +190,27 @@ def test_config_errors_name_the_setting(module: Any, tmp_path: Path, monkeypatch
     assert module.KvBucketL2AdapterConfig.from_dict({"max_physical_bytes": "2G"}).capacity_bytes == 2 << 30
 
 
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_size_gib": 1}, "'max_size_gib' \\(did you mean 'max_size_gb'\\?\\)"),
+        ({"verify_checksums": "ture"}, "adapter_params: verify_checksums must be True or False"),
+        ({"num_io_threads": "0"}, "num_io_threads must be a whole number >= 1"),
+        ({"max_size_gb": -1}, "max_size_gb must be a number >= 0"),
+    ],
+)
+def test_unknown_keys_and_bad_values_are_refused(module: Any, tmp_path: Path, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        module.KvBucketL2AdapterConfig.from_dict({"storage_path": str(tmp_path / "s"), **params})
+    assert not any(tmp_path.iterdir())
+
+
+def test_text_values_are_parsed_as_everywhere(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, verify_checksums="no", num_io_threads="2", max_size_gb="0.5")
+    config = adapter._store.config
+    assert (config.verify_checksums, config.max_total_size, adapter._config.num_io_threads) == (False, 1 << 29, 2)
+
+
 def test_keys_round_trip_through_their_encoding(module: Any) -> None:
     for k in (key(1), key(2, model="a/b-c", rank=0x01020304, salt="tenant-7"), lm.ObjectKey(b"\x00" * 8, "m", 3, 5)):
         assert module.decode_key(module.encode_key(k)) == k

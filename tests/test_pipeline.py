@@ -336,6 +336,40 @@ def test_an_object_larger_than_the_limit_is_taken_alone(store: BucketStore) -> N
         assert following.result() is None
 
 
+def small_staging_store(tmp_path: Path) -> BucketStore:
+    """Buckets far larger than the staging area, and no time flush within any test."""
+    return BucketStore.open(tmp_path / "small", durability="relaxed", bucket_size_limit=1 << 20, group_max_delay_s=3600.0)
+
+
+def test_a_full_staging_area_sends_the_partial_bucket_off(tmp_path: Path) -> None:
+    # Only 4 objects fit in the staging area and a bucket takes 256: a put that
+    # waits for room must get it from the partial bucket at once, not after
+    # group_max_delay_s. put_timeout fires only when that does not happen.
+    with small_staging_store(tmp_path) as store:
+        queue = OffloadQueue(store, max_staged_bytes=4 * SIZE, backpressure="block", put_timeout=60)
+        futures = {f"k{i:02}": queue.put(f"k{i:02}", value_for(f"k{i:02}", SIZE)) for i in range(12)}
+        assert store.batch_exists([f"k{i:02}" for i in range(8)]) == [True] * 8  # written to make room
+        queue.close()
+        assert wait_all(futures) == dict.fromkeys(futures)
+        buckets = [sorted(store.bucket_keys(b)) for b in store.bucket_ids()]
+        assert buckets == [[f"k{i:02}" for i in range(n, n + 4)] for n in (0, 4, 8)]
+        assert store.batch_get(futures) == {key: value_for(key, SIZE) for key in futures}
+
+
+def test_a_rejected_put_sends_the_partial_bucket_off(tmp_path: Path) -> None:
+    with small_staging_store(tmp_path) as store:
+        queue = OffloadQueue(store, max_staged_bytes=4 * SIZE, backpressure="reject")
+        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(4)})
+        with pytest.raises(CapacityExceeded, match="'k4'"):
+            queue.put("k4", value_for("k4", SIZE))
+        # No flush: the rejection alone writes the partial bucket (the timeout fires only if not).
+        assert {key: future.exception(timeout=60) for key, future in futures.items()} == dict.fromkeys(futures)
+        assert [sorted(store.bucket_keys(b)) for b in store.bucket_ids()] == [sorted(futures)]
+        following = queue.put("k4", value_for("k4", SIZE))  # room again
+        queue.close()
+        assert following.result() is None and store.exists("k4")
+
+
 # -- flush and close -------------------------------------------------------------
 def test_close_flushes_and_then_refuses(store: BucketStore) -> None:
     queue = OffloadQueue(store)

@@ -207,6 +207,29 @@ def test_large_batches_are_split_into_buckets(opened: list[Any], tmp_path: Path)
     assert (stats.keys, stats.buckets) == (50, 4)
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"max_physcal_bytes": "1G"}, "'max_physcal_bytes' \\(did you mean 'max_physical_bytes'\\?\\)"),
+        ({"verify_checksums": "ture"}, "hicache extra_config: verify_checksums must be True or False"),
+        ({"per_rank_dirs": "nope"}, "per_rank_dirs must be True or False"),
+        ({"mla_refresh_interval_s": "soon"}, "mla_refresh_interval_s must be a number"),
+        ({"max_size": "lots"}, "key 'max_size': max_physical_bytes must be a size"),
+    ],
+)
+def test_unknown_keys_and_bad_values_are_refused(adapter_module: Any, tmp_path: Path, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        sg.attach(sg.make_config(tmp_path, **extra), sg.FakeHostPool())
+    assert not any(tmp_path.iterdir())  # refused before a directory was made
+
+
+def test_text_values_are_parsed_as_everywhere(opened: list[Any], tmp_path: Path) -> None:
+    config = sg.make_config(tmp_path, verify_checksums="false", per_rank_dirs="off", bucket_keys_limit="16", prefetch_threshold=256)
+    backend = attach(opened, config, sg.FakeHostPool())
+    assert backend.paths.store_dir == tmp_path  # no per-rank sub-directory
+    assert (backend._store.config.verify_checksums, backend._store.config.bucket_keys_limit) == (False, 16)
+
+
 def test_store_root_comes_from_config_or_environment(adapter_module: Any, opened: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = attach(opened, sg.make_config(None, file_storage_path=str(tmp_path / "legacy")), sg.FakeHostPool())
     assert backend.paths.store_dir.is_relative_to(tmp_path / "legacy")

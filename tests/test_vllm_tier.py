@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,12 +245,44 @@ def test_unknown_config_key_is_refused(tmp_path: Path, memory: np.ndarray) -> No
 
 @pytest.mark.parametrize(
     "bad",
-    [{"n_write_threads": 0}, {"n_read_threads": "4"}, {"max_staged_bytes": "lots"}, {"bucket_keys_limit": 0}, {"rank": -1}],
+    [{"n_write_threads": 0}, {"n_read_threads": "four"}, {"max_staged_bytes": "lots"}, {"bucket_keys_limit": 0}, {"rank": -1}],
 )
 def test_bad_tier_options_leave_no_locked_store(tmp_path: Path, memory: np.ndarray, bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         TierClass(vs.make_spec(), memoryview(memory), "kvbucket", root_dir=str(tmp_path), **bad)
     make_tier(tmp_path, memory).shutdown()  # the rank's directory is free
+
+
+def test_text_values_are_parsed_and_bad_ones_refused(tmp_path: Path, memory: np.ndarray) -> None:
+    with pytest.raises(InvalidArgument, match="vLLM tier config: verify_checksums must be True or False"):
+        make_tier(tmp_path, memory, verify_checksums="ture")
+    with pytest.raises(InvalidArgument, match="'n_read_thread' \\(did you mean 'n_read_threads'\\?\\)"):
+        make_tier(tmp_path, memory, n_read_thread=2)
+    assert not any(tmp_path.iterdir())
+    tier = make_tier(tmp_path, memory, verify_checksums="false", n_write_threads="1", max_staged_bytes="1MiB")
+    try:
+        assert tier.store.config.verify_checksums is False
+        assert tier._queue.stats().max_staged_bytes == 1 << 20
+    finally:
+        tier.shutdown()
+
+
+def test_a_full_staging_area_does_not_wait_for_the_group_delay(tmp_path: Path, memory: np.ndarray) -> None:
+    # The staging area holds 2 chunks, a bucket 256 MiB, the delay is an hour:
+    # the rejected job must make the partial bucket go to disk at once.
+    tier = make_tier(tmp_path, memory, max_staged_bytes=2 * CHUNK_BYTES, group_max_delay_s=3600.0)
+    try:
+        fill_random(memory, range(0, 3), seed=11)
+        tier.submit_store(vs.make_job(1, [vs.key(1), vs.key(2)], [0, 1]))
+        tier.submit_store(vs.make_job(2, [vs.key(3)], [2]))  # no room: rejected
+        waiter = threading.Thread(target=tier._jobs.wait_idle, daemon=True)  # no drain_jobs (it flushes)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert not waiter.is_alive(), "job 1 waited for group_max_delay_s"
+        assert sorted((r.job_id, r.success) for r in tier.get_finished_jobs()) == [(1, True), (2, False)]
+        assert [tier.lookup(vs.key(i), vs.CTX) for i in (1, 2, 3)] == [vs.LookupResult.HIT] * 2 + [vs.LookupResult.MISS]
+    finally:
+        tier.shutdown()
 
 
 def test_root_dir_is_required(tmp_path: Path, memory: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:

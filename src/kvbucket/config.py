@@ -4,21 +4,27 @@ A configuration comes from keyword arguments, a TOML file
 (:meth:`BucketConfig.from_file`) or the environment
 (:meth:`BucketConfig.from_env`): ``KVBUCKET_<FIELD>`` for every field, and the
 ``MOONCAKE_OFFLOAD_*`` names where Mooncake has a setting that means the same.
+Every source's values, and those of the engine adapters' configs, go through
+one parser (:class:`Setting`): ``"200G"`` is a size and ``"ture"`` is an error
+wherever they are written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidArgument
 
-__all__ = ["BucketConfig", "parse_size"]
+__all__ = ["BucketConfig", "Setting", "FIELD_SETTINGS", "coerce_field", "check_known_keys", "parse_size"]
 
 MiB = 1 << 20
 
@@ -101,51 +107,37 @@ class BucketConfig:
     """``buffered`` goes through the page cache; ``direct`` uses O_DIRECT."""
 
     def validated(self) -> BucketConfig:
-        """Return a normalised copy, or raise :class:`InvalidArgument` naming the bad field."""
-        changes: dict[str, Any] = {}
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            lowered = value.lower() if isinstance(value, str) else value
-            if lowered not in choices:
-                raise InvalidArgument(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-            changes[name] = lowered
-        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
-            raise InvalidArgument("path must name the store directory")
-        for name in ("bucket_size_limit", "bucket_keys_limit", "io_threads"):
-            _require_int(name, getattr(self, name), minimum=1)
-        for name in ("max_total_size", "max_physical_bytes", "total_keys_limit"):
-            _require_int(name, getattr(self, name), minimum=0)
-        for name in ("readonly", "verify_checksums", "quarantine"):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidArgument(f"{name} must be True or False; got {getattr(self, name)!r}")
-        self._validate_ratios()
-        return dataclasses.replace(self, path=Path(self.path), **changes)
+        """Return a typed, normalised copy, or raise :class:`InvalidArgument` naming the bad field.
 
-    def _validate_ratios(self) -> None:
-        high, low = self.eviction_high_watermark, self.eviction_low_watermark
-        for name, value in (("eviction_high_watermark", high), ("eviction_low_watermark", low)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise InvalidArgument(f"{name} must be a ratio in (0, 1]; got {value!r}")
+        Every field goes through :func:`coerce_field`, so a Python value is
+        read as the same text would be from the environment or a file
+        (``max_physical_bytes="200G"``, ``eviction_policy="LRU"``).
+        """
+        values = {f.name: coerce_field(f.name, getattr(self, f.name)) for f in fields(self)}
+        high, low = values["eviction_high_watermark"], values["eviction_low_watermark"]
         if low > high:
             raise InvalidArgument(f"eviction_low_watermark ({low}) exceeds eviction_high_watermark ({high})")
-        delay = self.group_max_delay_s
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-            raise InvalidArgument(f"group_max_delay_s must be a number >= 0; got {delay!r}")
+        return dataclasses.replace(self, **values)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BucketConfig:
         """Build a configuration from ``KVBUCKET_*`` and ``MOONCAKE_OFFLOAD_*`` variables.
 
         ``KVBUCKET_<FIELD>`` wins over the Mooncake name; keyword ``overrides``
-        win over both. A malformed value raises :class:`InvalidArgument`
-        naming the variable.
+        win over both. A malformed or empty value raises
+        :class:`InvalidArgument` naming the variable; a ``KVBUCKET_*`` name
+        that is close to a setting's but is none (a typo) is reported with a
+        warning naming the setting it resembles.
         """
         environ = os.environ if environ is None else environ
+        _warn_misspelt(environ)
         values: dict[str, Any] = {}
         for field in fields(cls):
-            for var in (f"KVBUCKET_{field.name.upper()}", MOONCAKE_ENV.get(field.name)):
+            if field.name in overrides:  # the override wins: the variable is not read
+                continue
+            for var in (f"{_ENV_PREFIX}{field.name.upper()}", MOONCAKE_ENV.get(field.name)):
                 if var is not None and var in environ:
-                    values[field.name] = _coerce(field.name, environ[var], var)
+                    values[field.name] = _from_env_text(field.name, environ[var], var)
                     break
         values.update(overrides)
         return cls(**values)
@@ -163,42 +155,219 @@ class BucketConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InvalidArgument(f"cannot read config file {os.fspath(path)!r}: {exc}") from exc
         table = document.get("kvbucket", document)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown field(s) in {os.fspath(path)!r}: {', '.join(unknown)}")
-        values = {k: _coerce(k, v, f"{os.fspath(path)}:{k}") if isinstance(v, str) else v for k, v in table.items()}
+        check_known_keys(table, FIELD_SETTINGS, f"config file {os.fspath(path)!r}")
+        values = {k: coerce_field(k, v, f"config file {os.fspath(path)!r}") for k, v in table.items()}
         values.update(overrides)
         return cls(**values)
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(BucketConfig)}
+# -- one parser for every source of a setting ---------------------------------
+SettingKind = Literal["bool", "size", "count", "number", "ratio", "choice", "path"]
 
 
-def _coerce(name: str, text: str, source: str) -> Any:
-    """Turn the text of an environment variable into the field's type."""
-    kind = _FIELD_TYPES[name]
-    try:
-        if kind == "bool":
-            return _parse_bool(text)
-        if kind == "int":
-            return parse_size(text)
-        if kind == "float":
-            return float(text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{source}={text!r} is not valid for {name}: {exc}") from exc
-    return text
+@dataclass(frozen=True)
+class Setting:
+    """How the raw value of one setting becomes its typed value.
+
+    A raw value is text (an environment variable, a value of an engine's
+    JSON config), a TOML value or a Python value; text is parsed the same
+    way whatever its source.
+
+    * ``bool``: True/False, or ``true/false``, ``yes/no``, ``on/off``, ``1/0``.
+    * ``size``: bytes as an int, or text with a binary unit (``256MiB``, ``200G``).
+    * ``count``: an int, or its decimal text.
+    * ``number``: a finite int or float, or its text.
+    * ``ratio``: a number in (0, 1].
+    * ``choice``: one of ``choices`` (any case).
+    * ``path``: a non-empty ``str`` or path object; becomes a :class:`~pathlib.Path`.
+
+    ``minimum`` is the least value of a size, count or number (inclusive).
+    An integral float (JSON and YAML write ``1e9``) is taken as a size or count.
+    """
+
+    kind: SettingKind
+    minimum: float = 0
+    choices: tuple[str, ...] = ()
+
+    def coerce(self, value: object, name: str, source: str | None = None) -> Any:
+        """The typed value of setting ``name`` from ``value``.
+
+        Raises :class:`InvalidArgument` naming ``source`` (where the value
+        came from: a variable, a file, an engine's config) and the setting,
+        with what the setting accepts.
+        """
+        try:
+            return _PARSERS[self.kind](self, value)
+        except ValueError as exc:
+            where = name if source is None else f"{source}: {name}"
+            raise InvalidArgument(f"{where} must be {exc}; got {value!r}") from None
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true/false, yes/no, on/off or 1/0")
+def _parse_bool(setting: Setting, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise ValueError("True or False (as text: true/false, yes/no, on/off or 1/0)")
 
 
-def _require_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(f"{name} must be an integer >= {minimum}; got {value!r}")
+def _parse_size_value(setting: Setting, value: object) -> int:
+    return _parse_whole(setting, value, parse_size, f"a size in bytes >= {setting.minimum:g} (e.g. 1048576, 256MiB or 200G)")
+
+
+def _parse_count(setting: Setting, value: object) -> int:
+    return _parse_whole(setting, value, _decimal, f"a whole number >= {setting.minimum:g}")
+
+
+def _parse_whole(setting: Setting, value: object, parse_text: Callable[[str], int], what: str) -> int:
+    """An int of at least ``setting.minimum`` from an int, an integral float or text."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = parse_text(value)
+        except ValueError:
+            raise ValueError(what) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < setting.minimum:
+        raise ValueError(what)
+    return value
+
+
+def _decimal(text: str) -> int:
+    if not _COUNT_RE.match(text):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _parse_number(setting: Setting, value: object) -> float:
+    what = f"a number >= {setting.minimum:g}"
+    number = _finite(value, what)
+    if number < setting.minimum:
+        raise ValueError(what)
+    return number
+
+
+def _parse_ratio(setting: Setting, value: object) -> float:
+    what = "a ratio in (0, 1]"
+    number = _finite(value, what)
+    if not 0 < number <= 1:
+        raise ValueError(what)
+    return number
+
+
+def _finite(value: object, what: str) -> float:
+    """A finite float from an int, a float or text (bools are not numbers)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(what) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(what)
+    return float(value)
+
+
+def _parse_choice(setting: Setting, value: object) -> str:
+    lowered = value.strip().lower() if isinstance(value, str) else None
+    if lowered is None or lowered not in setting.choices:
+        raise ValueError(f"one of {', '.join(setting.choices)}")
+    return lowered
+
+
+def _parse_path(setting: Setting, value: object) -> Path:
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return Path(value)
+    raise ValueError("a directory path")
+
+
+_PARSERS: dict[str, Callable[[Setting, object], Any]] = {
+    "bool": _parse_bool,
+    "size": _parse_size_value,
+    "count": _parse_count,
+    "number": _parse_number,
+    "ratio": _parse_ratio,
+    "choice": _parse_choice,
+    "path": _parse_path,
+}
+
+_COUNT_RE = re.compile(r"^\s*\d+\s*$")
+
+# Integer fields that hold bytes (they take units); the other integer fields are counts.
+_SIZE_FIELDS = frozenset({"bucket_size_limit", "max_total_size", "max_physical_bytes"})
+# Integer fields where 0 means nothing rather than unlimited.
+_POSITIVE_FIELDS = frozenset({"bucket_size_limit", "bucket_keys_limit", "io_threads"})
+
+
+def _field_setting(name: str, annotation: object) -> Setting:
+    """The :class:`Setting` of a field, from its name and annotation."""
+    if name == "path":
+        return Setting("path")
+    if name in _CHOICES:
+        return Setting("choice", choices=_CHOICES[name])
+    if annotation == "bool":
+        return Setting("bool")
+    if annotation == "int":
+        return Setting("size" if name in _SIZE_FIELDS else "count", minimum=1 if name in _POSITIVE_FIELDS else 0)
+    if annotation == "float":
+        return Setting("ratio") if name.endswith("_watermark") else Setting("number")
+    raise TypeError(f"BucketConfig.{name}: no setting parser for a field of type {annotation}")
+
+
+FIELD_SETTINGS: dict[str, Setting] = {f.name: _field_setting(f.name, f.type) for f in fields(BucketConfig)}
+"""The parser of every :class:`BucketConfig` field."""
+
+
+def coerce_field(name: str, value: object, source: str | None = None) -> Any:
+    """The typed value of :class:`BucketConfig` field ``name`` (see :class:`Setting`)."""
+    return FIELD_SETTINGS[name].coerce(value, name, source)
+
+
+def check_known_keys(keys: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Raise :class:`InvalidArgument` listing the keys not in ``known``, each
+    with the known key it most resembles (a typo must not be ignored)."""
+    known = sorted(known)
+    unknown = sorted(set(keys) - set(known))
+    if not unknown:
+        return
+    described = [f"{key!r}{_did_you_mean(key, known)}" for key in unknown]
+    raise InvalidArgument(f"unknown key(s) in {where}: {', '.join(described)}; known keys: {', '.join(known)}")
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _from_env_text(name: str, text: str, var: str) -> Any:
+    """The typed value of field ``name`` from the text of environment variable ``var``."""
+    if not text.strip():
+        raise InvalidArgument(f"environment variable {var} is empty; set it to a value for {name}, or unset it")
+    return coerce_field(name, text, f"environment variable {var}")
+
+
+_ENV_PREFIX = "KVBUCKET_"
+
+
+def _warn_misspelt(environ: Mapping[str, str]) -> None:
+    """Warn about each ``KVBUCKET_*`` variable that is no setting's but resembles one.
+
+    Names are compared without the prefix, so that other tools' variables
+    (``KVBUCKET_SOAK_SECONDS``) resemble nothing and pass unreported.
+    """
+    settings = {name.upper(): name for name in FIELD_SETTINGS}
+    for var in environ:
+        upper = var.upper()
+        if not upper.startswith(_ENV_PREFIX) or (var == upper and upper[len(_ENV_PREFIX) :] in settings):
+            continue
+        close = difflib.get_close_matches(upper[len(_ENV_PREFIX) :], settings, n=1)
+        if close:
+            warnings.warn(
+                f"environment variable {var} is not a kvbucket setting and is ignored; "
+                f"did you mean {_ENV_PREFIX}{close[0]} (setting {settings[close[0]]})?",
+                UserWarning,
+                stacklevel=3,
+            )

@@ -42,7 +42,10 @@ waits for room (up to ``put_timeout`` seconds), ``"reject"`` raises
 :class:`~kvbucket.errors.CapacityExceeded` at once. A ``put_batch`` is staged
 all or nothing, and a call that raises stages nothing and calls no callback.
 An object larger than the whole limit is accepted when nothing else is
-staged, so it can never wait forever.
+staged, so it can never wait forever. A put that finds no room has the
+partial bucket written at once (when no other bucket is queued or being
+written), so a limit below ``bucket_size_limit`` never makes producers wait
+for ``max_delay_s``.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class OffloadQueue:
         self._flush_gen = 0  # flush() calls so far
         self._flushed_gen = 0  # flush() calls whose keys have all been handed out in groups
         self._grouping = False  # a worker is inside the store's grouper (lock released)
+        self._starved = False  # a put found no room since the last flush or freed room
         self._state: Literal["open", "closing", "closed"] = "open"
         self._stored = 0
         self._failed = 0
@@ -252,6 +256,8 @@ class OffloadQueue:
         while (need := self._needed(prepared)) and self._staged_bytes and self._staged_bytes + need > self._max_bytes:
             first = next(iter(prepared))
             what = f"key {first!r}" if len(prepared) == 1 else f"{len(prepared)} keys (first {first!r})"
+            self._starved = True  # a worker sends the partial bucket off to make room
+            self._cond.notify_all()
             if self._backpressure == "reject":
                 raise CapacityExceeded(
                     f"offload staging is full: {what} need {need} bytes, {self._staged_bytes} "
@@ -461,7 +467,14 @@ class OffloadQueue:
         Returns False when there was nothing to do.
         """
         flush_gen = self._flush_gen
-        flush = flush_gen > self._flushed_gen or self._state != "open" or self._deadline_passed()
+        flush = (
+            flush_gen > self._flushed_gen
+            or self._state != "open"
+            or self._deadline_passed()
+            or self._starved_for_partial()
+        )
+        if flush:
+            self._starved = False  # a put starved from here on asks for another flush
         if not self._incoming and not (flush and self._handed):
             if flush:  # nothing held back: every earlier flush is satisfied
                 self._flushed_gen = flush_gen
@@ -511,6 +524,17 @@ class OffloadQueue:
         dropped = self._entries_of(k for k in handed if k not in emitted and k not in self._handed)
         if dropped:  # already stored, or lost by the grouper: never drop silently
             self._ready.append(_Group(dropped, recheck=True))
+
+    def _starved_for_partial(self) -> bool:
+        """Whether a put waits for room that only the partial bucket can free.
+
+        With no bucket queued or being written, every staged byte sits in
+        the grouper (or is about to be handed to it). The partial bucket
+        cannot fill while the staging area is full, so waiting for
+        ``max_delay_s`` would stall every producer (it never ends when the
+        delay is 0): it is written at once instead.
+        """
+        return self._starved and not self._ready and not self._writes
 
     def _entries_of(self, keys: Iterable[str]) -> list[_Entry]:
         return [self._entries[k] for k in keys if k in self._entries]
@@ -564,6 +588,8 @@ class OffloadQueue:
             for entry in claimed:
                 del self._entries[entry.key]
                 self._staged_bytes -= entry.size
+            if claimed:  # room freed: a put still short of it says so again
+                self._starved = False
             while any(entry.readers for entry in claimed):
                 self._cond.wait()
             if error is None:

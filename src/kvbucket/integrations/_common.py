@@ -1,7 +1,10 @@
 """Helpers shared by the serving-engine adapters (no engine imports here).
 
-* :func:`store_options` maps an engine's free-form configuration dict onto
-  :class:`~kvbucket.BucketConfig` fields (sizes may be written ``"200G"``).
+* :func:`store_options` maps an engine's configuration dict onto
+  :class:`~kvbucket.BucketConfig` fields (sizes may be written ``"200G"``)
+  and refuses keys that no one reads; :func:`option` reads an adapter's own
+  key. Both parse values as the environment and TOML files are parsed
+  (:class:`~kvbucket.config.Setting`).
 * :func:`open_store` opens one store directory, with environment defaults
   (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
@@ -14,16 +17,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from ..config import BucketConfig, parse_size
+from ..config import BucketConfig, Setting, check_known_keys, coerce_field
 from ..errors import InvalidArgument, StoreLocked
 
 __all__ = [
     "STORE_FIELDS",
     "store_options",
+    "option",
     "open_store",
     "pointer_view",
     "split_batches",
@@ -34,44 +38,37 @@ _SKIPPED_FIELDS = {"path", "readonly"}
 STORE_FIELDS: frozenset[str] = frozenset(f.name for f in fields(BucketConfig)) - _SKIPPED_FIELDS
 """BucketConfig fields an engine configuration may set directly."""
 
-_FIELD_TYPES = {f.name: f.type for f in fields(BucketConfig)}
-
 T = TypeVar("T")
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Convert a JSON/YAML value to the type of BucketConfig field ``name``."""
-    kind = _FIELD_TYPES[name]
-    try:
-        if kind == "int" and isinstance(value, str):
-            return parse_size(value)
-        if kind == "int" and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if kind == "bool" and isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-    except ValueError as exc:
-        raise InvalidArgument(f"{source}: {name}={value!r} is not valid: {exc}") from exc
-    return value
-
-
-def store_options(params: Mapping[str, Any], source: str, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+def store_options(
+    params: Mapping[str, Any], source: str, aliases: Mapping[str, str] | None = None, *, own: Collection[str] = ()
+) -> dict[str, Any]:
     """The BucketConfig keyword arguments found in an engine's config dict.
 
     ``aliases`` maps engine-specific names to field names (for example
     SGLang's HiCacheFile ``max_size`` to ``max_physical_bytes``); a field's
-    own name wins over an alias. Unknown keys are ignored (engine configs
-    carry keys of their own). ``source`` names the config in errors.
+    own name wins over an alias. ``own`` names every other key the engine or
+    the adapter reads; any key outside fields, aliases and ``own`` raises
+    :class:`InvalidArgument` naming the closest known key (a typo must not
+    silently leave a setting at its default). ``source`` names the config
+    in errors.
     """
+    check_known_keys(params, {*STORE_FIELDS, *(aliases or {}), *own}, source)
     options: dict[str, Any] = {}
     for alias, name in (aliases or {}).items():
         if params.get(alias) not in (None, ""):
-            options[name] = _coerce(name, params[alias], f"{source} key {alias!r}")
+            options[name] = coerce_field(name, params[alias], f"{source} key {alias!r}")
     for name in STORE_FIELDS:
         if params.get(name) is not None:
-            options[name] = _coerce(name, params[name], source)
+            options[name] = coerce_field(name, params[name], source)
     return options
+
+
+def option(params: Mapping[str, Any], key: str, setting: Setting, default: T, source: str) -> Any:
+    """``params[key]`` parsed by ``setting``, or ``default`` when absent or None."""
+    value = params.get(key)
+    return default if value is None else setting.coerce(value, key, source)
 
 
 def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> Any:

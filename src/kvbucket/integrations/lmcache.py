@@ -44,8 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
-from ._common import open_store, split_batches, store_options
+from ._common import open_store, option, split_batches, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -63,6 +64,9 @@ except ImportError:  # pragma: no cover - exercised when LMCache is absent
     from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
 
 ROOT_ENV = "KVBUCKET_PATH"
+ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"})
+"""``adapter_params`` keys of this adapter beside the BucketConfig fields."""
+_SOURCE = "kvbucket L2 adapter_params"
 _GIB = 1 << 30
 _SEP = "@"
 _ERRORS = (KvBucketError, OSError, ValueError)
@@ -122,19 +126,16 @@ class KvBucketL2AdapterConfig(_ConfigBase):
 
     @classmethod
     def from_dict(cls, d: dict) -> KvBucketL2AdapterConfig:
-        """Parse ``adapter_params``; raises ``InvalidArgument`` (a ``ValueError``) on bad values."""
+        """Parse ``adapter_params``; raises ``InvalidArgument`` (a ``ValueError``) on an
+        unknown key or a bad value (values are parsed as ``KVBUCKET_*`` variables are)."""
         path = d.get("storage_path") or d.get("base_path") or os.environ.get(ROOT_ENV)
         if not isinstance(path, str) or not path:
             raise InvalidArgument(f'kvbucket L2 adapter needs "storage_path" in adapter_params or ${ROOT_ENV}')
-        options = store_options(d, "kvbucket L2 adapter_params")
-        size_gb = d.get("max_size_gb")
+        options = store_options(d, _SOURCE, own=ADAPTER_KEYS)
+        size_gb = option(d, "max_size_gb", Setting("number"), None, _SOURCE)
         if size_gb is not None:
-            if isinstance(size_gb, bool) or not isinstance(size_gb, (int, float)) or size_gb < 0:
-                raise InvalidArgument(f"max_size_gb must be a number >= 0; got {size_gb!r}")
             options.setdefault("max_total_size", int(size_gb * _GIB))
-        threads = d.get("num_io_threads", 4)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InvalidArgument(f"num_io_threads must be an integer >= 1; got {threads!r}")
+        threads = option(d, "num_io_threads", Setting("count", minimum=1), 4, _SOURCE)
         return cls(os.path.expanduser(path), options, threads)
 
     @classmethod

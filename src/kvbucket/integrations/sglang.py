@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
-from ._common import open_store, pointer_view, safe_component, split_batches, store_options
+from ._common import open_store, option, pointer_view, safe_component, split_batches, store_options
 
 __all__ = ["KvBucketHiCacheStorage", "StoragePaths", "resolve_paths"]
 
@@ -73,6 +74,25 @@ ROOT_ENV = "KVBUCKET_PATH"
 
 # HiCacheFile's names for the same settings (per-rank cap, as its evictor uses it).
 _ALIASES = {"max_size": "max_physical_bytes"}
+
+ADAPTER_KEYS = frozenset({"storage_path", "file_storage_path", "per_rank_dirs", "mla_refresh_interval_s"})
+"""``extra_config`` keys of this adapter beside the BucketConfig fields and ``max_size``."""
+
+SGLANG_KEYS = frozenset(
+    {
+        "backend_name",
+        "module_path",
+        "class_name",
+        "interface_v1",
+        "prefetch_threshold",
+        "prefetch_timeout_base",
+        "prefetch_timeout_per_ki_token",
+        "hicache_storage_pass_prefix_keys",
+    }
+)
+"""``extra_config`` keys that SGLang itself reads (the dynamic backend loader, prefetch tuning)."""
+
+_SOURCE = "hicache extra_config"
 
 _READ_ERRORS = (KvBucketError, OSError, ValueError)
 
@@ -205,14 +225,20 @@ class KvBucketHiCacheStorage(_Base):
       HiCacheFile's ``max_size`` (same as ``max_physical_bytes``, per rank)
     * ``mla_refresh_interval_s`` (default 1.0): how often an MLA reader rank
       looks for new buckets of the writer rank
+
+    Values are parsed as ``KVBUCKET_*`` variables are (``"200G"``,
+    ``"false"``); a key that is neither one of these nor one SGLang reads
+    (:data:`SGLANG_KEYS`) raises :class:`~kvbucket.errors.InvalidArgument`.
     """
 
     def __init__(self, storage_config: Any, kwargs: dict[str, Any] | None = None) -> None:
         extra = dict(getattr(storage_config, "extra_config", None) or {})
         self.storage_config = storage_config
         self.extra_kwargs = dict(kwargs or {})
-        self.paths = resolve_paths(storage_config, _root_from(extra), bool(extra.get("per_rank_dirs", True)))
-        self._options = store_options(extra, "hicache extra_config", _ALIASES)
+        self._options = store_options(extra, _SOURCE, _ALIASES, own=ADAPTER_KEYS | SGLANG_KEYS)
+        per_rank = option(extra, "per_rank_dirs", Setting("bool"), True, _SOURCE)
+        interval = option(extra, "mla_refresh_interval_s", Setting("number"), 1.0, _SOURCE)
+        self.paths = resolve_paths(storage_config, _root_from(extra), per_rank)
         self._layout_tag = ""
         self._metrics = _Metrics()
         self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
@@ -221,7 +247,6 @@ class KvBucketHiCacheStorage(_Base):
         if self.paths.writer:
             self._store = open_store(self.paths.store_dir, self._options)
         else:
-            interval = float(extra.get("mla_refresh_interval_s", 1.0))
             self._reader = _SharedReader(self.paths.store_dir, self._options, interval)
         logger.info("kvbucket HiCache storage at %s (%s)", self.paths.store_dir, "writer" if self.paths.writer else "reader")
 

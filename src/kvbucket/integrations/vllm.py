@@ -42,16 +42,16 @@ import threading
 import time
 from abc import ABC
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from ..buffers import byte_view
-from ..config import parse_size
+from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
-from ._common import STORE_FIELDS, open_store, safe_component, store_options
+from ._common import open_store, option, safe_component, store_options
 
 __all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
 
@@ -80,6 +80,8 @@ TIER_OPTIONS: dict[str, str] = {
 """Tier config keys beside ``type``, ``module_path``, ``root_dir`` and the BucketConfig fields."""
 
 _ALIASES = {"max_size": "max_physical_bytes"}
+_SOURCE = "kvbucket vLLM tier config"
+_THREADS = Setting("count", minimum=1)
 
 
 # -- the vLLM names, real or stand-in -------------------------------------------
@@ -228,25 +230,25 @@ class _KvBucketTier:
         leave the disk unbounded).
         """
         _init_base(super(), offloading_spec, primary_kv_view, tier_type, backpressure_detector)
-        _reject_unknown(options)
+        store_settings = {**TIER_DEFAULTS, **store_options(options, _SOURCE, _ALIASES, own=TIER_OPTIONS)}
         self._view = byte_view(primary_kv_view, "primary_kv_view")
         self._chunk_bytes = _chunk_bytes(primary_kv_view)
         self._num_chunks = self._view.nbytes // self._chunk_bytes
         self.locality_name = options.get("locality")
-        self.rank = _resolve_rank(offloading_spec, options.get("rank"))
+        self.rank = _resolve_rank(offloading_spec, option(options, "rank", Setting("count"), None, _SOURCE))
         self.store_path = os.path.join(_root_dir(root_dir), _namespace(offloading_spec, self._chunk_bytes) + f"_r{self.rank}")
-        store_settings = {**TIER_DEFAULTS, **store_options(options, "vLLM secondary tier config", _ALIASES)}
         # Everything is validated before the store is opened (and its directory locked).
-        staged = _size(options, "max_staged_bytes", max(self._view.nbytes, 1))
-        writers = _positive_int(options, "n_write_threads", 2)
-        readers = _positive_int(options, "n_read_threads", 4)
+        staged = option(options, "max_staged_bytes", Setting("size", minimum=1), max(self._view.nbytes, 1), _SOURCE)
+        writers = option(options, "n_write_threads", _THREADS, 2, _SOURCE)
+        readers = option(options, "n_read_threads", _THREADS, 4, _SOURCE)
+        kv_events = option(options, "enable_kv_events", Setting("bool"), False, _SOURCE)
         self.store = open_store(self.store_path, store_settings)
         # backpressure="reject": submit_store must never block the scheduler.
         self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
         self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
         self._jobs = _Jobs()
         self._closed = False
-        if options.get("enable_kv_events"):
+        if kv_events:
             logger.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
         logger.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
 
@@ -434,35 +436,6 @@ def _init_base(base: Any, spec: Any, view: memoryview, tier_type: str, detector:
         base.__init__(spec, view, tier_type)
 
 
-def _reject_unknown(options: Mapping[str, Any]) -> None:
-    unknown = sorted(set(options) - set(STORE_FIELDS) - set(TIER_OPTIONS) - set(_ALIASES))
-    if unknown:
-        raise InvalidArgument(
-            f"unknown key(s) in the kvbucket vLLM tier config: {', '.join(unknown)}; "
-            f"use root_dir, BucketConfig fields or {', '.join(sorted(TIER_OPTIONS))}"
-        )
-
-
-def _positive_int(options: Mapping[str, Any], name: str, default: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"kvbucket vLLM tier: {name} must be an integer >= 1; got {value!r}")
-    return value
-
-
-def _size(options: Mapping[str, Any], name: str, default: int) -> int:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        size = parse_size(value) if isinstance(value, str) else value
-    except ValueError as exc:
-        raise InvalidArgument(f"kvbucket vLLM tier: {name}={value!r}: {exc}") from exc
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidArgument(f"kvbucket vLLM tier: {name} must be a size >= 1; got {value!r}")
-    return size
-
-
 def _chunk_bytes(view: memoryview) -> int:
     """vLLM's chunk size: the primary view's first stride."""
     strides = view.strides
@@ -489,11 +462,9 @@ def _spec_value(spec: Any, path: str, kind: type) -> Any:
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
-def _resolve_rank(spec: Any, explicit: Any) -> int:
+def _resolve_rank(spec: Any, explicit: int | None) -> int:
     """The worker rank: the tier config's ``rank``, else the offloading spec's, else 0."""
     if explicit is not None:
-        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
-            raise InvalidArgument(f"kvbucket vLLM tier: rank must be an integer >= 0; got {explicit!r}")
         return explicit
     for path in ("config.parallel.rank", "vllm_config.parallel_config.rank", "rank"):
         rank = _spec_value(spec, path, int)
