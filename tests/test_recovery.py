@@ -10,7 +10,8 @@ import pytest
 
 from kvbucket import BucketStore
 from kvbucket.checksum import crc32c
-from kvbucket.format import BucketMeta, MetaRecord, encode_meta
+from kvbucket.errors import InvalidArgument
+from kvbucket.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
 from kvbucket.lockfile import StoreLock
 from kvbucket.fs import FileSystem
 from kvbucket.recovery import scan_directory
@@ -196,3 +197,56 @@ def test_scan_directory_changes_nothing(store_dir: Path) -> None:
     assert sorted((f.kind, f.bucket_id) for f in scan.findings) == [("invalid_meta", 2), ("orphan_data", 9)]
     assert scan.foreign == ["foreign"]
     assert snapshot(store_dir) == before
+
+
+class ReadCountingFileSystem(FileSystem):
+    """Counts the bytes read from each path (by descriptor)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.read: dict[str, int] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = super().open(path, flags, mode)
+        self.paths[fd] = os.path.basename(path)
+        return fd
+
+    def preadv(self, fd: int, buffers, offset: int) -> int:  # type: ignore[no-untyped-def]
+        got = super().preadv(fd, buffers, offset)
+        name = self.paths.get(fd, "?")
+        self.read[name] = self.read.get(name, 0) + got
+        return got
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_huge_sparse_meta_is_invalid_without_being_read(store_dir: Path, readonly: bool) -> None:
+    values = make_store(store_dir)
+    os.truncate(store_dir / "2.meta", 8 << 30)  # sparse: costs no disk space
+    fs = ReadCountingFileSystem()
+    with reopen(store_dir, filesystem=fs, readonly=readonly) as store:
+        assert fs.read["2.meta"] <= HEADER_SIZE
+        assert not any(store.batch_exists([k for k in values if k.startswith("b1-")]))
+        survivors = {k: v for k, v in values.items() if not k.startswith("b1-")}
+        assert store.batch_get(list(survivors)) == survivors
+        if not readonly:
+            (bucket, reason), = store.recovery_report.dropped_buckets
+            assert bucket == 2 and f"is {8 << 30} bytes; no valid meta exceeds {MAX_META_BYTES}" in reason
+    assert ("2.meta" in os.listdir(store_dir)) == readonly
+
+
+def test_large_meta_whose_header_disagrees_is_read_no_further(store_dir: Path) -> None:
+    make_store(store_dir)
+    raw = (store_dir / "2.meta").read_bytes()
+    (store_dir / "2.meta").write_bytes(raw[:HEADER_SIZE] + b"\0" * (3 << 20))  # header records a short meta
+    fs = ReadCountingFileSystem()
+    scan = scan_directory(store_dir, fs)
+    (finding,) = scan.findings
+    assert (finding.kind, finding.bucket_id) == ("invalid_meta", 2)
+    assert "not the length its header records" in finding.reason
+    assert fs.read["2.meta"] == HEADER_SIZE
+
+
+def test_bucket_keys_limit_is_bounded_by_the_format(store_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match=f"bucket_keys_limit must be at most {MAX_BUCKET_KEYS}"):
+        BucketStore.open(store_dir, bucket_keys_limit=MAX_BUCKET_KEYS + 1)
+    assert MAX_META_BYTES == HEADER_SIZE + MAX_BUCKET_KEYS * (24 + 4096) + 4

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidArgument
+from .format import MAX_BUCKET_KEYS
 
 __all__ = ["BucketConfig", "parse_size"]
 
@@ -113,6 +114,8 @@ class BucketConfig:
             raise InvalidArgument("path must name the store directory")
         for name in ("bucket_size_limit", "bucket_keys_limit", "io_threads"):
             _require_int(name, getattr(self, name), minimum=1)
+        if self.bucket_keys_limit > MAX_BUCKET_KEYS:
+            raise InvalidArgument(f"bucket_keys_limit must be at most {MAX_BUCKET_KEYS}; got {self.bucket_keys_limit!r}")
         for name in ("max_total_size", "max_physical_bytes", "total_keys_limit"):
             _require_int(name, getattr(self, name), minimum=0)
         for name in ("readonly", "verify_checksums", "quarantine"):

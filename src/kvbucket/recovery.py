@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
-from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, data_name, decode_meta, meta_name, parse_name, tmp_name
+from .format import HEADER_SIZE, LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, check_meta_length, data_name, decode_meta, meta_name, parse_name, tmp_name
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
@@ -38,6 +38,9 @@ SHORT_DATA = "short_data"
 LONG_DATA = "long_data"
 EMPTY_BUCKET = "empty_bucket"
 TEMPORARY = "temporary"
+
+LARGE_META = 1 << 20
+"""Metas longer than this are read whole only after a header check."""
 
 SCAN_THREADS = 8
 """Parallel stat and meta reads during a scan (cold reads are latency-bound)."""
@@ -152,18 +155,35 @@ def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | None:
-    """The meta's bytes; None if it vanished since the listing. Any other
-    error propagates: a meta we cannot read now is not evidence of damage,
-    and deleting its bucket could lose acknowledged data."""
+def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | CorruptionError | None:
+    """The meta's bytes; None if it vanished since the listing; the reason
+    when its length alone shows it invalid (a file longer than
+    :data:`LARGE_META` is read whole only once its header agrees with its
+    length, so a huge or sparse file costs one small read). Any other error
+    propagates: a meta we cannot read now is not evidence of damage, and
+    deleting its bucket could lose acknowledged data."""
     try:
-        return fs.read_file(os.path.join(directory, meta_name(bucket_id)))
+        fd = fs.open(os.path.join(directory, meta_name(bucket_id)), os.O_RDONLY)
     except FileNotFoundError:
         return None
+    try:
+        size = fs.fstat(fd).st_size
+        if size > LARGE_META:
+            header = bytearray(HEADER_SIZE)
+            got = fs.read_into(fd, memoryview(header), 0)
+            try:
+                check_meta_length(size, bytes(header[:got]), bucket_id)
+            except CorruptionError as exc:
+                return exc
+        buf = bytearray(size)
+        got = fs.read_into(fd, memoryview(buf), 0)
+        return bytes(buf[:got])
+    finally:
+        fs.close(fd)
 
 
 def _classify(
-    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | None
+    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | CorruptionError | None
 ) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
@@ -183,9 +203,11 @@ def _classify(
     scan.buckets[bucket_id] = LoadedBucket(problem, physical, data.st_mtime_ns)  # type: ignore[union-attr]
 
 
-def _check_pair(raw_meta: bytes, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
+def _check_pair(raw_meta: bytes | CorruptionError, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
     """The bucket's verified meta, or the finding that rejects it."""
     try:
+        if isinstance(raw_meta, CorruptionError):
+            raise raw_meta
         meta = decode_meta(raw_meta, bucket_id)
     except CorruptionError as exc:
         return Finding(INVALID_META, bucket_id, (), 0, str(exc))
