@@ -438,3 +438,17 @@ def test_bench_small_run_json(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert result["workload"]["object_size"] == 64 << 10 and "ratios" in result
     assert os.listdir(tmp_path) == []  # the scratch directory is gone
+
+
+def test_fsck_reports_and_repairs_a_huge_sparse_meta(store_dir: Path) -> None:
+    BucketStore.open(store_dir).close()  # a store that has been opened has its LOCK
+    os.truncate(store_dir / meta_name(4), 8 << 30)  # sparse: no disk space, no memory
+    code, report = run_json("fsck", store_dir)
+    assert code == 1
+    (problem,) = report["problems"]
+    assert (problem["kind"], problem["bucket"]) == ("invalid_meta", 4)
+    assert "no valid meta exceeds" in problem["detail"]
+    assert os.path.getsize(store_dir / meta_name(4)) == 8 << 30  # a check changes nothing
+    code, report = run_json("fsck", store_dir, "--repair")
+    assert code == 0 and sorted(report["repair"]["removed"]) == [data_name(4), meta_name(4)]
+    assert not (store_dir / meta_name(4)).exists()
