@@ -26,6 +26,7 @@ MiB = 1 << 20
 Durability = Literal["strict", "relaxed"]
 EvictionPolicy = Literal["none", "fifo", "lru"]
 IOMode = Literal["buffered", "direct"]
+PhysicalScope = Literal["directory", "store"]
 
 # Mooncake's environment names for the fields that mean the same thing.
 MOONCAKE_ENV = {
@@ -44,6 +45,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("strict", "relaxed"),
     "eviction_policy": ("none", "fifo", "lru"),
     "io_mode": ("buffered", "direct"),
+    "physical_scope": ("directory", "store"),
 }
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -84,6 +86,10 @@ class BucketConfig:
     """Most logical bytes (value bytes of live objects)."""
     max_physical_bytes: int = 0
     """Most allocated bytes in the directory (``st_blocks * 512``, as ``du`` counts)."""
+    physical_scope: PhysicalScope = "directory"
+    """What ``max_physical_bytes`` counts: ``directory`` everything in the
+    directory, as ``du`` does (foreign files too); ``store`` only the store's
+    own files (buckets, metas, ``LOCK``, ``quarantine/``, the directory itself)."""
     total_keys_limit: int = 0
     """Most live objects."""
     eviction_policy: EvictionPolicy = "lru"
