@@ -2,8 +2,9 @@
 
 Commands (``kvbucket COMMAND --help`` for each):
 
-* ``fsck DIR [--repair] [--deep] [--quarantine]``: check a kvbucket or a
-  Mooncake directory; with ``--repair``, fix exactly what was reported.
+* ``fsck DIR [--repair [--dry-run]] [--deep] [--quarantine]``: check a
+  kvbucket or a Mooncake directory; with ``--repair``, fix exactly what was
+  reported (``--dry-run``: only print what it would remove and drop).
 * ``stats DIR``, ``ls DIR [--bucket ID]``, ``get DIR KEY [-o FILE]``:
   read-only; they open the store with ``readonly=True`` (no lock, no write).
 * ``rm DIR KEY...``: remove objects (takes the writer lock).

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from .checksum import crc32c
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
-from .format import HEADER_SIZE, LOCK_NAME, footprint, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, check_meta_length, data_name, decode_meta, meta_name, parse_name, tmp_name
+from .format import HEADER_SIZE, LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, check_meta_length, data_name, decode_meta, footprint, meta_name, parse_name, tmp_name
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
@@ -198,7 +198,10 @@ def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | Corrup
 
 def _classify(
     fs: FileSystem,
-    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | CorruptionError | None
+    scan: DirectoryScan,
+    bucket_id: int,
+    files: dict[FileKind, os.stat_result],
+    raw_meta: bytes | CorruptionError | None,
 ) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
@@ -224,7 +227,8 @@ def _classify(
 
 
 def _check_pair(raw_meta: bytes | CorruptionError, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
-    """The bucket's verified meta, or the finding that rejects it."""
+    """The bucket's verified meta, or the finding that rejects it. A data
+    file of another length than recorded is left to :func:`_salvage`."""
     try:
         if isinstance(raw_meta, CorruptionError):
             raise raw_meta
@@ -234,7 +238,7 @@ def _check_pair(raw_meta: bytes | CorruptionError, bucket_id: int, data: os.stat
     if data is None:
         return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file", tuple(meta.keys))
     if data.st_size != meta.data_length:
-        return meta  # the caller salvages what verifies
+        return meta
     if not meta.keys:
         return Finding(EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
     return meta
