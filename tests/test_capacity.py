@@ -866,6 +866,9 @@ def test_watermark_evicts_nothing_when_foreign_bytes_keep_usage_above_low(store_
         assert "nothing was evicted" in message and "physical_scope='store'" in message
         assert f"{300 * KiB}" in message  # the foreign bytes, named
         assert evicted.calls == [] and state(store) == before
+        with pytest.raises(CapacityExceeded, match="physical_scope='store'"):  # cannot fit even with every bucket gone
+            put(store, "huge", 1, 100 * KiB, on_evict=evicted)
+        assert evicted.calls == [] and state(store) == before
         assert_readable(store, keys, 8 * KiB)
         # a watermark that eviction can reach still evicts, only as much as needed
         returned = store.evict_to_watermark(high=0.9, low=0.85)
