@@ -777,3 +777,136 @@ def test_malformed_capacity_env_names_the_variable(variable: str, text: str) -> 
 def test_invalid_limits_are_rejected(store_dir: Path, fields: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         BucketStore.open(store_dir, **fields)
+
+
+# -- foreign and unmeasurable entries -----------------------------------------------------
+class UnreadableDirFileSystem(FileSystem):
+    """``listdir`` of one sub-directory raises ``PermissionError``, as a
+    ``lost+found`` at an ext4 mount root does for a user who is not root."""
+
+    def __init__(self, unreadable: Path) -> None:
+        self.unreadable = os.fspath(unreadable)
+
+    def listdir(self, path: str) -> list[str]:
+        if path == self.unreadable:
+            raise PermissionError(13, "Permission denied", path)
+        return super().listdir(path)
+
+
+def remove_chain(top: Path) -> None:
+    """Remove a chain ``top/d/d/.../d`` without recursion (pytest's own
+    clean-up recurses and would fail on it): hoist each level's child up."""
+    while (top / "d").is_dir():
+        if (top / "d" / "d").is_dir():
+            os.rename(top / "d" / "d", top / "next")
+        for name in os.listdir(top / "d"):
+            os.unlink(top / "d" / name)
+        os.rmdir(top / "d")
+        if (top / "next").is_dir():
+            os.rename(top / "next", top / "d")
+    os.rmdir(top)
+
+
+def test_deeply_nested_foreign_directory_is_measured(store_dir: Path) -> None:
+    """A recursive walk raises RecursionError here."""
+    nested = store_dir / "deep"
+    depth = 1500
+    store_dir.mkdir()
+    level = nested
+    try:
+        level.mkdir()
+        for _ in range(depth):  # os.makedirs recurses too
+            level = level / "d"
+            level.mkdir()
+        (level / "leaf").write_bytes(b"x" * 5000)
+        with BucketStore.open(store_dir, max_physical_bytes=64 << 20) as store:
+            put(store, "b", 1, 4 * KiB)
+            stats = store.stats()
+            own = sum(os.lstat(store_dir / name).st_blocks * 512 for name in os.listdir(store_dir) if name != "deep")
+            assert stats.foreign_bytes == (depth + 1) * os.lstat(nested).st_blocks * 512 + 8 * KiB
+            assert stats.physical_bytes == own + os.lstat(store_dir).st_blocks * 512 + stats.foreign_bytes
+            assert stats.unmeasurable == ()
+    finally:
+        remove_chain(nested)
+
+
+@pytest.mark.parametrize("policy", ["none", "fifo"])
+def test_unreadable_foreign_directory_does_not_make_an_empty_store_full(store_dir: Path, policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    lost = store_dir / "lost+found"
+    lost.mkdir(parents=True)
+    (lost / "inode-123").write_bytes(b"y" * 8000)
+    fs = UnreadableDirFileSystem(lost)
+    with BucketStore.open(store_dir, filesystem=fs, eviction_policy=policy, max_physical_bytes=256 * KiB) as store:
+        keys = put(store, "first", 2, 4 * KiB)  # used to raise CapacityExceeded
+        assert_readable(store, keys, 4 * KiB)
+        stats = store.stats()
+        assert stats.unmeasurable == (os.fspath(lost),)
+        assert stats.physical_bytes == du(store_dir) - 8 * KiB  # all but the unreadable content
+        assert stats.usage_ratio < 0.5
+        assert store.evict_to_watermark(high=0.9, low=0.5) == []  # nothing to do
+        assert store.batch_exists(keys) == [True, True]
+    warnings = [r.getMessage() for r in caplog.records if os.fspath(lost) in r.getMessage()]
+    assert len(warnings) == 1 and "cannot measure" in warnings[0], warnings
+
+
+def test_watermark_evicts_nothing_when_foreign_bytes_keep_usage_above_low(store_dir: Path) -> None:
+    """Evicting the whole cache cannot bring usage under ``low`` when a
+    foreign file holds most of the limit: evict nothing, say why."""
+    limit = 400 * KiB
+    store_dir.mkdir()
+    (store_dir / "big.core").write_bytes(os.urandom(300 * KiB))
+    with BucketStore.open(store_dir, eviction_policy="lru", max_physical_bytes=limit) as store:
+        keys = [k for i in range(6) for k in put(store, f"b{i}", 1, 8 * KiB)]
+        assert store.stats().usage_ratio > 0.9 and store.stats().evicted_buckets == 0
+        before = state(store)
+        evicted = Recorder()
+        with pytest.raises(CapacityExceeded) as info:
+            store.evict_to_watermark(high=0.9, low=0.5, on_evict=evicted)
+        message = str(info.value)
+        assert "nothing was evicted" in message and "physical_scope='store'" in message
+        assert f"{300 * KiB}" in message  # the foreign bytes, named
+        assert evicted.calls == [] and state(store) == before
+        with pytest.raises(CapacityExceeded, match="physical_scope='store'"):  # cannot fit even with every bucket gone
+            put(store, "huge", 1, 100 * KiB, on_evict=evicted)
+        assert evicted.calls == [] and state(store) == before
+        assert_readable(store, keys, 8 * KiB)
+        # a watermark that eviction can reach still evicts, only as much as needed
+        returned = store.evict_to_watermark(high=0.9, low=0.85)
+        assert returned and len(returned) < len(keys)
+        assert du(store_dir) <= 0.85 * limit
+        assert store.stats().foreign_bytes == 300 * KiB
+
+
+def test_physical_scope_store_counts_only_the_store_files(store_dir: Path) -> None:
+    limit = 200 * KiB
+    store_dir.mkdir()
+    (store_dir / "big.core").write_bytes(os.urandom(300 * KiB))
+    lost = store_dir / "lost+found"
+    lost.mkdir()
+    fs = UnreadableDirFileSystem(lost)
+    with BucketStore.open(store_dir, filesystem=fs, eviction_policy="fifo", max_physical_bytes=limit, physical_scope="store") as store:
+        keys = put(store, "a", 4, 8 * KiB)
+        stats = store.stats()
+        foreign = os.lstat(store_dir / "big.core").st_blocks * 512 + os.lstat(lost).st_blocks * 512
+        assert stats.physical_bytes == du(store_dir) - foreign
+        assert stats.foreign_bytes == 0 and stats.unmeasurable == ()  # not walked at all
+        assert store.evict_to_watermark(high=0.9, low=0.5) == []
+        for i in range(30):
+            put(store, f"n{i}", 1, 8 * KiB)
+            assert du(store_dir) - foreign <= limit
+        assert not store.batch_exists(keys)[0], "the oldest bucket was evicted to respect the limit"
+
+
+@pytest.mark.parametrize("scope", ["directory", "store", "STORE"])
+def test_physical_scope_from_every_source(store_dir: Path, tmp_path: Path, scope: str) -> None:
+    assert BucketConfig(path=store_dir, physical_scope=scope).validated().physical_scope == scope.lower()  # type: ignore[arg-type]
+    assert BucketConfig.from_env({"KVBUCKET_PATH": os.fspath(store_dir), "KVBUCKET_PHYSICAL_SCOPE": scope}).validated().physical_scope == scope.lower()
+    toml = tmp_path / "kv.toml"
+    toml.write_text(f'path = "{store_dir}"\nphysical_scope = "{scope}"\n')
+    assert BucketConfig.from_file(toml).validated().physical_scope == scope.lower()
+
+
+def test_physical_scope_rejects_unknown_values(store_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match="physical_scope must be one of directory, store"):
+        BucketStore.open(store_dir, physical_scope="disk")
+    assert not store_dir.exists()

@@ -438,3 +438,78 @@ def test_bench_small_run_json(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert result["workload"]["object_size"] == 64 << 10 and "ratios" in result
     assert os.listdir(tmp_path) == []  # the scratch directory is gone
+
+
+def test_fsck_reports_and_repairs_a_huge_sparse_meta(store_dir: Path) -> None:
+    BucketStore.open(store_dir).close()  # a store that has been opened has its LOCK
+    os.truncate(store_dir / meta_name(4), 8 << 30)  # sparse: no disk space, no memory
+    code, report = run_json("fsck", store_dir)
+    assert code == 1
+    (problem,) = report["problems"]
+    assert (problem["kind"], problem["bucket"]) == ("invalid_meta", 4)
+    assert "no valid meta exceeds" in problem["detail"]
+    assert os.path.getsize(store_dir / meta_name(4)) == 8 << 30  # a check changes nothing
+    code, report = run_json("fsck", store_dir, "--repair")
+    assert code == 0 and sorted(report["repair"]["removed"]) == [data_name(4), meta_name(4)]
+    assert not (store_dir / meta_name(4)).exists()
+
+
+# -- salvage of short and long data files --------------------------------------------
+OBJECT = len(values("b5", 1)["b5-0"])
+
+
+@pytest.mark.parametrize("cut", ["long", "short"])
+def test_fsck_repair_keeps_the_objects_that_verify(store_dir: Path, cut: str) -> None:
+    if cut == "long":
+        with open(store_dir / data_name(5), "ab") as f:
+            f.write(b"\0" * 4096)  # a block too long
+        dropped: list[str] = []
+    else:
+        os.truncate(store_dir / data_name(5), OBJECT + 100)  # cut after the first object
+        dropped = ["b5-1", "b5-2"]
+    before = tree_digest(store_dir)
+    code, report = run_json("fsck", store_dir, "--repair", "--dry-run")
+    assert code == 1 and report["dry_run"] is True and report["repair"] is None
+    assert report["plan"]["dropped_keys"] == dropped and report["plan"]["salvaged_buckets"] == [5]
+    assert report["plan"]["files"] == []
+    human = kvbucket("fsck", store_dir, "--repair", "--dry-run")
+    assert human.returncode == 1
+    assert b"would keep the objects that verify in bucket(s) 5" in human.stdout
+    assert all(f"'{key}'".encode() in human.stdout for key in dropped)
+    assert b"nothing was changed" in human.stdout
+    assert tree_digest(store_dir) == before and not (store_dir / LOCK_NAME).exists()
+
+    proc = kvbucket("fsck", store_dir, "--repair")
+    assert proc.returncode == 0, proc.stdout
+    announced, _, rest = proc.stdout.partition(b"fsck ")  # the plan comes before the report
+    assert f"drops {len(dropped)} key(s)".encode() in announced
+    assert all(f"'{key}'".encode() in announced for key in dropped)
+    assert b"all problems fixed." in rest
+    assert os.listdir(store_dir).count(data_name(5)) == 1
+    kept = {k: v for k, v in values("b5", 3).items() if k not in dropped}
+    for key, value in kept.items():
+        assert kvbucket("get", store_dir, key).stdout == value
+    for key in dropped:
+        assert kvbucket("get", store_dir, key).returncode == 1
+    code, after = run_json("fsck", store_dir, "--deep")
+    assert code == 0 and after["valid_objects"] == 18 - len(dropped)
+
+
+def test_fsck_repair_reports_what_it_dropped(store_dir: Path) -> None:
+    os.truncate(store_dir / data_name(5), OBJECT + 100)
+    os.unlink(store_dir / data_name(3))  # meta without data: its keys are known too
+    code, report = run_json("fsck", store_dir, "--repair")
+    assert code == 0
+    assert sorted(report["repair"]["dropped_keys"]) == ["b3-0", "b3-1", "b3-2", "b5-1", "b5-2"]
+    assert report["repair"]["salvaged_buckets"] == [5] and report["repair"]["removed"] == [meta_name(3)]
+
+
+def test_fsck_quarantine_does_not_claim_freed_bytes(store_dir: Path) -> None:
+    damage(store_dir, "orphan_data")
+    size = os.path.getsize(store_dir / data_name(2))
+    code, report = run_json("fsck", store_dir, "--repair", "--quarantine")
+    assert code == 0
+    assert report["repair"]["freed_bytes"] == 0 and report["repair"]["quarantined_bytes"] == size
+    damage(store_dir, "meta_without_data")
+    proc = kvbucket("fsck", store_dir, "--repair", "--quarantine")
+    assert b"moved to quarantine/, not freed" in proc.stdout and b" freed" not in proc.stdout.replace(b"not freed", b"")

@@ -10,7 +10,8 @@ import pytest
 
 from kvbucket import BucketStore
 from kvbucket.checksum import crc32c
-from kvbucket.format import BucketMeta, MetaRecord, encode_meta
+from kvbucket.errors import InvalidArgument
+from kvbucket.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
 from kvbucket.lockfile import StoreLock
 from kvbucket.fs import FileSystem
 from kvbucket.recovery import scan_directory
@@ -48,7 +49,6 @@ def test_orphan_data_file_is_removed_and_reported(store_dir: Path) -> None:
     [
         (lambda d: os.unlink(d / "2.bucket"), "meta without its data file"),
         (lambda d: os.truncate(d / "2.bucket", 100), "data file is 100 bytes"),
-        (lambda d: open(d / "2.bucket", "ab").write(b"tail"), "meta records"),
         (lambda d: os.truncate(d / "2.meta", 30), "truncated"),
         (lambda d: (d / "2.meta").write_bytes(b""), "truncated"),
         (lambda d: (d / "2.meta").write_bytes(b"\0" * 200), "checksum"),
@@ -100,8 +100,11 @@ def test_quarantine_moves_instead_of_deleting(store_dir: Path) -> None:
     (store_dir / "9.bucket").write_bytes(b"orphan")
     os.truncate(store_dir / "2.meta", 10)
     with reopen(store_dir, quarantine=True) as store:
-        assert sorted(store.recovery_report.removed_files) == ["2.bucket", "2.meta", "9.bucket"]
-        assert store.recovery_report.quarantined
+        report = store.recovery_report
+        assert sorted(report.removed_files) == ["2.bucket", "2.meta", "9.bucket"]
+        assert report.quarantined
+        moved = sum(os.path.getsize(store_dir / "quarantine" / name) for name in report.removed_files)
+        assert report.quarantined_bytes == moved and report.freed_bytes == 0  # nothing was freed
     assert sorted(os.listdir(store_dir / "quarantine")) == ["2.bucket", "2.meta", "9.bucket"]
     assert (store_dir / "quarantine" / "9.bucket").read_bytes() == b"orphan"
     with reopen(store_dir) as store:  # the quarantine folder itself is left alone
@@ -196,3 +199,123 @@ def test_scan_directory_changes_nothing(store_dir: Path) -> None:
     assert sorted((f.kind, f.bucket_id) for f in scan.findings) == [("invalid_meta", 2), ("orphan_data", 9)]
     assert scan.foreign == ["foreign"]
     assert snapshot(store_dir) == before
+
+
+class ReadCountingFileSystem(FileSystem):
+    """Counts the bytes read from each path (by descriptor)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.read: dict[str, int] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = super().open(path, flags, mode)
+        self.paths[fd] = os.path.basename(path)
+        return fd
+
+    def preadv(self, fd: int, buffers, offset: int) -> int:  # type: ignore[no-untyped-def]
+        got = super().preadv(fd, buffers, offset)
+        name = self.paths.get(fd, "?")
+        self.read[name] = self.read.get(name, 0) + got
+        return got
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_huge_sparse_meta_is_invalid_without_being_read(store_dir: Path, readonly: bool) -> None:
+    values = make_store(store_dir)
+    os.truncate(store_dir / "2.meta", 8 << 30)  # sparse: costs no disk space
+    fs = ReadCountingFileSystem()
+    with reopen(store_dir, filesystem=fs, readonly=readonly) as store:
+        assert fs.read["2.meta"] <= HEADER_SIZE
+        assert not any(store.batch_exists([k for k in values if k.startswith("b1-")]))
+        survivors = {k: v for k, v in values.items() if not k.startswith("b1-")}
+        assert store.batch_get(list(survivors)) == survivors
+        if not readonly:
+            (bucket, reason), = store.recovery_report.dropped_buckets
+            assert bucket == 2 and f"is {8 << 30} bytes; no valid meta exceeds {MAX_META_BYTES}" in reason
+    assert ("2.meta" in os.listdir(store_dir)) == readonly
+
+
+def test_large_meta_whose_header_disagrees_is_read_no_further(store_dir: Path) -> None:
+    make_store(store_dir)
+    raw = (store_dir / "2.meta").read_bytes()
+    (store_dir / "2.meta").write_bytes(raw[:HEADER_SIZE] + b"\0" * (3 << 20))  # header records a short meta
+    fs = ReadCountingFileSystem()
+    scan = scan_directory(store_dir, fs)
+    (finding,) = scan.findings
+    assert (finding.kind, finding.bucket_id) == ("invalid_meta", 2)
+    assert "not the length its header records" in finding.reason
+    assert fs.read["2.meta"] == HEADER_SIZE
+
+
+def test_bucket_keys_limit_is_bounded_by_the_format(store_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match=f"bucket_keys_limit must be at most {MAX_BUCKET_KEYS}"):
+        BucketStore.open(store_dir, bucket_keys_limit=MAX_BUCKET_KEYS + 1)
+    assert MAX_META_BYTES == HEADER_SIZE + MAX_BUCKET_KEYS * (24 + 4096) + 4
+
+
+def bucket_two(values: dict[str, bytes]) -> dict[str, bytes]:
+    """The objects of bucket 2 of :func:`make_store` (sizes 1000, 1100, 1200, 1300)."""
+    return {k: v for k, v in values.items() if k.startswith("b1-")}
+
+
+def test_long_data_file_keeps_every_object(store_dir: Path) -> None:
+    values = make_store(store_dir)
+    with open(store_dir / "2.bucket", "ab") as f:
+        f.write(b"\xee" * 4096)  # a block too long
+    size = os.path.getsize(store_dir / "2.bucket")
+    with reopen(store_dir) as store:
+        report = store.recovery_report
+        assert report.salvaged_buckets == [2] and report.dropped_keys == []
+        assert report.removed_files == [] and report.dropped_buckets == []
+        assert store.batch_get(list(values)) == values
+        assert store.stats().dead_bytes == 4096  # the tail is dead bytes until compaction
+    assert os.path.getsize(store_dir / "2.bucket") == size  # the data file is not touched
+    with reopen(store_dir) as store:  # the rewritten meta records the file's length
+        assert store.recovery_report.salvaged_buckets == [] and not scan_directory(store_dir).findings
+        assert store.compact(min_dead_ratio=0.4) > 0  # reclaims the tail
+        assert store.batch_get(list(values)) == values
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_short_data_file_keeps_the_objects_that_verify(store_dir: Path, readonly: bool) -> None:
+    values = make_store(store_dir)
+    os.truncate(store_dir / "2.bucket", 1000 + 1100 + 50)  # cut inside the third object
+    before = snapshot(store_dir)
+    with reopen(store_dir, readonly=readonly) as store:
+        kept = {k: values[k] for k in ("b1-k0", "b1-k1")}
+        assert store.batch_get(list(kept)) == kept
+        assert store.batch_exists(["b1-k2", "b1-k3"]) == [False, False]
+        others = {k: v for k, v in values.items() if k not in bucket_two(values)}
+        assert store.batch_get(list(others)) == others
+        if not readonly:
+            report = store.recovery_report
+            assert report.salvaged_buckets == [2] and report.dropped_keys == ["b1-k2", "b1-k3"]
+            assert report.removed_files == [] and report.freed_bytes == 0
+    if readonly:
+        assert snapshot(store_dir) == before
+    else:
+        with reopen(store_dir) as store:
+            assert store.recovery_report.salvaged_buckets == [] and store.bucket_keys(2) == ["b1-k0", "b1-k1"]
+
+
+def test_salvage_drops_objects_that_fail_their_checksum(store_dir: Path) -> None:
+    values = make_store(store_dir)
+    with open(store_dir / "2.bucket", "r+b") as f:
+        f.seek(1000 + 10)  # inside b1-k1
+        f.write(b"\x00\xff")
+        f.seek(0, os.SEEK_END)
+        f.write(b"tail")
+    with reopen(store_dir) as store:
+        assert store.recovery_report.dropped_keys == ["b1-k1"]
+        survivors = {k: v for k, v in values.items() if k != "b1-k1"}
+        assert store.batch_get(list(survivors)) == survivors and not store.exists("b1-k1")
+
+
+def test_short_data_file_with_nothing_intact_is_removed(store_dir: Path) -> None:
+    make_store(store_dir)
+    os.truncate(store_dir / "2.bucket", 999)
+    with reopen(store_dir) as store:
+        report = store.recovery_report
+        assert sorted(report.removed_files) == ["2.bucket", "2.meta"]
+        assert report.dropped_keys == ["b1-k0", "b1-k1", "b1-k2", "b1-k3"] and report.salvaged_buckets == []

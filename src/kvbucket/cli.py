@@ -2,8 +2,9 @@
 
 Commands (``kvbucket COMMAND --help`` for each):
 
-* ``fsck DIR [--repair] [--deep] [--quarantine]``: check a kvbucket or a
-  Mooncake directory; with ``--repair``, fix exactly what was reported.
+* ``fsck DIR [--repair [--dry-run]] [--deep] [--quarantine]``: check a
+  kvbucket or a Mooncake directory; with ``--repair``, fix exactly what was
+  reported (``--dry-run``: only print what it would remove and drop).
 * ``stats DIR``, ``ls DIR [--bucket ID]``, ``get DIR KEY [-o FILE]``:
   read-only; they open the store with ``readonly=True`` (no lock, no write).
 * ``rm DIR KEY...``: remove objects (takes the writer lock).
@@ -310,37 +311,82 @@ def cli() -> None:
 @click.option("--repair", is_flag=True, help="Fix what is reported (takes the writer lock).")
 @click.option("--deep", is_flag=True, help="Also verify every object's checksum (reads all data).")
 @click.option("--quarantine", is_flag=True, help="With --repair: move broken files to quarantine/ instead of deleting them.")
+@click.option("--dry-run", is_flag=True, help="With --repair: print what the repair would remove and which keys it would drop; change nothing.")
 @_format_option
 @_json_option
 @_verbose_option
 @_guarded
-def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, fmt: str, as_json: bool) -> int:
+def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run: bool, fmt: str, as_json: bool) -> int:
     """Check DIRECTORY; with --repair, fix exactly what is reported.
 
     Reports orphaned data files, metas without data, unreadable or invalid
     metas, data files shorter than recorded, temporary files, and with
     --deep every object whose checksum fails. Foreign files (listed, never
-    touched) and dead bytes are not problems. Without --repair nothing is
-    changed, not even a lock file. Exit 0 clean (or all fixed), 1 problems.
+    touched) and dead bytes are not problems. A data file shorter or longer
+    than recorded keeps every object whose checksum verifies. A repair first
+    prints the files it removes and the keys it drops; --dry-run prints only
+    that. Without --repair (or with --dry-run) nothing is changed, not even a
+    lock file. Exit 0 clean (or all fixed), 1 problems.
     """
     if quarantine and not repair:
         raise click.UsageError("--quarantine only applies with --repair")
+    if dry_run and not repair:
+        raise click.UsageError("--dry-run only applies with --repair")
     path = _existing_dir(directory)
     bars: fsck.Progress = functools.partial(_bar, as_json)
     if _resolve_format(path, fmt) == "mooncake":
         report = fsck.check_mooncake(path, deep=deep, progress=bars)
-        if repair:
+        plan = _repair_plan(report.to_json()["problems"], quarantine)
+        if repair and not dry_run:
+            _announce(as_json, plan)
             fsck.repair_mooncake(report, quarantine=quarantine)
-    elif repair:
+    elif repair and not dry_run:
         _refuse_mooncake_writer(path, "repairing it as a kvbucket store")
         report = fsck.check(path, progress=bars)  # --deep verifies after recovery, under the lock
+        plan = _repair_plan(report.to_json()["problems"], quarantine)
+        _announce(as_json, plan)
         with _open_writer(path, "repair", quarantine=quarantine) as store:
             fsck.repair(store, report, deep=deep, progress=bars)
     else:
         report = fsck.check(path, deep=deep, progress=bars)
+        plan = _repair_plan(report.to_json()["problems"], quarantine)
     payload = {**report.to_json(), "exit_code": EXIT_OK if report.clean else EXIT_PROBLEMS}
+    if repair:
+        payload["plan"] = plan
+        payload["dry_run"] = dry_run
     _emit(as_json, payload, lambda: _fsck_text(payload))
     return int(payload["exit_code"])
+
+
+def _repair_plan(problems: list[dict[str, Any]], quarantine: bool) -> dict[str, Any]:
+    """What a repair of ``problems`` does: the files it removes (or moves to
+    quarantine/), the buckets whose meta it rewrites to keep the objects that
+    verify, and the keys it drops (a broken bucket's, a corrupt object's)."""
+    return {
+        "files": [name for p in problems for name in p["files"]],
+        "bytes": sum(p["bytes"] for p in problems if p["files"]),
+        "quarantine": quarantine,
+        "salvaged_buckets": [p["bucket"] for p in problems if p.get("salvaged")],
+        "dropped_keys": [key for p in problems for key in p.get("dropped_keys", [p["key"]] if "key" in p else [])],
+    }
+
+
+def _plan_text(plan: dict[str, Any], dry_run: bool) -> str:
+    verb = ("would move" if dry_run else "moves") if plan["quarantine"] else ("would remove" if dry_run else "removes")
+    where = " to quarantine/" if plan["quarantine"] else ""
+    text = f"{'dry run: ' if dry_run else ''}the repair {verb} {len(plan['files'])} file(s) ({_size(plan['bytes'])}){where}"
+    if plan["salvaged_buckets"]:
+        kept = "would keep" if dry_run else "keeps"
+        text += f", {kept} the objects that verify in bucket(s) {', '.join(map(str, plan['salvaged_buckets']))}"
+    dropped = plan["dropped_keys"]
+    text += f", and {'would drop' if dry_run else 'drops'} {len(dropped)} key(s)" + (":" if dropped else ".")
+    return "\n".join([text, *(f"  {escape_key(key)!r}" for key in dropped)])
+
+
+def _announce(as_json: bool, plan: dict[str, Any]) -> None:
+    """Print what a repair is about to do, before it does it (text mode)."""
+    if not as_json and (plan["files"] or plan["dropped_keys"] or plan["salvaged_buckets"]):
+        click.echo(_plan_text(plan, dry_run=False))
 
 
 def _fsck_text(report: dict[str, Any]) -> str:
@@ -369,6 +415,10 @@ def _fsck_text(report: dict[str, Any]) -> str:
 
 def _fsck_verdict(report: dict[str, Any]) -> str:
     repair = report["repair"]
+    if report.get("dry_run"):
+        if not report["problems"]:
+            return "clean; nothing to repair."
+        return _plan_text(report["plan"], dry_run=True) + "\nnothing was changed (run without --dry-run to repair)."
     if repair is None:
         if not report["problems"]:
             return "clean."
@@ -376,8 +426,16 @@ def _fsck_verdict(report: dict[str, Any]) -> str:
     if not report["problems"] and report["clean"]:
         return "clean; nothing to repair."
     removed = repair["removed"]
-    verb = "quarantined" if repair.get("quarantined") else "removed"
-    text = f"repair: {verb} {len(removed)} file(s), {_size(repair['freed_bytes'])} freed"
+    if repair.get("quarantined"):
+        text = f"repair: quarantined {len(removed)} file(s) ({_size(repair['quarantined_bytes'])} moved to quarantine/, not freed)"
+        if repair["freed_bytes"]:
+            text += f", {_size(repair['freed_bytes'])} freed"
+    else:
+        text = f"repair: removed {len(removed)} file(s), {_size(repair['freed_bytes'])} freed"
+    if repair.get("salvaged_buckets"):
+        text += f", kept the objects that verify in {len(repair['salvaged_buckets'])} damaged bucket(s)"
+    if repair.get("dropped_keys"):
+        text += f", dropped {len(repair['dropped_keys'])} key(s) of broken buckets"
     if repair.get("removed_keys"):
         text += f", removed {len(repair['removed_keys'])} corrupt object(s)"
     if repair.get("rewritten_buckets"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidArgument
+from .format import MAX_BUCKET_KEYS
 
 __all__ = ["BucketConfig", "Setting", "FIELD_SETTINGS", "coerce_field", "check_known_keys", "parse_size"]
 
@@ -31,6 +32,7 @@ MiB = 1 << 20
 Durability = Literal["strict", "relaxed"]
 EvictionPolicy = Literal["none", "fifo", "lru"]
 IOMode = Literal["buffered", "direct"]
+PhysicalScope = Literal["directory", "store"]
 
 # Mooncake's environment names for the fields that mean the same thing.
 MOONCAKE_ENV = {
@@ -49,6 +51,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("strict", "relaxed"),
     "eviction_policy": ("none", "fifo", "lru"),
     "io_mode": ("buffered", "direct"),
+    "physical_scope": ("directory", "store"),
 }
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -89,6 +92,10 @@ class BucketConfig:
     """Most logical bytes (value bytes of live objects)."""
     max_physical_bytes: int = 0
     """Most allocated bytes in the directory (``st_blocks * 512``, as ``du`` counts)."""
+    physical_scope: PhysicalScope = "directory"
+    """What ``max_physical_bytes`` counts: ``directory`` everything in the
+    directory, as ``du`` does (foreign files too); ``store`` only the store's
+    own files (buckets, metas, ``LOCK``, ``quarantine/``, the directory itself)."""
     total_keys_limit: int = 0
     """Most live objects."""
     eviction_policy: EvictionPolicy = "lru"
@@ -117,6 +124,8 @@ class BucketConfig:
         high, low = values["eviction_high_watermark"], values["eviction_low_watermark"]
         if low > high:
             raise InvalidArgument(f"eviction_low_watermark ({low}) exceeds eviction_high_watermark ({high})")
+        if values["bucket_keys_limit"] > MAX_BUCKET_KEYS:
+            raise InvalidArgument(f"bucket_keys_limit must be at most {MAX_BUCKET_KEYS}; got {values['bucket_keys_limit']!r}")
         return dataclasses.replace(self, **values)
 
     @classmethod

@@ -38,10 +38,13 @@ __all__ = [
     "QUARANTINE_DIR",
     "ALIGNMENT",
     "MAX_KEY_BYTES",
+    "MAX_BUCKET_KEYS",
+    "MAX_META_BYTES",
     "MetaRecord",
     "BucketMeta",
     "encode_meta",
     "decode_meta",
+    "check_meta_length",
     "aligned_layout",
     "packed_layout",
 ]
@@ -63,6 +66,11 @@ _TRAILER = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size
 RECORD_SIZE = 8 + 8 + 4 + 4
 """Bytes per object in the four column arrays: offset, size, crc32c, key length."""
+MAX_BUCKET_KEYS = 1 << 20
+"""Most objects in one bucket (the largest ``bucket_keys_limit``)."""
+MAX_META_BYTES = HEADER_SIZE + MAX_BUCKET_KEYS * (RECORD_SIZE + MAX_KEY_BYTES) + _TRAILER.size
+"""Longest valid meta: the most objects, each with the longest key. A longer
+file is invalid without being read."""
 _BIG_ENDIAN = sys.byteorder == "big"
 _COLUMNS = (("Q", 8), ("Q", 8), ("I", 4), ("I", 4))
 assert all(array(code).itemsize == width for code, width in _COLUMNS), "unsupported platform integer sizes"
@@ -237,11 +245,29 @@ def decode_meta(raw: bytes, expected_id: int) -> BucketMeta:
         raise CorruptionError(f"meta of bucket {expected_id} has unsupported version {version} or flags {flags:#x}")
     if bucket_id != expected_id:
         raise CorruptionError(f"meta named for bucket {expected_id} records bucket {bucket_id}")
-    if HEADER_SIZE + count * RECORD_SIZE + blob_length != len(body):
+    if count > MAX_BUCKET_KEYS or HEADER_SIZE + count * RECORD_SIZE + blob_length != len(body):
         raise CorruptionError(f"meta of bucket {expected_id} has inconsistent lengths")
     meta = _decode_columns(body, count, bucket_id, data_length, bool(flags & FLAG_ALIGNED))
     _check_layout(meta)
     return meta
+
+
+def check_meta_length(length: int, header: bytes, expected_id: int) -> None:
+    """Raise :class:`CorruptionError` unless a meta file of ``length`` bytes
+    whose first :data:`HEADER_SIZE` bytes are ``header`` can be valid: at most
+    :data:`MAX_META_BYTES`, kvbucket's magic and version, and exactly the
+    length its object count and key-blob length give. Lets a reader reject a
+    large file without reading it whole; :func:`decode_meta` still verifies
+    everything."""
+    if length > MAX_META_BYTES:
+        raise CorruptionError(f"meta of bucket {expected_id} is {length} bytes; no valid meta exceeds {MAX_META_BYTES}")
+    if len(header) < HEADER_SIZE:
+        raise CorruptionError(f"meta of bucket {expected_id} is truncated ({len(header)} bytes)")
+    magic, version, _flags, count, _bucket_id, _data_length, blob_length = _HEADER.unpack_from(header, 0)
+    if magic != META_MAGIC or version != META_VERSION:
+        raise CorruptionError(f"meta of bucket {expected_id} ({length} bytes) has a bad magic number or version")
+    if count > MAX_BUCKET_KEYS or HEADER_SIZE + count * RECORD_SIZE + blob_length + _TRAILER.size != length:
+        raise CorruptionError(f"meta of bucket {expected_id} is {length} bytes, not the length its header records")
 
 
 def _decode_columns(body: memoryview, count: int, bucket_id: int, data_length: int, aligned: bool) -> BucketMeta:

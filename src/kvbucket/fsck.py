@@ -57,7 +57,10 @@ class FsckReport:
     A problem is a dict: ``kind`` (a key of :data:`KV_PROBLEM_KINDS` or of
     Mooncake's ``PROBLEM_KINDS``), ``description``, ``bucket``, ``files``
     (names a repair removes), ``bytes`` (their size), ``detail``; plus ``key``
-    (``corrupt_object``) or ``keys`` (``superseded_keys``).
+    (``corrupt_object``) or ``keys`` (``superseded_keys``); and, where the
+    meta names them, ``dropped_keys`` (the keys a repair drops) and, for a
+    short or long data file with objects that verify, ``salvaged``: True (a
+    repair keeps those objects and rewrites the meta; ``files`` is empty).
     """
 
     path: str
@@ -80,9 +83,11 @@ class FsckReport:
     foreign: list[dict[str, Any]]
     """Entries that are not the engine's, never touched: ``name``, ``bytes``, ``type``."""
     repair: dict[str, Any] | None = None
-    """After a repair: ``removed`` (file names), ``freed_bytes``, ``quarantined``,
-    ``remaining_problems``; kvbucket adds ``rewritten_buckets`` and
-    ``removed_keys``, Mooncake ``skipped`` (``file``, ``reason``)."""
+    """After a repair: ``removed`` (file names), ``freed_bytes`` (of deleted
+    files only), ``quarantined``, ``remaining_problems``; kvbucket adds
+    ``quarantined_bytes``, ``rewritten_buckets``, ``salvaged_buckets``,
+    ``dropped_keys`` (keys of broken buckets) and ``removed_keys`` (corrupt
+    objects), Mooncake ``skipped`` (``file``, ``reason``)."""
     clean: bool = False
     """No problems; after a repair: nothing left to fix."""
     scan: mooncake.MooncakeScan | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -197,7 +202,10 @@ def repair(store: BucketStore, report: FsckReport, *, deep: bool = False, progre
     report.repair = {
         "removed": list(recovery.removed_files),
         "freed_bytes": recovery.freed_bytes,
+        "quarantined_bytes": recovery.quarantined_bytes,
         "rewritten_buckets": list(recovery.rewritten_buckets),
+        "salvaged_buckets": list(recovery.salvaged_buckets),
+        "dropped_keys": list(recovery.dropped_keys),
         "removed_keys": removed_keys,
         "quarantined": recovery.quarantined,
         "remaining_problems": remaining,
@@ -244,7 +252,12 @@ def _problem(kind: str, bucket: int, files: list[str], size: int, detail: str, *
 
 
 def _finding_problem(finding: Finding) -> dict[str, Any]:
-    return _problem(finding.kind, finding.bucket_id, list(finding.files), finding.bytes, finding.reason)
+    extra: dict[str, Any] = {}
+    if finding.dropped_keys:
+        extra["dropped_keys"] = list(finding.dropped_keys)
+    if finding.salvage is not None:
+        extra["salvaged"] = True
+    return _problem(finding.kind, finding.bucket_id, list(finding.files), finding.bytes, finding.reason, **extra)
 
 
 def _scan_problems(scan: DirectoryScan) -> list[dict[str, Any]]:
@@ -338,5 +351,7 @@ def repair_mooncake(report: FsckReport, *, quarantine: bool = False) -> FsckRepo
     result = mooncake.repair_mooncake(report.scan, quarantine=quarantine)
     after = mooncake.scan_mooncake(report.path)
     report.repair = {**result.to_json(), "quarantined": quarantine, "remaining_problems": [f.to_json() for f in after.findings]}
+    if quarantine:  # moved, not freed
+        report.repair["quarantined_bytes"], report.repair["freed_bytes"] = report.repair["freed_bytes"], 0
     report.clean = result.complete and not after.findings
     return report

@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from .checksum import crc32c
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .errors import CorruptionError
-from .format import LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, data_name, decode_meta, meta_name, parse_name, tmp_name
+from .format import HEADER_SIZE, LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, check_meta_length, data_name, decode_meta, footprint, meta_name, parse_name, tmp_name
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
@@ -38,6 +39,9 @@ SHORT_DATA = "short_data"
 LONG_DATA = "long_data"
 EMPTY_BUCKET = "empty_bucket"
 TEMPORARY = "temporary"
+
+LARGE_META = 1 << 20
+"""Metas longer than this are read whole only after a header check."""
 
 SCAN_THREADS = 8
 """Parallel stat and meta reads during a scan (cold reads are latency-bound)."""
@@ -55,6 +59,12 @@ class Finding:
     bytes: int
     """Sum of the files' sizes."""
     reason: str
+    dropped_keys: tuple[str, ...] = ()
+    """Keys a repair drops (known when the meta decodes)."""
+    salvage: BucketMeta | None = None
+    """For ``short_data``/``long_data`` with objects whose bytes verify: the
+    meta a repair publishes instead of removing the files (those objects,
+    data length = the file's); ``files`` is then empty."""
 
 
 @dataclass
@@ -96,7 +106,7 @@ class RecoveryReport:
     removed_files: list[str] = field(default_factory=list)
     """Files that left the directory listing (deleted or quarantined)."""
     freed_bytes: int = 0
-    """Sum of the sizes of ``removed_files``."""
+    """Sum of the sizes of the deleted ``removed_files`` (not of quarantined ones)."""
     dropped_buckets: list[tuple[int, str]] = field(default_factory=list)
     """``(bucket_id, reason)`` for every bucket id whose files were removed."""
     rewritten_buckets: list[int] = field(default_factory=list)
@@ -105,6 +115,13 @@ class RecoveryReport:
     """Names that are not ours, left untouched."""
     quarantined: bool = False
     """Files were moved to ``quarantine/`` rather than deleted."""
+    quarantined_bytes: int = 0
+    """Sum of the sizes of the ``removed_files`` moved to ``quarantine/``."""
+    salvaged_buckets: list[int] = field(default_factory=list)
+    """Buckets with a short or long data file whose meta was rewritten to
+    list only the objects whose bytes verify."""
+    dropped_keys: list[str] = field(default_factory=list)
+    """Keys of the broken buckets that were dropped (when their meta decoded)."""
 
 
 def scan_directory(
@@ -138,7 +155,7 @@ def scan_directory(
         with_meta = [b for b in sorted(ids) if FileKind.META in ids[b]]
         raws = dict(zip(with_meta, pool.map(lambda b: _read_meta(fs, directory, b), with_meta)))
     for bucket_id in (progress or iter)(sorted(ids)):
-        _classify(scan, bucket_id, ids[bucket_id], raws.get(bucket_id))
+        _classify(fs, scan, bucket_id, ids[bucket_id], raws.get(bucket_id))
     return scan
 
 
@@ -152,18 +169,39 @@ def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | None:
-    """The meta's bytes; None if it vanished since the listing. Any other
-    error propagates: a meta we cannot read now is not evidence of damage,
-    and deleting its bucket could lose acknowledged data."""
+def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | CorruptionError | None:
+    """The meta's bytes; None if it vanished since the listing; the reason
+    when its length alone shows it invalid (a file longer than
+    :data:`LARGE_META` is read whole only once its header agrees with its
+    length, so a huge or sparse file costs one small read). Any other error
+    propagates: a meta we cannot read now is not evidence of damage, and
+    deleting its bucket could lose acknowledged data."""
     try:
-        return fs.read_file(os.path.join(directory, meta_name(bucket_id)))
+        fd = fs.open(os.path.join(directory, meta_name(bucket_id)), os.O_RDONLY)
     except FileNotFoundError:
         return None
+    try:
+        size = fs.fstat(fd).st_size
+        if size > LARGE_META:
+            header = bytearray(HEADER_SIZE)
+            got = fs.read_into(fd, memoryview(header), 0)
+            try:
+                check_meta_length(size, bytes(header[:got]), bucket_id)
+            except CorruptionError as exc:
+                return exc
+        buf = bytearray(size)
+        got = fs.read_into(fd, memoryview(buf), 0)
+        return bytes(buf[:got])
+    finally:
+        fs.close(fd)
 
 
 def _classify(
-    scan: DirectoryScan, bucket_id: int, files: dict[FileKind, os.stat_result], raw_meta: bytes | None
+    fs: FileSystem,
+    scan: DirectoryScan,
+    bucket_id: int,
+    files: dict[FileKind, os.stat_result],
+    raw_meta: bytes | CorruptionError | None,
 ) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
@@ -176,27 +214,73 @@ def _classify(
             scan.findings.append(Finding(ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
         return
     problem = _check_pair(raw_meta, bucket_id, data)
+    if isinstance(problem, BucketMeta) and data.st_size != problem.data_length:  # type: ignore[union-attr]
+        problem = _salvage(fs, os.path.join(scan.path, data_name(bucket_id)), problem, data.st_size)  # type: ignore[union-attr]
     if isinstance(problem, Finding):
-        scan.findings.append(replace(problem, files=names, bytes=size))
-        return
+        if problem.salvage is None:
+            scan.findings.append(replace(problem, files=names, bytes=size))
+            return
+        scan.findings.append(problem)
+        problem = problem.salvage
     physical = (meta_st.st_blocks + data.st_blocks) * 512  # type: ignore[union-attr]
     scan.buckets[bucket_id] = LoadedBucket(problem, physical, data.st_mtime_ns)  # type: ignore[union-attr]
 
 
-def _check_pair(raw_meta: bytes, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
-    """The bucket's verified meta, or the finding that rejects it."""
+def _check_pair(raw_meta: bytes | CorruptionError, bucket_id: int, data: os.stat_result | None) -> BucketMeta | Finding:
+    """The bucket's verified meta, or the finding that rejects it. A data
+    file of another length than recorded is left to :func:`_salvage`."""
     try:
+        if isinstance(raw_meta, CorruptionError):
+            raise raw_meta
         meta = decode_meta(raw_meta, bucket_id)
     except CorruptionError as exc:
         return Finding(INVALID_META, bucket_id, (), 0, str(exc))
     if data is None:
-        return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file")
+        return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file", tuple(meta.keys))
     if data.st_size != meta.data_length:
-        kind = SHORT_DATA if data.st_size < meta.data_length else LONG_DATA
-        return Finding(kind, bucket_id, (), 0, f"data file is {data.st_size} bytes, meta records {meta.data_length}")
+        return meta
     if not meta.keys:
         return Finding(EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
     return meta
+
+
+def _salvage(fs: FileSystem, data_path: str, meta: BucketMeta, data_size: int) -> Finding:
+    """The finding for a data file of ``data_size`` bytes where ``meta``
+    records another length: its ``salvage`` lists the objects that lie inside
+    the file and whose CRC32C matches (data length = the file's), or is None
+    when no object survives. Reads only."""
+    kind = SHORT_DATA if data_size < meta.data_length else LONG_DATA
+    kept = _intact_objects(fs, data_path, meta, data_size)
+    dropped = tuple(key for key in meta.keys if key not in kept)
+    reason = f"data file is {data_size} bytes, meta records {meta.data_length}"
+    if not kept:
+        return Finding(kind, meta.bucket_id, (), 0, reason, dropped)
+    rows = (record for record in meta.records if record.key in kept)
+    salvage = BucketMeta(meta.bucket_id, data_size, meta.aligned, rows)
+    reason += f"; {len(kept)} of {len(meta)} object(s) verify and are kept"
+    return Finding(kind, meta.bucket_id, (), 0, reason, dropped, salvage)
+
+
+def _intact_objects(fs: FileSystem, data_path: str, meta: BucketMeta, data_size: int) -> set[str]:
+    """Keys of ``meta`` whose value (and, aligned, its padding) lies inside the
+    first ``data_size`` bytes of the data file and matches its CRC32C."""
+    inside = [r for r in meta.records if r.offset + footprint(r.size, meta.aligned) <= data_size]
+    if not inside:
+        return set()
+    try:
+        fd = fs.open(data_path, os.O_RDONLY)
+    except FileNotFoundError:  # removed since the listing
+        return set()
+    kept = set()
+    buf = memoryview(bytearray(max(r.size for r in inside)))
+    try:
+        for record in inside:
+            view = buf[: record.size]
+            if fs.read_into(fd, view, record.offset) == record.size and crc32c(view) == record.crc:
+                kept.add(record.key)
+    finally:
+        fs.close(fd)
+    return kept
 
 
 def build_index(scan: DirectoryScan) -> Index:
@@ -230,10 +314,14 @@ def repair(
     report = RecoveryReport(foreign_files=list(scan.foreign), quarantined=quarantine)
     if scan.findings or scan.shadowed:
         lock.raise_high_water_mark(scan.max_id)
-    for finding in scan.findings:
+    removals = [finding for finding in scan.findings if finding.salvage is None]
+    for finding in removals:
         _remove_files(fs, scan.path, finding, quarantine, report)
-    if scan.findings and durable:
+    if removals and durable:
         fs.fsync_dir(scan.path)
+    for finding in scan.findings:
+        if finding.salvage is not None:
+            _publish_salvage(fs, scan.path, index, finding, finding.salvage, durable, report)
     for bucket_id, keys in scan.shadowed.items():
         _drop_shadowed(fs, scan.path, index, bucket_id, len(keys), durable, report)
     report.buckets = len(index.buckets)
@@ -251,10 +339,36 @@ def _remove_files(fs: FileSystem, directory: str, finding: Finding, quarantine: 
         else:
             unlink_if_present(fs, path)
         report.removed_files.append(name)
-    report.freed_bytes += finding.bytes
+    if quarantine:
+        report.quarantined_bytes += finding.bytes
+    else:
+        report.freed_bytes += finding.bytes
     if finding.kind != TEMPORARY:
         report.dropped_buckets.append((finding.bucket_id, finding.reason))
+    report.dropped_keys += finding.dropped_keys
     log.warning("recovery %s %s (bucket %d: %s, %d bytes)", action, ", ".join(finding.files), finding.bucket_id, finding.reason, finding.bytes)
+
+
+def _publish_salvage(
+    fs: FileSystem, directory: str, index: Index, finding: Finding, meta: BucketMeta, durable: bool, report: RecoveryReport
+) -> None:
+    """Replace the meta of a bucket with a short or long data file by its
+    salvage: the objects whose bytes verify, data length = the file's (a
+    long file's tail becomes dead bytes). The data file is not touched and
+    the meta is replaced atomically, so a crash at any step leaves either
+    the old meta (the next open salvages again) or the new one."""
+    meta_physical = publish_meta(fs, directory, meta, durable=durable)
+    bucket = index.buckets[finding.bucket_id]
+    index.set_physical(bucket, _data_physical(fs, directory, finding.bucket_id) + meta_physical)
+    report.salvaged_buckets.append(finding.bucket_id)
+    report.dropped_keys += finding.dropped_keys
+    log.warning(
+        "recovery rewrote the meta of bucket %d (%s); dropped %d key(s): %s",
+        finding.bucket_id,
+        finding.reason,
+        len(finding.dropped_keys),
+        ", ".join(repr(key) for key in finding.dropped_keys) or "none",
+    )
 
 
 def _drop_shadowed(

@@ -57,7 +57,7 @@ from .grouping import OffloadGrouper
 from .index import Bucket, Index, ObjectMeta
 from .lockfile import StoreLock
 from .recovery import RecoveryReport, build_index, repair, scan_directory
-from .usage import measure_directory
+from .usage import PhysicalUsage, measure_store
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ class StoreStats:
     pending_deletions: int = 0
     """Buckets out of the index whose files an I/O error kept on disk; the
     next mutation deletes them first (and fails while it cannot)."""
+    foreign_bytes: int = 0
+    """The part of ``physical_bytes`` under entries that are not the store's
+    (``physical_scope="directory"``); eviction cannot free it."""
+    unmeasurable: tuple[str, ...] = ()
+    """Paths below the directory that could not be listed or stat'ed; their
+    content is not in ``physical_bytes``."""
 
 
 @dataclass
@@ -134,6 +140,10 @@ class BucketStore:
         self._next_id = 1
         self._other_physical = 0
         self._dir_physical = 0
+        self._measured = PhysicalUsage()
+        self._scan_error: OSError | None = None
+        self._warned: set[str] = set()
+        self._warned_foreign = False
         self._undeleted: dict[int, int] = {}  # out of the index, files not yet deleted -> allocated bytes
         self._evicted = [0, 0]
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
@@ -692,7 +702,27 @@ class BucketStore:
             f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
             f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes, "
             f"{usage.keys}/{self._limits.keys or 'unlimited'} keys with eviction_policy={self._config.eviction_policy!r}"
+            + self._unevictable_note()
         )
+
+    def _unevictable_note(self) -> str:
+        """What of the physical usage no eviction can free, and what to do
+        about it; empty when there is no physical limit."""
+        if not self._limits.physical:
+            return ""
+        with self._mutex:
+            other, measured, error = self._other_physical, self._measured, self._scan_error
+        if error is not None:
+            return f"; measuring {self._dir} failed ({error}), so it counts as full until it can be measured again"
+        note = f"; {other} of the physical bytes are not buckets and no eviction frees them"
+        if measured.foreign:
+            note += (
+                f", {measured.foreign} of them in entries that are not the store's (remove them, raise "
+                "max_physical_bytes, or open with physical_scope='store' to count only the store's own files)"
+            )
+        if measured.unmeasurable:
+            note += f"; not measurable: {', '.join(measured.unmeasurable[:3])}" + (" ..." if len(measured.unmeasurable) > 3 else "")
+        return note
 
     def _evict(self, victims: list[Bucket], on_evict: Callback | None) -> list[str]:
         """Two-phase eviction: out of the index, ``on_evict``, then the files."""
@@ -728,7 +758,13 @@ class BucketStore:
     def evict_to_watermark(
         self, high: float | None = None, low: float | None = None, on_evict: Callback | None = None
     ) -> list[str]:
-        """When usage is above ``high`` of a limit, evict down to ``low``; return the evicted keys."""
+        """When usage is above ``high`` of a limit, evict down to ``low``; return the evicted keys.
+
+        Evicts only what reaches ``low``: when even evicting every bucket
+        would not (the bytes that are not buckets, such as foreign files,
+        exceed ``low`` of ``max_physical_bytes``), nothing is evicted and
+        :class:`CapacityExceeded` says what holds the space.
+        """
         high = self._config.eviction_high_watermark if high is None else high
         low = self._config.eviction_low_watermark if low is None else low
         if not 0 < low <= high <= 1:
@@ -744,7 +780,13 @@ class BucketStore:
             with self._mutex:
                 buckets = list(self._index.buckets.values())
             victims = choose_victims(buckets, self._config.eviction_policy, usage, self._limits.scaled(low))
-            return self._evict(buckets if victims is None else victims, on_evict)
+            if victims is None:
+                raise CapacityExceeded(
+                    f"evicting every bucket would not bring usage to {low} of the limits, so nothing was evicted: "
+                    f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
+                    f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes" + self._unevictable_note()
+                )
+            return self._evict(victims, on_evict)
 
     def compact(self, min_dead_ratio: float = 0.5) -> int:
         """Rewrite the live objects of buckets at least ``min_dead_ratio`` dead
@@ -837,6 +879,8 @@ class BucketStore:
                     evicted_buckets=self._evicted[0],
                     evicted_keys=self._evicted[1],
                     pending_deletions=len(self._undeleted),
+                    foreign_bytes=self._measured.foreign,
+                    unmeasurable=tuple(self._measured.unmeasurable),
                 )
 
     def _usage(self) -> Usage:
@@ -865,18 +909,40 @@ class BucketStore:
 
     def _reconcile_physical(self) -> None:
         """Re-measure the directory; what buckets do not account for is "other"
-        (LOCK, foreign files, quarantine). A failed scan counts as full."""
+        (LOCK, quarantine, the directory itself and, with
+        ``physical_scope="directory"``, foreign entries). A failed scan of the
+        directory itself counts as full; a foreign path that cannot be read is
+        reported and left out."""
         try:
-            total = measure_directory(self._fs, self._dir)
+            measured = measure_store(self._fs, self._dir, foreign=self._config.physical_scope == "directory")
             directory = self._fs.stat(self._dir).st_blocks * 512
         except OSError as exc:
             log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
             with self._mutex:
+                self._scan_error = exc
                 self._other_physical = max(self._limits.physical, self._other_physical)
             return
+        self._warn_once(measured)
         with self._mutex:
-            self._other_physical = max(0, total - self._index.physical_bytes - sum(self._undeleted.values()))
+            self._measured, self._scan_error = measured, None
+            self._other_physical = max(0, measured.total - self._index.physical_bytes - sum(self._undeleted.values()))
             self._dir_physical = directory
+
+    def _warn_once(self, measured: PhysicalUsage) -> None:
+        """Log each unmeasurable path, and foreign bytes counted against a
+        physical limit, the first time they are seen."""
+        for path in measured.unmeasurable:
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("cannot measure %s (not readable); its content is not counted in physical usage", path)
+        if measured.foreign and self._limits.physical and not self._warned_foreign:
+            self._warned_foreign = True
+            log.warning(
+                "%d bytes of entries that are not the store's count towards max_physical_bytes in %s "
+                "(physical_scope='store' counts only the store's own files)",
+                measured.foreign,
+                self._dir,
+            )
 
     # -- helpers --------------------------------------------------------------
     @property

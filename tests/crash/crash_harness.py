@@ -381,7 +381,8 @@ def check_recovered(
        ``corruption_ok``);
     3. the directory holds only LOCK, the foreign files (unchanged) and
        complete pairs for exactly the index's buckets; each key lives in one
-       bucket; ``removed_files``/``freed_bytes`` match what left the listing;
+       bucket; ``removed_files`` and ``freed_bytes + quarantined_bytes``
+       match what left the listing;
     4. a second open removes nothing and sees the same store;
     5. a new bucket gets an id above every acknowledged one and reads back;
        a key removed after recovery stays removed across a reopen.
@@ -415,8 +416,10 @@ def check_recovered(
         res.removed_files = len(reported)
         if reported != gone_files:
             fail(f"removed_files {sorted(reported)} != files that left the directory {sorted(gone_files)}")
-        if report.freed_bytes != sum(before[n] for n in gone_files):
-            fail(f"freed_bytes {report.freed_bytes} != {sum(before[n] for n in gone_files)}")
+        if report.freed_bytes + report.quarantined_bytes != sum(before[n] for n in gone_files):
+            fail(f"freed_bytes {report.freed_bytes} + quarantined_bytes {report.quarantined_bytes} != {sum(before[n] for n in gone_files)}")
+        if report.quarantined and report.freed_bytes > sum(before[n] for n in gone_files if not os.path.exists(os.path.join(path, "quarantine", n))):
+            fail(f"freed_bytes {report.freed_bytes} counts quarantined files")
         if any(parse_name(n) is None and n != LOCK_NAME for n in set(before) - set(after)):
             fail(f"open() removed foreign files {sorted(set(before) - set(after))}")
         res.failures += dir_vs_index(path, store)
@@ -510,17 +513,21 @@ def _post_checks(path: str, config: dict, exp: Expectation, ids: list[int], keys
 
 def make_dirty(path: str) -> dict:
     """A directory as a crash could leave it, plus foreign files: two good
-    buckets, one whose data file is short, an orphan data file, a meta
-    without data, a leftover tmp, a corrupt meta with its data. Returns the
-    keys by fate."""
+    buckets, one whose data file is short, one cut after its first object
+    (recovery keeps that object: ``salvaged``, drops the other: ``cut``), an
+    orphan data file, a meta without data, a leftover tmp, a corrupt meta
+    with its data. Returns the keys by fate."""
     good = [make_key(f"base{i}", s) for i, s in enumerate((5000, 1, 9000, 0))]
     short = [make_key("short", 8000)]
+    salvaged, cut = [make_key("salvaged", 3000)], [make_key("cut", 5000)]
     with BucketStore.open(path) as store:
         store.batch_offload({k: value_for(k) for k in good[:2]})
         b_short = store.batch_offload({k: value_for(k) for k in short})
+        b_cut = store.batch_offload({k: value_for(k) for k in salvaged + cut})
         store.batch_offload({k: value_for(k) for k in good[2:]})
         top = max(store.bucket_ids())
     os.truncate(os.path.join(path, f"{b_short}.bucket"), 4000)
+    os.truncate(os.path.join(path, f"{b_cut}.bucket"), 3000)  # no dead tail: compaction leaves it alone
     junk = {
         f"{top + 1}.bucket": b"orphan data" * 100,
         f"{top + 2}.meta": b"meta without data",
@@ -534,7 +541,7 @@ def make_dirty(path: str) -> dict:
     for name, data in junk.items():
         with open(os.path.join(path, name), "wb") as f:
             f.write(data)
-    return {"good": good, "short": short}
+    return {"good": good, "short": short, "salvaged": salvaged, "cut": cut}
 
 
 def _noise(size: int, seed: int) -> bytes:
@@ -545,8 +552,9 @@ def dirty_expect(fates: dict) -> Callable[[Expectation], None]:
     """What a directory from :func:`make_dirty` adds to an expectation."""
 
     def add(exp: Expectation) -> None:
-        exp.live |= set(fates["good"])
+        exp.live |= set(fates["good"]) | set(fates["salvaged"])
         exp.maybe |= set(fates["short"])
+        exp.gone |= set(fates["cut"])
 
     return add
 

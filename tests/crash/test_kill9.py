@@ -52,8 +52,9 @@ def test_kill9_during_recovery(runner, tmp_path, crash_counts):
         fates.update(H.make_dirty(path))
 
     def base_expect(exp: H.Expectation) -> None:
-        exp.live |= set(fates["good"])
+        exp.live |= set(fates["good"]) | set(fates["salvaged"])
         exp.maybe |= set(fates["short"])
+        exp.gone |= set(fates["cut"])
 
     ops = H.simple_workload(2, per_bucket=2, tag="r", seed=2)
     failures, stats = kill_sweep(
@@ -78,8 +79,9 @@ def test_kill9_quarantine_recovery(runner, tmp_path, crash_counts):
         fates.update(H.make_dirty(path))
 
     def base_expect(exp: H.Expectation) -> None:
-        exp.live |= set(fates["good"])
+        exp.live |= set(fates["good"]) | set(fates["salvaged"])
         exp.maybe |= set(fates["short"])
+        exp.gone |= set(fates["cut"])
 
     ops = H.simple_workload(1, per_bucket=2, tag="q", seed=4)
     failures, stats = kill_sweep(
