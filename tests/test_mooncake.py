@@ -266,7 +266,7 @@ def test_repair_leaves_a_file_that_changed_since_the_scan(tmp_path: Path) -> Non
 
 
 def test_detect_format(tmp_path: Path) -> None:
-    assert mc.detect_format(tmp_path) == "kvbucket"  # empty
+    assert mc.detect_format(tmp_path) == "none"  # empty: neither engine's
     d = MooncakeDir(tmp_path / "mc")
     d.write_bucket(1, _objects(1))
     assert mc.detect_format(d.root) == "mooncake"
@@ -275,6 +275,32 @@ def test_detect_format(tmp_path: Path) -> None:
     assert mc.detect_format(tmp_path / "kv") == "kvbucket"
     os.unlink(tmp_path / "kv" / "LOCK")
     assert mc.detect_format(tmp_path / "kv") == "kvbucket"  # by the meta's magic
+
+
+def test_detect_format_reads_every_meta(tmp_path: Path) -> None:
+    """Unreadable metas first in listing order do not hide the valid Mooncake ones."""
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 37):
+        d.write_bucket(b, _objects(b))
+    unreadable = sorted(f"{b}.meta" for b in range(1, 37))[:20]
+    for name in unreadable:
+        d.garbage_meta(int(name.split(".")[0]))
+    assert mc.detect_format(d.root) == "mooncake"
+    evidence = mc.format_evidence(d.root)
+    assert len(evidence.mooncake_metas) == 16 and not evidence.kvbucket_metas
+
+
+def test_detect_format_is_unknown_without_telling_evidence(tmp_path: Path) -> None:
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 4):
+        d.write_bucket(b, _objects(b))
+        d.garbage_meta(b)
+    assert mc.detect_format(d.root) == "unknown"  # bucket files, but no meta tells whose
+    with BucketStore.open(tmp_path / "kv") as store:
+        store.batch_offload({"a": b"1"})
+    d.write_bucket(9, _objects(9))
+    os.replace(d.meta_path(9), tmp_path / "kv" / "9.meta")
+    assert mc.detect_format(tmp_path / "kv") == "unknown"  # both engines' metas
 
 
 # -- import --------------------------------------------------------------------------

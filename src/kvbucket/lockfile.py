@@ -39,7 +39,7 @@ from .errors import ForeignEntry, StoreLocked
 from .format import LOCK_NAME, MAX_BUCKET_ID
 from .fs import FileSystem
 
-__all__ = ["StoreLock", "WriterLimits", "read_writer_limits"]
+__all__ = ["StoreLock", "WriterLimits", "lock_identifies_store", "read_writer_limits"]
 
 _SLOT = struct.Struct("<8sQI")
 _MAGIC = b"KVBLOCK\x00"
@@ -164,35 +164,56 @@ class StoreLock:
             self._fd = -1
 
     def _read_slot(self, offset: int) -> int | None:
-        """The slot's mark; ``None`` when it is short, damaged or holds an id
-        outside the range ids are handed out from."""
         buf = bytearray(_SLOT.size)
         got = self._fs.read_into(self._fd, memoryview(buf), offset)
-        if got != _SLOT.size:
-            return None
-        magic, value, stored_crc = _SLOT.unpack(buf)
-        if magic != _MAGIC or crc32c(bytes(buf[:-4])) != stored_crc or value > MAX_BUCKET_ID:
-            return None
-        return value
+        return _slot_value(bytes(buf[:got]))
+
+
+def lock_identifies_store(fs: FileSystem, directory: str) -> bool:
+    """Whether ``directory/LOCK`` is a regular file with a valid slot (the
+    store's identity). Reads only, takes no lock."""
+    raw = _read_lock(fs, directory, 0, _SLOT_OFFSETS[-1] + _SLOT.size)
+    return raw is not None and any(_slot_value(raw[offset : offset + _SLOT.size]) is not None for offset in _SLOT_OFFSETS)
 
 
 def read_writer_limits(fs: FileSystem, directory: str) -> WriterLimits | None:
     """The limits recorded by the last writer of ``directory``; ``None`` when
     no ``LOCK`` (a regular file) holds a valid record. Reads only, takes no lock."""
+    raw = _read_lock(fs, directory, _LIMITS_OFFSET, _LIMITS.size)
+    if raw is None or len(raw) != _LIMITS.size:
+        return None
+    magic, total, physical, keys, stored_crc = _LIMITS.unpack(raw)
+    if magic != _LIMITS_MAGIC or crc32c(raw[:-4]) != stored_crc:
+        return None
+    return WriterLimits(total, physical, keys)
+
+
+def _read_lock(fs: FileSystem, directory: str, offset: int, size: int) -> bytes | None:
+    """Up to ``size`` bytes of ``LOCK`` from ``offset``; ``None`` when it is
+    missing, unreadable, a link or not a regular file (a FIFO does not block)."""
     try:
-        fd = fs.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = fs.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        buf = bytearray(_LIMITS.size)
-        if not stat.S_ISREG(fs.fstat(fd).st_mode) or fs.read_into(fd, memoryview(buf), _LIMITS_OFFSET) != _LIMITS.size:
+        if not stat.S_ISREG(fs.fstat(fd).st_mode):
             return None
+        buf = bytearray(size)
+        got = fs.read_into(fd, memoryview(buf), offset)
+        return bytes(buf[:got])
     finally:
         fs.close(fd)
-    magic, total, physical, keys, stored_crc = _LIMITS.unpack(buf)
-    if magic != _LIMITS_MAGIC or crc32c(bytes(buf[:-4])) != stored_crc:
+
+
+def _slot_value(raw: bytes) -> int | None:
+    """The mark a slot's bytes hold; ``None`` when short, damaged or outside
+    the range ids are handed out from."""
+    if len(raw) != _SLOT.size:
         return None
-    return WriterLimits(total, physical, keys)
+    magic, value, stored_crc = _SLOT.unpack(raw)
+    if magic != _MAGIC or crc32c(raw[:-4]) != stored_crc or value > MAX_BUCKET_ID:
+        return None
+    return value
 
 
 def _blank(fs: FileSystem, fd: int) -> bool:
