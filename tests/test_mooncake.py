@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvbucket import BucketStore
 from kvbucket import mooncake as mc
-from kvbucket.errors import CorruptionError, InvalidArgument
+from kvbucket.errors import CorruptionError, ForeignEntry, InvalidArgument
 from mooncake_writer import MooncakeDir, bucket_metadata, stored_key, tree_digest, varint
 
 # -- the codec -----------------------------------------------------------------
@@ -260,6 +260,26 @@ def test_repair_leaves_a_file_that_changed_since_the_scan(tmp_path: Path) -> Non
     assert result.skipped == [("1.bucket", "changed since the scan")]
     assert not result.complete
     assert sorted(os.listdir(tmp_path)) == ["1.bucket", "1.meta"]
+
+
+def test_repair_quarantine_refuses_a_linked_folder_and_never_replaces(tmp_path: Path) -> None:
+    d = MooncakeDir(tmp_path / "mc")
+    d.write_bucket(1, _objects(1))
+    d.write_bucket(2, _objects(2))
+    d.orphan_data(2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, d.root / "quarantine")
+    with pytest.raises(ForeignEntry, match="quarantine"):
+        mc.repair_mooncake(mc.scan_mooncake(d.root), quarantine=True)
+    assert os.listdir(elsewhere) == [] and d.data_path(2).exists()
+    os.unlink(d.root / "quarantine")
+    (d.root / "quarantine").mkdir()
+    (d.root / "quarantine" / "2.bucket.quarantined").write_bytes(b"earlier")
+    result = mc.repair_mooncake(mc.scan_mooncake(d.root), quarantine=True)
+    assert result.removed == ["2.bucket"]
+    assert (d.root / "quarantine" / "2.bucket.quarantined").read_bytes() == b"earlier"
+    assert (d.root / "quarantine" / "2.bucket.1.quarantined").exists()
 
 
 # -- detection ---------------------------------------------------------------------

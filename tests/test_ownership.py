@@ -207,3 +207,38 @@ def test_ids_used_up_raise_a_typed_error(store_dir: Path) -> None:
     with BucketStore.open(store_dir) as store:
         with pytest.raises(CapacityExceeded, match="highest ids"):
             store.batch_offload({"a": b"1"})
+
+
+# -- the identity survives a power cut in relaxed durability ------------------------------
+
+
+class SyncLog(FileSystem):
+    """Records, in order, the files opened for writing and the syncs."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.names: dict[int, str] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = super().open(path, flags, mode)
+        self.names[fd] = os.path.basename(path)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            self.events.append(f"open {self.names[fd]}")
+        return fd
+
+    def fsync(self, fd: int) -> None:
+        super().fsync(fd)
+        self.events.append(f"fsync {self.names.get(fd)}")
+
+    def fsync_dir(self, path: str) -> None:
+        super().fsync_dir(path)
+        self.events.append("fsync_dir")
+
+
+def test_relaxed_store_makes_its_lock_durable_before_any_bucket(store_dir: Path) -> None:
+    fs = SyncLog()
+    with BucketStore.open(store_dir, durability="relaxed", filesystem=fs) as store:
+        store.batch_offload({"a": b"1"})
+    first_bucket = fs.events.index("open 1.bucket")
+    before = fs.events[:first_bucket]
+    assert "fsync LOCK" in before and before.index("fsync LOCK") < len(before) - before[::-1].index("fsync_dir")

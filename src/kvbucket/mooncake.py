@@ -48,6 +48,7 @@ from pathlib import Path
 
 from .errors import CorruptionError, InvalidArgument
 from .fs import FileSystem
+from .quarantine import move_to_quarantine, quarantine_folder
 
 __all__ = [
     "MooncakeMetaError",
@@ -82,7 +83,6 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"([0-9]+)\.(bucket|meta)")  # used with fullmatch: no "$" newline loophole
 TENANT_SEPARATOR = b"\x00"
-QUARANTINE_DIR = "quarantine"
 QUARANTINE_SUFFIX = ".quarantined"
 
 PROBLEM_KINDS: dict[str, str] = {
@@ -604,20 +604,6 @@ def _unchanged(fs: FileSystem, path: str, identity: FileIdentity) -> bool:
     return stat.S_ISREG(st.st_mode) and FileIdentity.of(identity.name, st) == identity
 
 
-def _quarantine_path(fs: FileSystem, root: Path, name: str) -> str:
-    """A free name under ``quarantine/`` that Mooncake will never treat as its own.
-
-    Mooncake's Init walks sub-directories too and deletes ``*.bucket`` files it
-    finds there, so quarantined files get a ``.quarantined`` suffix."""
-    folder = root / QUARANTINE_DIR
-    fs.mkdir(os.fspath(folder))
-    candidate, n = f"{name}{QUARANTINE_SUFFIX}", 0
-    while os.path.lexists(folder / candidate):
-        n += 1
-        candidate = f"{name}.{n}{QUARANTINE_SUFFIX}"
-    return os.fspath(folder / candidate)
-
-
 def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarantine: bool = False) -> RepairResult:
     """Remove (or move to ``quarantine/``) the files of every broken bucket in ``scan``.
 
@@ -629,14 +615,17 @@ def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarant
     """
     fs = fs or FileSystem()
     result = RepairResult()
+    # Mooncake's Init walks sub-directories too and deletes ``*.bucket`` files
+    # it finds there, so quarantined files get a ``.quarantined`` suffix.
+    folder = quarantine_folder(fs, os.fspath(scan.path)) if quarantine and scan.findings else None
     for finding in scan.findings:
         for identity in finding.files:
             path = os.fspath(scan.path / identity.name)
             if not _unchanged(fs, path, identity):
                 result.skipped.append((identity.name, "changed since the scan"))
                 continue
-            if quarantine:
-                fs.rename(path, _quarantine_path(fs, scan.path, identity.name))
+            if folder is not None:
+                move_to_quarantine(fs, path, folder, QUARANTINE_SUFFIX)
             else:
                 fs.unlink(path)
             log.info("removed %s (%s, %d bytes)", identity.name, finding.kind, identity.size)
@@ -644,8 +633,8 @@ def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarant
             result.freed_bytes += identity.size
     if result.removed:
         fs.fsync_dir(os.fspath(scan.path))
-        if quarantine:
-            fs.fsync_dir(os.fspath(scan.path / QUARANTINE_DIR))
+        if folder is not None:
+            fs.fsync_dir(folder)
     return result
 
 
