@@ -7,12 +7,23 @@
 """
 
 from .config import BucketConfig
+from .errors import ForeignDirectory, ForeignEntry, MooncakeDirectory
 from .index import ObjectMeta
 from .recovery import RecoveryReport
 from .pipeline import OffloadQueue
 from .store import BucketStore, StoreStats
 
-__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats"]
+__all__ = [
+    "BucketStore",
+    "BucketConfig",
+    "ForeignDirectory",
+    "ForeignEntry",
+    "MooncakeDirectory",
+    "ObjectMeta",
+    "OffloadQueue",
+    "RecoveryReport",
+    "StoreStats",
+]
 __version__ = "0.1.0"
 
 import logging as _logging
