@@ -17,6 +17,11 @@ Conventions (the contract operators script against):
   line on stderr, never a traceback;
 * ``--json`` prints one JSON document on stdout (an error as
   ``{"error": ..., "exit_code": ...}``);
+* a directory that is neither a kvbucket store (a ``LOCK`` with a kvbucket
+  slot, or a kvbucket meta) nor a Mooncake directory is "not a kvbucket
+  store" (exit 2) and no command creates anything in it; when the format
+  cannot be told (both engines' files, or only unreadable metas), commands
+  stop and ask for ``--format``;
 * options may come before or after positional arguments;
 * logging is quiet unless ``-v`` (INFO) or ``-vv`` (DEBUG) is given;
 * progress bars go to stderr, only when it is a terminal and not ``--json``.

@@ -173,7 +173,8 @@ class BucketStore:
             lock, durable = self._lock, self._durable
             check_ownership(scan, lock)
             self._io("claiming the store", lock.claim)
-            self._io("recording the limits", lambda: lock.record_limits(WriterLimits(self._limits.logical, self._limits.physical, self._limits.keys)))
+            limits = WriterLimits(self._limits.logical, self._limits.physical, self._limits.keys)
+            self._io("recording the limits", lambda: lock.record_limits(limits))
             self.recovery_report = self._io(
                 "recovering", lambda: repair(self._fs, scan, index, lock, quarantine=self._config.quarantine, durable=durable)
             )
