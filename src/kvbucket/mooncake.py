@@ -903,15 +903,25 @@ def format_evidence(path: str | os.PathLike[str], fs: FileSystem | None = None) 
             continue
         if evidence.mooncake_metas and (evidence.kvbucket_lock or evidence.kvbucket_metas):
             continue  # both engines seen: the verdict cannot change
-        try:
-            raw = fs.read_file(full)
+        try:  # the magic alone tells a kvbucket meta: its body is not read
+            kind = "kvbucket" if _read_head(fs, full, len(META_MAGIC)) == META_MAGIC else meta_kind(fs.read_file(full))
         except OSError:
             continue
-        if raw.startswith(META_MAGIC):
+        if kind == "kvbucket":
             evidence.kvbucket_metas.append(name)
-        elif meta_kind(raw) == "mooncake":
+        elif kind == "mooncake":
             evidence.mooncake_metas.append(name)
     return evidence
+
+
+def _read_head(fs: FileSystem, path: str, size: int) -> bytes:
+    """The first ``size`` bytes of the file ``path`` (fewer if it is shorter)."""
+    fd = fs.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(size)
+        return bytes(buf[: fs.read_into(fd, memoryview(buf), 0)])
+    finally:
+        fs.close(fd)
 
 
 def detect_format(path: str | os.PathLike[str], fs: FileSystem | None = None) -> str:
