@@ -391,6 +391,82 @@ def test_writers_refuse_a_mooncake_directory(mooncake_dir: MooncakeDir, tmp_path
     assert tree_digest(mooncake_dir.root) == before
 
 
+def test_fsck_repair_detects_mooncake_past_unreadable_metas(tmp_path: Path) -> None:
+    """The first 16 metas in listing order are unreadable: detection still
+    sees the valid Mooncake ones, and the repair keeps every healthy bucket."""
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 37):
+        d.write_bucket(b, {f"m{b}-0": os.urandom(200)})
+    broken = [int(name.split(".")[0]) for name in sorted(f"{b}.meta" for b in range(1, 37))[:16]]
+    for b in broken:
+        d.garbage_meta(b)
+    healthy = {k: v for k, v in tree_digest(d.root).items() if int(k.split(".")[0]) not in broken}
+    code, report = run_json("fsck", "--repair", d.root)
+    assert code == 0 and report["format"] == "mooncake"
+    assert sorted(report["repair"]["removed"]) == sorted(f"{b}.{kind}" for b in broken for kind in ("bucket", "meta"))
+    assert tree_digest(d.root) == healthy
+
+
+def test_fsck_repair_refuses_when_the_format_is_unknown(tmp_path: Path) -> None:
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 5):
+        d.write_bucket(b, {f"m{b}-0": os.urandom(200)})
+        d.garbage_meta(b)
+    before = tree_digest(d.root)
+    for args in (("fsck", "--repair", d.root), ("fsck", d.root), ("stats", d.root)):
+        proc = kvbucket(*args)
+        assert proc.returncode == 2 and b"cannot tell whether" in proc.stderr and b"--format" in proc.stderr
+    assert tree_digest(d.root) == before
+
+
+@pytest.mark.parametrize("content", ["empty", "foreign files", "parent of a store"])
+def test_commands_on_a_directory_that_is_not_a_store(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "dir"
+    path.mkdir()
+    if content == "foreign files":
+        (path / "notes.txt").write_text("x")
+        (path / "sub").mkdir()
+    elif content == "parent of a store":
+        with BucketStore.open(path / "store") as store:
+            store.batch_offload({"a": b"1"})
+    before = tree_digest(path)
+    for args in (("stats",), ("fsck",), ("fsck", "--repair"), ("ls",), ("get", "a"), ("rm", "a")):
+        proc = kvbucket(*args[:1], path, *args[1:])
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert b"not a kvbucket store" in proc.stderr, (args, proc.stderr)
+        if args[0] != "get":  # get writes the value itself, it has no --json
+            code, report = run_json(*args[:1], path, *args[1:])
+            assert code == 2 and "not a kvbucket store" in report["error"]
+    assert tree_digest(path) == before
+    assert not (path / LOCK_NAME).exists()
+
+
+def test_stats_shows_the_limits_the_writer_runs_with(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    limits = {"max_total_size": 64 << 20, "max_physical_bytes": 128 << 20, "total_keys_limit": 1000}
+    with BucketStore.open(path, **limits) as store:
+        store.batch_offload({"a": b"1"})
+        code, report = run_json("stats", path)  # while the writer runs
+        assert code == 0 and {k: report[k] for k in limits} == limits and report["limits_known"] is True
+        text = kvbucket("stats", path).stdout.decode()
+        assert "unlimited" not in text and "67,108,864" in text and "128.0 MiB" in text and "1,000" in text
+    with BucketStore.open(path, readonly=True) as reader:  # the library reports them too
+        stats = reader.stats()
+        assert (stats.max_total_size, stats.max_physical_bytes, stats.total_keys_limit) == tuple(limits.values())
+    with BucketStore.open(path):  # the next writer records its own (none)
+        pass
+    code, report = run_json("stats", path)
+    assert code == 0 and {k: report[k] for k in limits} == dict.fromkeys(limits, 0)
+    assert "unlimited" in kvbucket("stats", path).stdout.decode()
+
+
+def test_stats_says_unknown_when_no_limits_are_recorded(store_dir: Path) -> None:
+    assert not (store_dir / LOCK_NAME).exists()  # nothing records the writer's limits
+    code, report = run_json("stats", store_dir)
+    assert code == 0 and report["limits_known"] is False
+    assert "unknown" in kvbucket("stats", store_dir).stdout.decode()
+
+
 def test_import_from_mooncake(mooncake_dir: MooncakeDir, tmp_path: Path) -> None:
     before = tree_digest(mooncake_dir.root)
     dst = tmp_path / "new" / "store"

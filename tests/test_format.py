@@ -69,7 +69,9 @@ def test_layouts() -> None:
         ("0.bucket", (0, FileKind.DATA)),
         ("17.meta", (17, FileKind.META)),
         ("17.meta.tmp", (17, FileKind.TMP)),
-        ("9223372036854775807.bucket", (2**63 - 1, FileKind.DATA)),
+        ("9007199254740991.bucket", (2**53 - 1, FileKind.DATA)),
+        ("9007199254740992.bucket", None),  # above the largest id handed out
+        ("9223372036854775807.bucket", None),
         ("9223372036854775808.bucket", None),
         ("05.meta", None),
         ("-1.bucket", None),

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvbucket import BucketStore
 from kvbucket import mooncake as mc
-from kvbucket.errors import CorruptionError, InvalidArgument
+from kvbucket.errors import CorruptionError, ForeignEntry, InvalidArgument
 from mooncake_writer import MooncakeDir, bucket_metadata, stored_key, tree_digest, varint
 
 # -- the codec -----------------------------------------------------------------
@@ -262,11 +262,31 @@ def test_repair_leaves_a_file_that_changed_since_the_scan(tmp_path: Path) -> Non
     assert sorted(os.listdir(tmp_path)) == ["1.bucket", "1.meta"]
 
 
+def test_repair_quarantine_refuses_a_linked_folder_and_never_replaces(tmp_path: Path) -> None:
+    d = MooncakeDir(tmp_path / "mc")
+    d.write_bucket(1, _objects(1))
+    d.write_bucket(2, _objects(2))
+    d.orphan_data(2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, d.root / "quarantine")
+    with pytest.raises(ForeignEntry, match="quarantine"):
+        mc.repair_mooncake(mc.scan_mooncake(d.root), quarantine=True)
+    assert os.listdir(elsewhere) == [] and d.data_path(2).exists()
+    os.unlink(d.root / "quarantine")
+    (d.root / "quarantine").mkdir()
+    (d.root / "quarantine" / "2.bucket.quarantined").write_bytes(b"earlier")
+    result = mc.repair_mooncake(mc.scan_mooncake(d.root), quarantine=True)
+    assert result.removed == ["2.bucket"]
+    assert (d.root / "quarantine" / "2.bucket.quarantined").read_bytes() == b"earlier"
+    assert (d.root / "quarantine" / "2.bucket.1.quarantined").exists()
+
+
 # -- detection ---------------------------------------------------------------------
 
 
 def test_detect_format(tmp_path: Path) -> None:
-    assert mc.detect_format(tmp_path) == "kvbucket"  # empty
+    assert mc.detect_format(tmp_path) == "none"  # empty: neither engine's
     d = MooncakeDir(tmp_path / "mc")
     d.write_bucket(1, _objects(1))
     assert mc.detect_format(d.root) == "mooncake"
@@ -275,6 +295,32 @@ def test_detect_format(tmp_path: Path) -> None:
     assert mc.detect_format(tmp_path / "kv") == "kvbucket"
     os.unlink(tmp_path / "kv" / "LOCK")
     assert mc.detect_format(tmp_path / "kv") == "kvbucket"  # by the meta's magic
+
+
+def test_detect_format_reads_every_meta(tmp_path: Path) -> None:
+    """Unreadable metas first in listing order do not hide the valid Mooncake ones."""
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 37):
+        d.write_bucket(b, _objects(b))
+    unreadable = sorted(f"{b}.meta" for b in range(1, 37))[:20]
+    for name in unreadable:
+        d.garbage_meta(int(name.split(".")[0]))
+    assert mc.detect_format(d.root) == "mooncake"
+    evidence = mc.format_evidence(d.root)
+    assert len(evidence.mooncake_metas) == 16 and not evidence.kvbucket_metas
+
+
+def test_detect_format_is_unknown_without_telling_evidence(tmp_path: Path) -> None:
+    d = MooncakeDir(tmp_path / "mc")
+    for b in range(1, 4):
+        d.write_bucket(b, _objects(b))
+        d.garbage_meta(b)
+    assert mc.detect_format(d.root) == "unknown"  # bucket files, but no meta tells whose
+    with BucketStore.open(tmp_path / "kv") as store:
+        store.batch_offload({"a": b"1"})
+    d.write_bucket(9, _objects(9))
+    os.replace(d.meta_path(9), tmp_path / "kv" / "9.meta")
+    assert mc.detect_format(tmp_path / "kv") == "unknown"  # both engines' metas
 
 
 # -- import --------------------------------------------------------------------------

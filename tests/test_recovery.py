@@ -191,13 +191,14 @@ def test_high_water_mark_survives_a_torn_slot(store_dir: Path) -> None:
 def test_scan_directory_changes_nothing(store_dir: Path) -> None:
     make_store(store_dir)
     (store_dir / "9.bucket").write_bytes(b"orphan")
-    (store_dir / "2.meta").write_bytes(b"bad")
+    (store_dir / "2.meta").write_bytes(b"KVBMETA\0bad")
+    (store_dir / "3.meta").write_bytes(b"bad")  # no kvbucket magic: another program's meta
     (store_dir / "foreign").write_bytes(b"x")
     before = snapshot(store_dir)
     scan = scan_directory(store_dir)
-    assert sorted(scan.buckets) == [1, 3]
+    assert sorted(scan.buckets) == [1]
     assert sorted((f.kind, f.bucket_id) for f in scan.findings) == [("invalid_meta", 2), ("orphan_data", 9)]
-    assert scan.foreign == ["foreign"]
+    assert scan.foreign == ["3.bucket", "3.meta", "foreign"]
     assert snapshot(store_dir) == before
 
 

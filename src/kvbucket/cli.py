@@ -18,6 +18,11 @@ Conventions (the contract operators script against):
   line on stderr, never a traceback;
 * ``--json`` prints one JSON document on stdout (an error as
   ``{"error": ..., "exit_code": ...}``);
+* a directory that is neither a kvbucket store (a ``LOCK`` with a kvbucket
+  slot, or a kvbucket meta) nor a Mooncake directory is "not a kvbucket
+  store" (exit 2) and no command creates anything in it; when the format
+  cannot be told (both engines' files, or only unreadable metas), commands
+  stop and ask for ``--format``;
 * options may come before or after positional arguments;
 * logging is quiet unless ``-v`` (INFO) or ``-vv`` (DEBUG) is given;
 * progress bars go to stderr, only when it is a terminal and not ``--json``.
@@ -109,7 +114,7 @@ def _format_option(fn: F) -> F:
         type=click.Choice(FORMATS),
         default="auto",
         show_default=True,
-        help="Directory format; auto detects it from LOCK and the metas.",
+        help="Directory format; auto detects it from LOCK and every meta, and stops when it cannot tell.",
     )(fn)
 
 
@@ -235,18 +240,46 @@ def _existing_dir(path: str) -> Path:
 
 
 def _resolve_format(path: Path, requested: str) -> str:
-    return mooncake.detect_format(path) if requested == "auto" else requested
+    """``requested``, or the format detected from all the evidence; fails
+    (exit 2) on a directory that is neither engine's, or both, or that no
+    meta identifies."""
+    if requested != "auto":
+        return requested
+    evidence = mooncake.format_evidence(path)
+    if evidence.format == "none":
+        raise Failure(_not_a_store(path))
+    if evidence.format == "unknown":
+        raise Failure(
+            f"cannot tell whether {path} is a kvbucket store or a Mooncake directory ({evidence.describe()}); "
+            "nothing was read or changed. Pass --format kvbucket or --format mooncake to choose."
+        )
+    return evidence.format
+
+
+def _not_a_store(path: Path) -> str:
+    return (
+        f"{path} is not a kvbucket store (no LOCK with a kvbucket slot, no kvbucket bucket) "
+        "nor a Mooncake directory; nothing was read or changed."
+    )
 
 
 def _refuse_mooncake_writer(path: Path, what: str) -> None:
-    """Opening a Mooncake directory as a kvbucket writer would delete its
-    files (their metas are not kvbucket metas); refuse instead."""
+    """Opening a Mooncake directory as a kvbucket writer would treat its
+    files as broken kvbucket files; refuse instead."""
     if path.is_dir() and mooncake.detect_format(path) == "mooncake":
         raise Failure(
             f"{path} looks like a Mooncake directory; {what} would treat its files as broken "
-            "kvbucket files and delete them. Use --format mooncake to check it, or "
+            "kvbucket files. Use --format mooncake to check it, or "
             "'kvbucket import --from-mooncake' to copy it into a kvbucket store."
         )
+
+
+def _require_store(path: Path, what: str) -> None:
+    """A command that changes an existing store (``rm``, ``fsck --repair``)
+    creates nothing in a directory that is not one."""
+    _refuse_mooncake_writer(path, what)
+    if mooncake.detect_format(path) == "none":
+        raise Failure(_not_a_store(path))
 
 
 def _open_readonly(path: Path) -> BucketStore:
@@ -341,7 +374,7 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
             _announce(as_json, plan)
             fsck.repair_mooncake(report, quarantine=quarantine)
     elif repair and not dry_run:
-        _refuse_mooncake_writer(path, "repairing it as a kvbucket store")
+        _require_store(path, "repairing it as a kvbucket store")
         report = fsck.check(path, progress=bars)  # --deep verifies after recovery, under the lock
         plan = _repair_plan(report.to_json()["problems"], quarantine)
         _announce(as_json, plan)
@@ -459,20 +492,25 @@ def _fsck_verdict(report: dict[str, Any]) -> str:
 @_verbose_option
 @_guarded
 def stats(directory: str, fmt: str, as_json: bool) -> int:
-    """Show key, bucket and byte counts of DIRECTORY (read-only)."""
+    """Show key, bucket and byte counts of DIRECTORY (read-only), and the
+    limits its last writer recorded ("unknown" for a store last written by a
+    kvbucket that recorded none)."""
     path = _existing_dir(directory)
     if _resolve_format(path, fmt) == "mooncake":
         payload = _mooncake_stats(path, as_json)
     else:
         with _open_readonly(path) as store:
             payload = {"path": os.fspath(path), "format": "kvbucket", **_plain(store.stats())}
-    _emit(as_json, payload, lambda: "\n".join(f"{k:<20} {_stat_value(k, v)}" for k, v in payload.items()))
+    known = payload.get("limits_known", True)
+    _emit(as_json, payload, lambda: "\n".join(f"{k:<20} {_stat_value(k, v, known)}" for k, v in payload.items()))
     return EXIT_OK
 
 
-def _stat_value(name: str, value: Any) -> str:
+def _stat_value(name: str, value: Any, limits_known: bool = True) -> str:
+    """One ``stats`` value in words; a limit of 0 is unlimited, or unknown
+    when the store's writer recorded none (an older kvbucket)."""
     if name in ("max_total_size", "max_physical_bytes", "total_keys_limit") and value == 0:
-        return "unlimited"
+        return "unlimited" if limits_known else "unknown"
     if isinstance(value, int) and not isinstance(value, bool) and name.endswith("bytes"):
         return _size(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -613,7 +651,7 @@ def rm(directory: str, keys: tuple[str, ...], force: bool, escaped: bool, as_jso
     If any key is not stored, nothing is removed and the exit status is 1,
     unless --force. Refuses while another process holds the writer lock."""
     path = _existing_dir(directory)
-    _refuse_mooncake_writer(path, "opening it as a kvbucket store")
+    _require_store(path, "opening it as a kvbucket store")
     wanted = list(dict.fromkeys(unescape_key(k) if escaped else k for k in keys))
     with _open_writer(path, "remove keys from") as store:
         present = store.batch_exists(wanted)
@@ -654,7 +692,7 @@ def import_cmd(source: str, destination: str, from_mooncake: bool, keep_tenant: 
     dst = Path(destination)
     if dst.exists() and os.path.samefile(src, dst):
         raise Failure("SOURCE and DESTINATION are the same directory")
-    if mooncake.detect_format(src) != "mooncake" and any(mooncake.parse_name(n) for n in os.listdir(src)):
+    if mooncake.detect_format(src) == "kvbucket":
         raise Failure(f"{src} looks like a kvbucket store, not a Mooncake directory")
     _refuse_mooncake_writer(dst, "importing into it")
     scan = mooncake.scan_mooncake(src, progress=_each(as_json, desc="checking source", unit="bucket"))

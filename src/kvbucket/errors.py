@@ -19,6 +19,9 @@ __all__ = [
     "InvalidArgument",
     "ReadOnlyStore",
     "StorageIOError",
+    "ForeignDirectory",
+    "MooncakeDirectory",
+    "ForeignEntry",
 ]
 
 
@@ -78,3 +81,20 @@ class StorageIOError(KvBucketError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class ForeignDirectory(InvalidArgument):
+    """The directory holds files named like a store's that kvbucket cannot
+    tell are its own (no kvbucket ``LOCK``, no kvbucket meta): a writer
+    refuses it rather than delete another program's files. Nothing on disk
+    was changed."""
+
+
+class MooncakeDirectory(ForeignDirectory):
+    """The directory is a Mooncake offload directory; copy it into a store
+    with ``kvbucket import --from-mooncake`` instead of opening it."""
+
+
+class ForeignEntry(ForeignDirectory):
+    """An entry the store must own (``LOCK``, ``quarantine/``) is something
+    else: a link, a directory on another device, another program's file."""

@@ -34,6 +34,7 @@ __all__ = [
     "data_name",
     "meta_name",
     "tmp_name",
+    "meta_is_ours",
     "LOCK_NAME",
     "QUARANTINE_DIR",
     "ALIGNMENT",
@@ -52,7 +53,11 @@ __all__ = [
 LOCK_NAME = "LOCK"
 QUARANTINE_DIR = "quarantine"
 MAX_KEY_BYTES = 4096
-MAX_BUCKET_ID = (1 << 63) - 1
+MAX_BUCKET_ID = (1 << 53) - 1
+"""The largest bucket id: ids are handed out from 1 up and never reach it in
+practice (a million buckets a second for 285 years), they stay exact in JSON
+readers that use doubles, and a name with a larger id is foreign, so a stray
+``9223372036854775807.bucket`` cannot exhaust the id space of a store."""
 ALIGNMENT = 4096
 """Value alignment in direct-I/O buckets (the page and logical-block size)."""
 
@@ -91,8 +96,9 @@ _KIND_BY_SUFFIX = {kind.value: kind for kind in FileKind}
 def parse_name(name: str) -> tuple[int, FileKind] | None:
     """Return ``(bucket_id, kind)`` for one of our file names, else ``None``.
 
-    Ids are canonical decimals (no sign, no leading zero) up to 2**63-1, so
-    ``05.meta`` or ``-1.bucket`` are foreign and never touched.
+    Ids are canonical decimals (no sign, no leading zero) up to
+    :data:`MAX_BUCKET_ID`, so ``05.meta``, ``-1.bucket`` or
+    ``9223372036854775807.bucket`` are foreign and never touched.
     """
     match = _NAME_RE.fullmatch(name)
     if match is None:
@@ -130,6 +136,15 @@ def meta_name(bucket_id: int) -> str:
 
 def tmp_name(bucket_id: int) -> str:
     return f"{bucket_id}{FileKind.TMP.value}"
+
+
+def meta_is_ours(raw: bytes) -> bool:
+    """Whether a ``<id>.meta`` with these bytes is kvbucket's: it starts with
+    the meta magic, or it is what a lost write of one leaves (empty, cut
+    inside the magic, or zero-filled). Any other content is another
+    program's file, kept however damaged it looks."""
+    head = raw[: len(META_MAGIC)]
+    return META_MAGIC.startswith(head) or raw.count(0) == len(raw)
 
 
 class MetaRecord(NamedTuple):

@@ -56,6 +56,11 @@ class FileSystem:
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
+    def link(self, src: str, dst: str) -> None:
+        """Give the file ``src`` (not followed if a link) the new name ``dst``;
+        raises ``FileExistsError`` rather than replace anything at ``dst``."""
+        os.link(src, dst, follow_symlinks=False)
+
     def unlink(self, path: str) -> None:
         os.unlink(path)
 

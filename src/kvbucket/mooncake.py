@@ -48,6 +48,7 @@ from pathlib import Path
 
 from .errors import CorruptionError, InvalidArgument
 from .fs import FileSystem
+from .quarantine import move_to_quarantine, quarantine_folder
 
 __all__ = [
     "MooncakeMetaError",
@@ -73,6 +74,8 @@ __all__ = [
     "import_mooncake",
     "meta_kind",
     "PROBLEM_KINDS",
+    "FormatEvidence",
+    "format_evidence",
     "detect_format",
 ]
 
@@ -80,7 +83,6 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"([0-9]+)\.(bucket|meta)")  # used with fullmatch: no "$" newline loophole
 TENANT_SEPARATOR = b"\x00"
-QUARANTINE_DIR = "quarantine"
 QUARANTINE_SUFFIX = ".quarantined"
 
 PROBLEM_KINDS: dict[str, str] = {
@@ -602,20 +604,6 @@ def _unchanged(fs: FileSystem, path: str, identity: FileIdentity) -> bool:
     return stat.S_ISREG(st.st_mode) and FileIdentity.of(identity.name, st) == identity
 
 
-def _quarantine_path(fs: FileSystem, root: Path, name: str) -> str:
-    """A free name under ``quarantine/`` that Mooncake will never treat as its own.
-
-    Mooncake's Init walks sub-directories too and deletes ``*.bucket`` files it
-    finds there, so quarantined files get a ``.quarantined`` suffix."""
-    folder = root / QUARANTINE_DIR
-    fs.mkdir(os.fspath(folder))
-    candidate, n = f"{name}{QUARANTINE_SUFFIX}", 0
-    while os.path.lexists(folder / candidate):
-        n += 1
-        candidate = f"{name}.{n}{QUARANTINE_SUFFIX}"
-    return os.fspath(folder / candidate)
-
-
 def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarantine: bool = False) -> RepairResult:
     """Remove (or move to ``quarantine/``) the files of every broken bucket in ``scan``.
 
@@ -627,14 +615,17 @@ def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarant
     """
     fs = fs or FileSystem()
     result = RepairResult()
+    # Mooncake's Init walks sub-directories too and deletes ``*.bucket`` files
+    # it finds there, so quarantined files get a ``.quarantined`` suffix.
+    folder = quarantine_folder(fs, os.fspath(scan.path)) if quarantine and scan.findings else None
     for finding in scan.findings:
         for identity in finding.files:
             path = os.fspath(scan.path / identity.name)
             if not _unchanged(fs, path, identity):
                 result.skipped.append((identity.name, "changed since the scan"))
                 continue
-            if quarantine:
-                fs.rename(path, _quarantine_path(fs, scan.path, identity.name))
+            if folder is not None:
+                move_to_quarantine(fs, path, folder, QUARANTINE_SUFFIX)
             else:
                 fs.unlink(path)
             log.info("removed %s (%s, %d bytes)", identity.name, finding.kind, identity.size)
@@ -642,8 +633,8 @@ def repair_mooncake(scan: MooncakeScan, fs: FileSystem | None = None, *, quarant
             result.freed_bytes += identity.size
     if result.removed:
         fs.fsync_dir(os.fspath(scan.path))
-        if quarantine:
-            fs.fsync_dir(os.fspath(scan.path / QUARANTINE_DIR))
+        if folder is not None:
+            fs.fsync_dir(folder)
     return result
 
 
@@ -841,27 +832,105 @@ def read_object(root: Path, bucket: MooncakeBucket, key: bytes, fs: FileSystem |
 # ---------------------------------------------------------------------------
 
 
-def detect_format(path: str | os.PathLike[str], fs: FileSystem | None = None, *, sample: int = 16) -> str:
-    """``"kvbucket"`` or ``"mooncake"``: which engine wrote the directory ``path``.
+@dataclass
+class FormatEvidence:
+    """What a directory holds that tells a kvbucket store from a Mooncake one."""
 
-    Reads (never writes) at most ``sample`` metas. kvbucket when there is a
-    ``LOCK`` file, a ``*.meta.tmp`` file or a meta with kvbucket's magic;
-    else Mooncake when a meta parses as a non-empty Mooncake meta; else
-    kvbucket (an empty directory, or one whose metas are all unreadable).
-    """
-    from .format import LOCK_NAME
+    path: str
+    kvbucket_lock: bool = False
+    """``LOCK`` is a regular file with a valid kvbucket slot (a store's identity)."""
+    kvbucket_metas: list[str] = field(default_factory=list)
+    """Metas that start with kvbucket's magic."""
+    mooncake_metas: list[str] = field(default_factory=list)
+    """Metas that parse as non-empty Mooncake metas."""
+    bucket_files: list[str] = field(default_factory=list)
+    """Every regular file named like a bucket's data or meta file (either engine)."""
+
+    @property
+    def format(self) -> str:
+        """``"kvbucket"`` or ``"mooncake"`` when only that engine's evidence is
+        present; ``"unknown"`` when both are, or neither but there are bucket
+        files (all metas unreadable); ``"none"`` for a directory with nothing
+        of either (empty, or only other files)."""
+        kvbucket = self.kvbucket_lock or bool(self.kvbucket_metas)
+        mooncake = bool(self.mooncake_metas)
+        if kvbucket != mooncake:
+            return "kvbucket" if kvbucket else "mooncake"
+        return "unknown" if kvbucket or self.bucket_files else "none"
+
+    def describe(self) -> str:
+        """The evidence in words, for an error message."""
+        parts = []
+        if self.kvbucket_lock:
+            parts.append("a kvbucket LOCK")
+        if self.kvbucket_metas:
+            parts.append(f"{len(self.kvbucket_metas)} kvbucket meta(s)")
+        if self.mooncake_metas:
+            parts.append(f"{len(self.mooncake_metas)} Mooncake meta(s)")
+        if not parts:
+            parts.append(f"{len(self.bucket_files)} bucket file(s) whose format no meta tells" if self.bucket_files else "no bucket files")
+        return ", ".join(parts)
+
+
+_DETECT_READ_LIMIT = 64 << 20
+"""Metas larger than this are not read to detect a format (no valid meta of
+either engine is near it)."""
+
+
+def format_evidence(path: str | os.PathLike[str], fs: FileSystem | None = None) -> FormatEvidence:
+    """Read (never write) what tells the engines apart in ``path``: the
+    ``LOCK`` and every meta, stopping early only once both engines' evidence
+    is found."""
+    from .format import META_MAGIC, parse_name as kv_name
+    from .lockfile import lock_identifies_store
 
     fs = fs or FileSystem()
-    names = sorted(fs.listdir(os.fspath(path)))
-    if LOCK_NAME in names or any(name.endswith(".meta.tmp") for name in names):
-        return "kvbucket"
-    metas = [name for name in names if (parsed := parse_name(name)) and parsed[1] == "meta"]
-    kinds = set()
-    for name in metas[:sample]:
+    root = os.fspath(path)
+    evidence = FormatEvidence(root, kvbucket_lock=lock_identifies_store(fs, root))
+    for name in sorted(fs.listdir(root)):
+        parsed = parse_name(name)
+        if parsed is None and kv_name(name) is None:
+            continue
+        full = os.path.join(root, name)
         try:
-            kinds.add(meta_kind(fs.read_file(os.path.join(os.fspath(path), name))))
+            st = fs.stat(full)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        evidence.bucket_files.append(name)
+        if parsed is None or parsed[1] != "meta":
+            continue
+        if evidence.mooncake_metas and (evidence.kvbucket_lock or evidence.kvbucket_metas):
+            continue  # both engines seen: the verdict cannot change
+        try:  # the magic alone tells a kvbucket meta: its body is not read
+            if _read_head(fs, full, len(META_MAGIC)) == META_MAGIC:
+                kind = "kvbucket"
+            elif st.st_size > _DETECT_READ_LIMIT:
+                continue  # too large to be a Mooncake meta worth reading
+            else:
+                kind = meta_kind(fs.read_file(full))
         except OSError:
             continue
-    if "kvbucket" in kinds:
-        return "kvbucket"
-    return "mooncake" if "mooncake" in kinds else "kvbucket"
+        if kind == "kvbucket":
+            evidence.kvbucket_metas.append(name)
+        elif kind == "mooncake":
+            evidence.mooncake_metas.append(name)
+    return evidence
+
+
+def _read_head(fs: FileSystem, path: str, size: int) -> bytes:
+    """The first ``size`` bytes of the file ``path`` (fewer if it is shorter)."""
+    fd = fs.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(size)
+        return bytes(buf[: fs.read_into(fd, memoryview(buf), 0)])
+    finally:
+        fs.close(fd)
+
+
+def detect_format(path: str | os.PathLike[str], fs: FileSystem | None = None) -> str:
+    """Which engine wrote the directory ``path``: ``"kvbucket"``,
+    ``"mooncake"``, ``"unknown"`` (both, or bucket files that no meta
+    identifies) or ``"none"`` (see :attr:`FormatEvidence.format`)."""
+    return format_evidence(path, fs).format

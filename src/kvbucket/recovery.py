@@ -7,8 +7,10 @@ then acts on the scan's findings; a writer's ``open()`` runs both.
 After :func:`repair`, the directory holds only ``LOCK``, foreign files
 (never touched), the quarantine folder, and complete bucket pairs whose meta
 verifies and whose data file has the recorded length; and no key is listed
-by two metas. The rules and their arguments are in docs/FORMAT.md,
-"Recovery".
+by two metas. A file is ours only by its name *and*, for a meta, its content
+(:func:`kvbucket.format.meta_is_ours`); a writer acts only on a directory
+that :func:`check_ownership` accepts. The rules and their arguments are in
+docs/FORMAT.md, "Recovery".
 """
 
 from __future__ import annotations
@@ -20,17 +22,35 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from . import mooncake
 from .checksum import crc32c
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
-from .errors import CorruptionError
-from .format import HEADER_SIZE, LOCK_NAME, QUARANTINE_DIR, BucketMeta, FileKind, MetaRecord, check_meta_length, data_name, decode_meta, footprint, meta_name, parse_name, tmp_name
+from .errors import CorruptionError, ForeignDirectory, ForeignEntry, MooncakeDirectory
+from .format import (
+    HEADER_SIZE,
+    LOCK_NAME,
+    META_MAGIC,
+    QUARANTINE_DIR,
+    BucketMeta,
+    FileKind,
+    MetaRecord,
+    check_meta_length,
+    data_name,
+    decode_meta,
+    footprint,
+    meta_is_ours,
+    meta_name,
+    parse_name,
+    tmp_name,
+)
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
+from .quarantine import move_to_quarantine, quarantine_folder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "build_index", "repair"]
+__all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "build_index", "check_ownership", "repair"]
 
 ORPHAN_DATA = "orphan_data"
 META_WITHOUT_DATA = "meta_without_data"
@@ -93,6 +113,12 @@ class DirectoryScan:
     compaction); the newer copy wins. Filled by :func:`build_index`."""
     max_id: int = 0
     """Largest bucket id among all of our file names."""
+    claimed: list[str] = field(default_factory=list)
+    """Regular files with our names, whatever their content."""
+    own_metas: int = 0
+    """Metas that start with kvbucket's magic: proof the directory is a store."""
+    mooncake_metas: list[str] = field(default_factory=list)
+    """Metas (foreign) that decode as Mooncake's."""
 
 
 @dataclass
@@ -149,6 +175,7 @@ def scan_directory(
                 continue
             bucket_id, kind = ours[name]
             ids.setdefault(bucket_id, {})[kind] = st
+            scan.claimed.append(name)
         # Ids are never reused, not even one a look-alike (a directory or
         # link named like ours) occupies: creating its data file would fail.
         scan.max_id = max((bucket_id for bucket_id, _ in ours.values()), default=0)
@@ -156,6 +183,7 @@ def scan_directory(
         raws = dict(zip(with_meta, pool.map(lambda b: _read_meta(fs, directory, b), with_meta)))
     for bucket_id in (progress or iter)(sorted(ids)):
         _classify(fs, scan, bucket_id, ids[bucket_id], raws.get(bucket_id))
+    scan.foreign.sort()
     return scan
 
 
@@ -172,8 +200,9 @@ def _regular_stat(fs: FileSystem, path: str) -> os.stat_result | None:
 def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | CorruptionError | None:
     """The meta's bytes; None if it vanished since the listing; the reason
     when its length alone shows it invalid (a file longer than
-    :data:`LARGE_META` is read whole only once its header agrees with its
-    length, so a huge or sparse file costs one small read). Any other error
+    :data:`LARGE_META` is read whole only once its header shows it ours and
+    agrees with its length, so a huge or sparse file costs one small read;
+    a foreign one yields just its header). Any other error
     propagates: a meta we cannot read now is not evidence of damage, and
     deleting its bucket could lose acknowledged data."""
     try:
@@ -185,6 +214,8 @@ def _read_meta(fs: FileSystem, directory: str, bucket_id: int) -> bytes | Corrup
         if size > LARGE_META:
             header = bytearray(HEADER_SIZE)
             got = fs.read_into(fd, memoryview(header), 0)
+            if not meta_is_ours(bytes(header[:got])):
+                return bytes(header[:got])  # another program's file: its head is all the evidence needed
             try:
                 check_meta_length(size, bytes(header[:got]), bucket_id)
             except CorruptionError as exc:
@@ -213,6 +244,12 @@ def _classify(
         if data is not None:
             scan.findings.append(Finding(ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
         return
+    if isinstance(raw_meta, bytes) and not meta_is_ours(raw_meta):  # another program's bucket: both files foreign
+        scan.foreign += names
+        if mooncake.meta_kind(raw_meta) == "mooncake":
+            scan.mooncake_metas.append(meta_name(bucket_id))
+        return
+    scan.own_metas += isinstance(raw_meta, bytes) and raw_meta.startswith(META_MAGIC)
     problem = _check_pair(raw_meta, bucket_id, data)
     if isinstance(problem, BucketMeta) and data.st_size != problem.data_length:  # type: ignore[union-attr]
         problem = _salvage(fs, os.path.join(scan.path, data_name(bucket_id)), problem, data.st_size)  # type: ignore[union-attr]
@@ -305,19 +342,52 @@ def build_index(scan: DirectoryScan) -> Index:
     return index
 
 
+def check_ownership(scan: DirectoryScan, lock: StoreLock | None) -> None:
+    """Raise :class:`ForeignDirectory` unless a writer may act on the scanned
+    directory: ``LOCK`` holds a valid slot or a meta carries kvbucket's
+    magic (a store), or nothing has our names and ``LOCK`` is missing
+    (``lock`` is None) or blank (a new store). Changes nothing."""
+    if scan.own_metas or (lock is not None and lock.identified):
+        return
+    if not scan.claimed and (lock is None or lock.blank):
+        return
+    if scan.mooncake_metas:
+        raise MooncakeDirectory(
+            f"{scan.path} is a Mooncake offload directory ({len(scan.mooncake_metas)} Mooncake meta file(s), "
+            f"e.g. {scan.mooncake_metas[0]}); opening it as a kvbucket store would treat Mooncake's files as "
+            f"broken buckets, so nothing was opened or changed. Copy it into a new store with "
+            f"'kvbucket import --from-mooncake {scan.path} NEW_DIR', or use an empty directory."
+        )
+    if not scan.claimed:
+        raise ForeignEntry(
+            f"{os.path.join(scan.path, LOCK_NAME)} is not a kvbucket lock file (no valid slot); the directory "
+            "belongs to another program, so nothing was opened or changed. Use another directory."
+        )
+    shown = ", ".join(scan.claimed[:3]) + (f" and {len(scan.claimed) - 3} more" if len(scan.claimed) > 3 else "")
+    raise ForeignDirectory(
+        f"{scan.path} holds files named like a kvbucket store's ({shown}) but nothing shows it is one "
+        "(no LOCK with a kvbucket slot, no meta with kvbucket's magic); kvbucket deletes only files it can "
+        "tell are its own, so nothing was opened or changed. Use an empty directory, or move those files out."
+    )
+
+
 def repair(
     fs: FileSystem, scan: DirectoryScan, index: Index, lock: StoreLock, *, quarantine: bool, durable: bool
 ) -> RecoveryReport:
     """Remove (or quarantine) every finding's files, and finish interrupted
     compactions (``scan.shadowed``, from :func:`build_index` of the same
-    scan): ``index`` is updated to match the directory."""
+    scan): ``index`` is updated to match the directory. The caller checked
+    :func:`check_ownership` of the same scan."""
     report = RecoveryReport(foreign_files=list(scan.foreign), quarantined=quarantine)
+    folder = quarantine_folder(fs, scan.path) if quarantine and any(f.salvage is None for f in scan.findings) else None
     if scan.findings or scan.shadowed:
         lock.raise_high_water_mark(scan.max_id)
     removals = [finding for finding in scan.findings if finding.salvage is None]
     for finding in removals:
-        _remove_files(fs, scan.path, finding, quarantine, report)
+        _remove_files(fs, scan.path, finding, folder, report)
     if removals and durable:
+        if folder is not None:
+            fs.fsync_dir(folder)
         fs.fsync_dir(scan.path)
     for finding in scan.findings:
         if finding.salvage is not None:
@@ -329,20 +399,20 @@ def repair(
     return report
 
 
-def _remove_files(fs: FileSystem, directory: str, finding: Finding, quarantine: bool, report: RecoveryReport) -> None:
-    action = "quarantined" if quarantine else "removed"
+def _remove_files(fs: FileSystem, directory: str, finding: Finding, folder: str | None, report: RecoveryReport) -> None:
+    """Delete the finding's files, or move them into ``folder`` (quarantine)."""
+    action = "removed" if folder is None else "quarantined"
     for name in finding.files:
         path = os.path.join(directory, name)
-        if quarantine:
-            fs.mkdir(os.path.join(directory, QUARANTINE_DIR))
-            fs.rename(path, os.path.join(directory, QUARANTINE_DIR, name))
-        else:
+        if folder is None:
             unlink_if_present(fs, path)
+        else:
+            move_to_quarantine(fs, path, folder)
         report.removed_files.append(name)
-    if quarantine:
-        report.quarantined_bytes += finding.bytes
-    else:
+    if folder is None:
         report.freed_bytes += finding.bytes
+    else:
+        report.quarantined_bytes += finding.bytes
     if finding.kind != TEMPORARY:
         report.dropped_buckets.append((finding.bucket_id, finding.reason))
     report.dropped_keys += finding.dropped_keys

@@ -43,6 +43,7 @@ from .errors import (
 from .eviction import Limits, Usage, choose_victims
 from .format import (
     ALIGNMENT,
+    MAX_BUCKET_ID,
     check_key,
     HEADER_SIZE,
     RECORD_SIZE,
@@ -55,8 +56,8 @@ from .format import (
 from .fs import FileSystem
 from .grouping import OffloadGrouper
 from .index import Bucket, Index, ObjectMeta
-from .lockfile import StoreLock
-from .recovery import RecoveryReport, build_index, repair, scan_directory
+from .lockfile import StoreLock, WriterLimits, read_writer_limits
+from .recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
 from .usage import PhysicalUsage, measure_store
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ class StoreStats:
     unmeasurable: tuple[str, ...] = ()
     """Paths below the directory that could not be listed or stat'ed; their
     content is not in ``physical_bytes``."""
+    limits_known: bool = True
+    """The three limits are known. A readonly store reports the limits its
+    writer last recorded in ``LOCK``; False when none is recorded (a store
+    last written by an older kvbucket), and the limits then read 0."""
 
 
 @dataclass
@@ -147,6 +152,7 @@ class BucketStore:
         self._undeleted: dict[int, int] = {}  # out of the index, files not yet deleted -> allocated bytes
         self._evicted = [0, 0]
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
+        self._limits_known = True
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
         self.recovery_report = RecoveryReport()
 
@@ -166,7 +172,7 @@ class BucketStore:
         directory = os.fspath(config.path)
         _prepare_directory(fs, directory, config.readonly)
         try:
-            lock = None if config.readonly else StoreLock.acquire(fs, directory, config.durability == "strict")
+            lock = None if config.readonly else _acquire_lock(fs, directory, config.durability == "strict")
         except OSError as exc:
             if isinstance(exc, StorageIOError):
                 raise
@@ -185,14 +191,26 @@ class BucketStore:
         index = build_index(scan)
         if self._lock is not None:
             lock, durable = self._lock, self._durable
+            check_ownership(scan, lock)
+            self._io("claiming the store", lock.claim)
+            limits = WriterLimits(self._limits.logical, self._limits.physical, self._limits.keys)
+            self._io("recording the limits", lambda: lock.record_limits(limits))
             self.recovery_report = self._io(
                 "recovering", lambda: repair(self._fs, scan, index, lock, quarantine=self._config.quarantine, durable=durable)
             )
             self._next_id = max(lock.high_water_mark, scan.max_id) + 1
         else:
             self.recovery_report = RecoveryReport(buckets=len(index.buckets), keys=len(index), foreign_files=list(scan.foreign))
+            self._read_writer_limits()
         self._install(index)
         self._reconcile_physical()
+
+    def _read_writer_limits(self) -> None:
+        """A readonly store reports the limits its writer last recorded (none
+        enforced here): ``kvbucket stats`` shows what the writer runs with."""
+        recorded = self._io("reading LOCK", lambda: read_writer_limits(self._fs, self._dir))
+        self._limits_known = recorded is not None
+        self._limits = Limits(*(recorded or (0, 0, 0)))
 
     def _install(self, index: Index) -> None:
         """Replace the index (on open and refresh)."""
@@ -207,6 +225,8 @@ class BucketStore:
         self._check_open()
         scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
         with self._writer:
+            if self._config.readonly:
+                self._read_writer_limits()
             self._install(build_index(scan))
             self._reconcile_physical()
 
@@ -374,6 +394,12 @@ class BucketStore:
             )
 
     def _allocate_id(self) -> int:
+        if self._next_id > MAX_BUCKET_ID:
+            raise CapacityExceeded(
+                f"bucket ids of {self._dir} are used up to the limit {MAX_BUCKET_ID}: files with huge ids "
+                "were put in the directory. Copy the objects into a new store (or, with no writer "
+                "running, remove the files with the highest ids and LOCK, which records them)."
+            )
         bucket_id = self._next_id
         self._next_id += 1
         return bucket_id
@@ -881,6 +907,7 @@ class BucketStore:
                     pending_deletions=len(self._undeleted),
                     foreign_bytes=self._measured.foreign,
                     unmeasurable=tuple(self._measured.unmeasurable),
+                    limits_known=self._limits_known,
                 )
 
     def _usage(self) -> Usage:
@@ -998,6 +1025,17 @@ def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dic
         except TypeError as exc:
             raise InvalidArgument(f"unknown configuration field: {exc}") from exc
     return config.validated()
+
+
+def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:
+    """Lock the store's ``LOCK``; create it only in a directory a writer may
+    take (:func:`~kvbucket.recovery.check_ownership`), so a refused
+    directory is left exactly as it was."""
+    lock = StoreLock.open_existing(fs, directory, durable)
+    if lock is None:
+        check_ownership(scan_directory(directory, fs), None)
+        lock = StoreLock.acquire(fs, directory, durable)
+    return lock
 
 
 def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:

@@ -47,6 +47,7 @@ PRIMITIVES = (
     "fstat",
     "stat",
     "rename",
+    "link",
     "unlink",
     "mkdir",
     "listdir",
@@ -120,6 +121,9 @@ class ForwardingFS(FileSystem):
 
     def rename(self, src, dst):
         return self.inner.rename(src, dst)
+
+    def link(self, src, dst):
+        return self.inner.link(src, dst)
 
     def unlink(self, path):
         return self.inner.unlink(path)
@@ -233,6 +237,9 @@ class KillFS(FdNames):
     def rename(self, src, dst):
         return self._simple("rename", "rename", src, dst)
 
+    def link(self, src, dst):
+        return self._simple("link", "link", src, dst)
+
     def unlink(self, path):
         return self._simple("unlink", "unlink", path)
 
@@ -247,7 +254,7 @@ class KillFS(FdNames):
 # fault injection
 # ---------------------------------------------------------------------------
 
-ENOSPC_CALLS = frozenset({"pwritev", "open_create", "fsync", "fdatasync", "fsync_dir", "rename", "mkdir"})
+ENOSPC_CALLS = frozenset({"pwritev", "open_create", "fsync", "fdatasync", "fsync_dir", "rename", "link", "mkdir"})
 
 
 class FaultFS(FdNames):
@@ -362,6 +369,9 @@ class FaultFS(FdNames):
 
     def rename(self, src, dst):
         return self._plain("rename", "rename", src, dst)
+
+    def link(self, src, dst):
+        return self._plain("link", "link", src, dst)
 
     def unlink(self, path):
         return self._plain("unlink", "unlink", path)
@@ -489,6 +499,19 @@ class RecordingFS(FdNames):
             else:  # moved out of the directory (quarantine): gone from it
                 self.log.append(("unlink", s, ino))
         elif d is not None:  # moved in from elsewhere: unknown content, take it as it is
+            ino = self._new_ino()
+            self.names[d] = ino
+            self.log.append(("create", d, ino))
+            with open(os.path.join(self.root, d), "rb") as f:
+                self.log.append(("write", ino, 0, f.read()))
+
+    def link(self, src, dst):
+        super().link(src, dst)
+        s, d = self._local(src), self._local(dst)
+        if d is not None and s is not None and s in self.names:  # a second name of the same inode
+            self.names[d] = self.names[s]
+            self.log.append(("create", d, self.names[s]))
+        elif d is not None:  # linked in from elsewhere: unknown content, take it as it is
             ino = self._new_ino()
             self.names[d] = ino
             self.log.append(("create", d, ino))

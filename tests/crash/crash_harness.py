@@ -42,7 +42,7 @@ import numpy as np
 
 from kvbucket import BucketStore
 from kvbucket.errors import CorruptionError, KeyNotFound, KvBucketError
-from kvbucket.format import LOCK_NAME, QUARANTINE_DIR, data_name, meta_name, parse_name
+from kvbucket.format import LOCK_NAME, META_MAGIC, QUARANTINE_DIR, data_name, meta_name, parse_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
@@ -298,11 +298,30 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
 # ---------------------------------------------------------------------------
 
 
+def _regular(full: str) -> bool:
+    return os.path.isfile(full) and not os.path.islink(full)
+
+
+def _meta_content_is_ours(full: str) -> bool:
+    """docs/FORMAT.md: a meta is ours when it starts with the meta magic or
+    is what a lost write leaves (empty, cut inside the magic, zero-filled)."""
+    with open(full, "rb") as f:
+        raw = f.read()
+    return META_MAGIC.startswith(raw[: len(META_MAGIC)]) or raw.count(0) == len(raw)
+
+
 def is_ours(path: str, name: str) -> bool:
     """A store file: one of our names on a regular file (a directory or a
-    symlink that carries our name is foreign, and never touched)."""
+    symlink that carries our name is foreign, and never touched), and for a
+    bucket's meta and data file, a meta whose content is ours (a meta of
+    another format makes both foreign)."""
     full = os.path.join(path, name)
-    return parse_name(name) is not None and os.path.isfile(full) and not os.path.islink(full)
+    parsed = parse_name(name)
+    if parsed is None or not _regular(full):
+        return False
+    bucket_id, kind = parsed
+    meta = os.path.join(path, meta_name(bucket_id))
+    return kind.name == "TMP" or not _regular(meta) or _meta_content_is_ours(meta)
 
 
 def _entry_snapshot(full: str) -> object:
