@@ -12,12 +12,18 @@ only destroy a slot whose value is already superseded by the other.
 
 Invariant: before any file of bucket ``b`` is unlinked, a slot records a value
 ``>= b`` and has been fsynced (in strict durability).
+
+``flock`` also refuses a second lock taken through another descriptor of the
+same process, so this module keeps the identities (``st_dev``, ``st_ino``) of
+the ``LOCK`` files this process holds, to tell that case apart from another
+process in the error message.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from .checksum import crc32c
 from .errors import StoreLocked
@@ -30,17 +36,28 @@ _SLOT = struct.Struct("<8sQI")
 _MAGIC = b"KVBLOCK\x00"
 _SLOT_OFFSETS = (0, 512)
 
+# The (st_dev, st_ino) of every LOCK file this process holds. Taking a lock and
+# recording it, and releasing one and forgetting it, happen under _HELD_MUTEX,
+# so a failed lock sees exactly the holders of this process at that moment.
+_HELD: set[tuple[int, int]] = set()
+_HELD_MUTEX = threading.Lock()
+
 
 class StoreLock:
     """The held writer lock of one store directory."""
 
-    def __init__(self, fs: FileSystem, directory: str, fd: int, durable: bool) -> None:
+    def __init__(self, fs: FileSystem, directory: str, fd: int, identity: tuple[int, int], durable: bool) -> None:
         self._fs = fs
         self._directory = directory
         self._fd = fd
+        self._identity = identity
         self._durable = durable
+        self._slots = [0, 0]
+
+    def _init_slots(self) -> None:
+        """Read both slots; give a new (empty) LOCK its first slot."""
         self._slots = [self._read_slot(offset) for offset in _SLOT_OFFSETS]
-        if fs.fstat(fd).st_size == 0:
+        if self._fs.fstat(self._fd).st_size == 0:
             # A new LOCK gets its block now, so raising the mark later never
             # grows the directory's allocated size behind the limit checks.
             self._write_slot(0, 0)
@@ -51,15 +68,19 @@ class StoreLock:
         path = os.path.join(directory, LOCK_NAME)
         fd = fs.open(path, os.O_RDWR | os.O_CREAT)
         try:
-            if not fs.lock(fd):
-                raise StoreLocked(
-                    f"{directory} is in use by another writer process. One directory has "
-                    "one writer: give each process (each rank) its own sub-directory, "
-                    "or open this one with readonly=True."
-                )
-            lock = cls(fs, directory, fd, durable)
+            identity = _identity(fs, fd)
+            with _HELD_MUTEX:
+                if not fs.lock(fd):
+                    raise StoreLocked(_conflict_message(directory, identity in _HELD))
+                _HELD.add(identity)
         except BaseException:
             fs.close(fd)
+            raise
+        lock = cls(fs, directory, fd, identity, durable)
+        try:
+            lock._init_slots()
+        except BaseException:
+            lock.release()
             raise
         return lock
 
@@ -85,7 +106,9 @@ class StoreLock:
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases the flock)."""
         if self._fd >= 0:
-            self._fs.close(self._fd)
+            with _HELD_MUTEX:
+                _HELD.discard(self._identity)
+                self._fs.close(self._fd)
             self._fd = -1
 
     def _read_slot(self, offset: int) -> int:
@@ -97,3 +120,24 @@ class StoreLock:
         if magic != _MAGIC or crc32c(bytes(buf[:-4])) != stored_crc:
             return 0
         return value
+
+
+def _identity(fs: FileSystem, fd: int) -> tuple[int, int]:
+    """The file a descriptor refers to: what ``flock`` conflicts on."""
+    st = fs.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _conflict_message(directory: str, held_here: bool) -> str:
+    """Why the writer lock of ``directory`` cannot be taken, and what to do."""
+    if held_here:
+        return (
+            f"this process already has a writer open on {directory}; close it or share "
+            "that BucketStore (it is safe to use from many threads), or open this one "
+            "with readonly=True."
+        )
+    return (
+        f"{directory} is in use by another writer process. One directory has "
+        "one writer: give each process (each rank) its own sub-directory, "
+        "or open this one with readonly=True."
+    )
