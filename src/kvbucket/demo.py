@@ -54,6 +54,11 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def _page_text(page: int) -> str:
+    """``1 MiB`` or ``64 KiB``."""
+    return f"{page >> 20} MiB" if page % (1 << 20) == 0 else f"{page >> 10} KiB"
+
+
 class _PauseBeforeMeta(FileSystem):
     """Before the meta of the Nth bucket: announce that its data file is
     complete but its meta is not, then wait (forever) for the parent's SIGKILL."""
@@ -157,7 +162,7 @@ def run(directory: str, page: int) -> None:
     """The four steps of the demo, in ``directory``."""
     planned = (ACKED_BUCKETS + 1 + THROUGHPUT_BUCKETS) * PAGES_PER_BUCKET * page
     print(f"kvbucket demo in {directory} (writes about {_mib(planned)})")
-    print(f"1. offloading {page >> 10} KiB KV pages from a writer process")
+    print(f"1. offloading {_page_text(page)} KV pages from a writer process")
     acked = _kill_writer_midway(directory, page)
     leftovers = sorted(n for n in os.listdir(directory) if n != "LOCK")
     print(f"  left on disk by the killed writer: {', '.join(leftovers)}")
