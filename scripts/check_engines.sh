@@ -17,7 +17,7 @@ PY="$VENV/bin/python"
 
 TORCH="torch==2.13.0"
 ENGINES=(sglang==0.5.23 lmcache==0.5.6 vllm==0.33.0)
-# What the engines' storage/offload modules import (docs/engines/*.md, shared notes §4).
+# The packages the engines' storage/offload modules import, installed --no-deps next to the engines.
 SGLANG_DEPS=(numpy orjson psutil pybase64 requests urllib3 idna certifi charset_normalizer triton packaging pillow
   starlette anyio msgspec pydantic pydantic-core typing-inspection pyzmq tqdm ipython traitlets pygments
   aiohttp multidict yarl propcache aiosignal frozenlist aiohappyeyeballs attrs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -145,9 +147,26 @@ def test_context_manager_closes(store_dir: Path) -> None:
     store.close()  # closing twice is fine
 
 
-def test_second_writer_is_refused_with_advice(store: BucketStore) -> None:
-    with pytest.raises(StoreLocked, match="sub-directory"):
+def test_second_writer_in_the_same_process_is_told_so(store: BucketStore) -> None:
+    with pytest.raises(StoreLocked, match="this process already has a writer open on .*share that BucketStore") as caught:
         BucketStore.open(store.path)
+    assert "another" not in str(caught.value)
+    store.close()
+    BucketStore.open(store.path).close()  # the registry forgets a closed writer
+
+
+def test_second_writer_in_another_process_is_refused_with_advice(store: BucketStore) -> None:
+    code = (
+        "import sys\n"
+        "from kvbucket import BucketStore\n"
+        "from kvbucket.errors import StoreLocked\n"
+        "try:\n"
+        "    BucketStore.open(sys.argv[1])\n"
+        "except StoreLocked as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, os.fspath(store.path)], capture_output=True, text=True, timeout=60, check=True)
+    assert "another writer process" in out.stdout and "sub-directory" in out.stdout
 
 
 def test_writer_lock_released_on_close(store_dir: Path) -> None:

@@ -25,8 +25,8 @@ from mooncake_writer import MooncakeDir, tree_digest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def kvbucket(*args: str | os.PathLike[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m kvbucket.cli ARGS``; never raises on a non-zero exit."""
+def kvbucket(*args: str | os.PathLike[str], stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m kvbucket.cli ARGS`` (in ``cwd``); never raises on a non-zero exit."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(SRC), env.get("PYTHONPATH")]))
     env.pop("KVBUCKET_PATH", None)
@@ -35,6 +35,7 @@ def kvbucket(*args: str | os.PathLike[str], stdin: bytes | None = None) -> subpr
         input=stdin,
         capture_output=True,
         env=env,
+        cwd=cwd,
         timeout=120,
     )
     assert b"Traceback" not in proc.stderr, proc.stderr.decode()
@@ -257,6 +258,16 @@ def test_get_output_file_and_unknown_key(store_dir: Path, tmp_path: Path) -> Non
     assert proc.returncode == 1 and b"bucket 99" in proc.stderr
 
 
+def test_get_output_dash_is_stdout(store_dir: Path, tmp_path: Path) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for option in ("-o", "--output"):
+        proc = kvbucket("get", store_dir, "b2-1", option, "-", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == values("b2", 3)["b2-1"]
+    assert os.listdir(cwd) == []  # no file named "-"
+
+
 def test_keys_with_nul_and_backslash_round_trip_through_ls_and_get(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with BucketStore.open(path) as store:
@@ -325,6 +336,35 @@ def test_verbose_logs_details_quiet_by_default(store_dir: Path) -> None:
     damage(store_dir, "temporary")
     loud = kvbucket("fsck", store_dir, "--repair", "-v")
     assert loud.returncode == 0 and b"7.meta.tmp" in loud.stderr
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["stats", "{store}"], ["stats of {store}", "kvbucket format", "6 bucket(s), 18 object(s)"]),
+        (["ls", "{store}"], ["listing {store}", "kvbucket format", "6 bucket(s), 18 object(s)"]),
+        (["get", "{store}", "b1-0"], ["reading key 'b1-0' from {store}", "writing 704 byte(s) to stdout"]),
+        (["fsck", "{store}"], ["fsck {store} (read-only)", "kvbucket format", "0 problem(s)"]),
+        (["fsck", "{store}", "--repair"], ["fsck {store} --repair", "opening {store} as its writer"]),
+        (["rm", "{store}", "b1-0", "nope", "--force"], ["removing 2 key(s) from {store}", "of them stored"]),
+        (["import", "--from-mooncake", "{store}", "{tmp}/dst"], ["importing the Mooncake directory {store} into {tmp}/dst"]),
+        (
+            ["bench", "{tmp}", "--object-size", "64KiB", "--total", "256KiB", "--threads", "1", "--batch", "4", "--repeats", "1"],
+            ["benchmarking the disk under {tmp}: 65536-byte objects"],
+        ),
+    ],
+    ids=["stats", "ls", "get", "fsck", "fsck-repair", "rm", "import", "bench"],
+)
+def test_verbose_says_what_every_command_does(store_dir: Path, tmp_path: Path, command: list[str], expected: list[str]) -> None:
+    args = [a.format(store=store_dir, tmp=tmp_path) for a in command]
+    quiet = kvbucket(*args)
+    assert b"INFO" not in quiet.stderr  # (importing a kvbucket store fails, with one error line)
+    for flag in ("-v", "-vv"):
+        loud = kvbucket(*args, flag)
+        assert loud.returncode == quiet.returncode
+        log = loud.stderr.decode()
+        for text in expected:
+            assert "kvbucket: INFO kvbucket.cli: " in log and text.format(store=store_dir, tmp=tmp_path) in log, log
 
 
 # -- Mooncake directories -----------------------------------------------------------------

@@ -51,7 +51,7 @@ from .store import BucketStore
 
 __all__ = ["main", "cli", "escape_key", "unescape_key"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kvbucket.cli")  # also when run as `python -m kvbucket.cli`
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head`
@@ -244,6 +244,7 @@ def _resolve_format(path: Path, requested: str) -> str:
     (exit 2) on a directory that is neither engine's, or both, or that no
     meta identifies."""
     if requested != "auto":
+        log.info("%s: %s format (--format)", path, requested)
         return requested
     evidence = mooncake.format_evidence(path)
     if evidence.format == "none":
@@ -253,6 +254,7 @@ def _resolve_format(path: Path, requested: str) -> str:
             f"cannot tell whether {path} is a kvbucket store or a Mooncake directory ({evidence.describe()}); "
             "nothing was read or changed. Pass --format kvbucket or --format mooncake to choose."
         )
+    log.info("%s: %s format (detected from LOCK and the metas)", path, evidence.format)
     return evidence.format
 
 
@@ -283,15 +285,29 @@ def _require_store(path: Path, what: str) -> None:
 
 
 def _open_readonly(path: Path) -> BucketStore:
-    return BucketStore.open(os.fspath(path), readonly=True)
+    log.info("opening %s read-only (no lock, no writes)", path)
+    store = BucketStore.open(os.fspath(path), readonly=True)
+    _log_opened(store)
+    return store
 
 
 def _open_writer(path: Path, action: str, **fields: Any) -> BucketStore:
+    log.info("opening %s as its writer to %s it (takes the lock; recovery runs)", path, action)
     try:
-        return BucketStore.open(os.fspath(path), **fields)
+        store = BucketStore.open(os.fspath(path), **fields)
     except StoreLocked as exc:
         log.info("%s", exc)
         raise Failure(f"cannot {action} {path}: another process holds its writer lock; stop that process first") from None
+    _log_opened(store)
+    return store
+
+
+def _log_opened(store: BucketStore) -> None:
+    report = store.recovery_report
+    log.info("%s: %d bucket(s), %d object(s)", store.path, report.buckets, report.keys)
+    if report.foreign_files:
+        log.info("%s: foreign entries, never touched: %s", store.path, ", ".join(report.foreign_files))
+    log.debug("%s: recovery report %s", store.path, report)
 
 
 def _plain(obj: Any) -> Any:
@@ -366,6 +382,7 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
     if dry_run and not repair:
         raise click.UsageError("--dry-run only applies with --repair")
     path = _existing_dir(directory)
+    log.info("fsck %s%s%s", path, " --deep" if deep else "", " --repair" if repair else " (read-only)")
     bars: fsck.Progress = functools.partial(_bar, as_json)
     if _resolve_format(path, fmt) == "mooncake":
         report = fsck.check_mooncake(path, deep=deep, progress=bars)
@@ -384,6 +401,7 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
         report = fsck.check(path, deep=deep, progress=bars)
         plan = _repair_plan(report.to_json()["problems"], quarantine)
     payload = {**report.to_json(), "exit_code": EXIT_OK if report.clean else EXIT_PROBLEMS}
+    log.info("fsck %s: %d problem(s), %d foreign entries", path, len(payload["problems"]), len(payload["foreign"]))
     if repair:
         payload["plan"] = plan
         payload["dry_run"] = dry_run
@@ -496,6 +514,7 @@ def stats(directory: str, fmt: str, as_json: bool) -> int:
     limits its last writer recorded ("unknown" for a store last written by a
     kvbucket that recorded none)."""
     path = _existing_dir(directory)
+    log.info("stats of %s", path)
     if _resolve_format(path, fmt) == "mooncake":
         payload = _mooncake_stats(path, as_json)
     else:
@@ -552,6 +571,7 @@ def ls_cmd(directory: str, bucket_id: int | None, fmt: str, as_json: bool) -> in
     Keys with backslashes or non-printable characters are escapes
     (\\\\, \\xNN, \\uNNNN); pass them to get/rm with -e."""
     path = _existing_dir(directory)
+    log.info("listing %s%s", path, "" if bucket_id is None else f", bucket {bucket_id}")
     if _resolve_format(path, fmt) == "mooncake":
         _print_rows(path, _mooncake_rows(path, bucket_id), as_json)
     else:
@@ -596,7 +616,9 @@ def _mooncake_rows(path: Path, bucket_id: int | None) -> Iterator[dict[str, Any]
 @cli.command()
 @click.argument("directory")
 @click.argument("key")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write the value to this file instead of stdout.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write the value to this file instead of stdout ('-': stdout)."
+)
 @click.option("-e", "--escaped", is_flag=True, help="KEY uses ls's escapes (\\\\, \\xNN, \\uNNNN).")
 @_format_option
 @_verbose_option
@@ -607,15 +629,18 @@ def get(directory: str, key: str, output: str | None, escaped: bool, fmt: str) -
     An unknown key or a value that fails its checksum exits 1."""
     path = _existing_dir(directory)
     key = unescape_key(key) if escaped else key
+    log.info("reading key %r from %s", escape_key(key), path)
     if _resolve_format(path, fmt) == "mooncake":
         value = _mooncake_get(path, key)
     else:
         with _open_readonly(path) as store:
             value = store.batch_get([key])[key]
-    if output is None:
+    if output is None or output == "-":
+        log.info("writing %d byte(s) to stdout", len(value))
         sys.stdout.buffer.write(value)
         sys.stdout.buffer.flush()
     else:
+        log.info("writing %d byte(s) to %s", len(value), output)
         with open(output, "wb") as f:
             f.write(value)
     return EXIT_OK
@@ -653,9 +678,11 @@ def rm(directory: str, keys: tuple[str, ...], force: bool, escaped: bool, as_jso
     path = _existing_dir(directory)
     _require_store(path, "opening it as a kvbucket store")
     wanted = list(dict.fromkeys(unescape_key(k) if escaped else k for k in keys))
+    log.info("removing %d key(s) from %s", len(wanted), path)
     with _open_writer(path, "remove keys from") as store:
         present = store.batch_exists(wanted)
         missing = [k for k, ok in zip(wanted, present) if not ok]
+        log.info("%d of them stored, %d not", len(wanted) - len(missing), len(missing))
         if missing and not force:
             raise KeyNotFound(f"not stored, nothing removed: {', '.join(repr(escape_key(k)) for k in missing)}")
         removed = [k for k, ok in zip(wanted, present) if ok]
@@ -690,12 +717,14 @@ def import_cmd(source: str, destination: str, from_mooncake: bool, keep_tenant: 
         raise click.UsageError("only Mooncake sources are supported; add --from-mooncake")
     src = _existing_dir(source)
     dst = Path(destination)
+    log.info("importing the Mooncake directory %s into %s", src, dst)
     if dst.exists() and os.path.samefile(src, dst):
         raise Failure("SOURCE and DESTINATION are the same directory")
     if mooncake.detect_format(src) == "kvbucket":
         raise Failure(f"{src} looks like a kvbucket store, not a Mooncake directory")
     _refuse_mooncake_writer(dst, "importing into it")
     scan = mooncake.scan_mooncake(src, progress=_each(as_json, desc="checking source", unit="bucket"))
+    log.info("%s: %d valid bucket(s), %d object(s), %d broken bucket(s)", src, len(scan.buckets), scan.valid_objects, len(scan.findings))
     with _open_writer(dst, "import into") as store, _bar(
         as_json, desc="importing", total=scan.logical_bytes, unit="B", unit_scale=True
     ) as bar:
@@ -757,6 +786,7 @@ def bench(
     Only a scratch sub-directory is written, and it is removed afterwards."""
     from . import bench as bench_module  # heavy imports only when benchmarking
 
+    log.info("benchmarking the disk under %s: %d-byte objects, %d bytes a pass", directory or "the temp dir", object_size, total)
     try:
         result = bench_module.run(
             directory,

@@ -24,6 +24,11 @@ Invariants:
   later write only replaces the other slot or a superseded value.
 * Before any file of bucket ``b`` is unlinked, a slot records a value
   ``>= b`` and has been fsynced (in strict durability).
+
+``flock`` also refuses a second lock taken through another descriptor of the
+same process, so this module keeps the identities (``st_dev``, ``st_ino``) of
+the ``LOCK`` files this process holds, to tell that case apart from another
+process in the error message.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import errno
 import os
 import stat
 import struct
+import threading
 from typing import NamedTuple
 
 from .checksum import crc32c
@@ -59,13 +65,21 @@ class WriterLimits(NamedTuple):
     total_keys_limit: int
 
 
+# The (st_dev, st_ino) of every LOCK file this process holds. Taking a lock and
+# recording it, and releasing one and forgetting it, happen under _HELD_MUTEX,
+# so a failed lock sees exactly the holders of this process at that moment.
+_HELD: set[tuple[int, int]] = set()
+_HELD_MUTEX = threading.Lock()
+
+
 class StoreLock:
     """The held writer lock of one store directory."""
 
-    def __init__(self, fs: FileSystem, directory: str, fd: int, durable: bool) -> None:
+    def __init__(self, fs: FileSystem, directory: str, fd: int, identity: tuple[int, int], durable: bool) -> None:
         self._fs = fs
         self._directory = directory
         self._fd = fd
+        self._identity = identity
         self._durable = durable
         self._slots = [self._read_slot(offset) for offset in _SLOT_OFFSETS]
         self.identified = any(slot is not None for slot in self._slots)
@@ -100,19 +114,24 @@ class StoreLock:
                 raise
             raise _not_a_lock_file(path, "a symbolic link or not a regular file") from exc
         try:
-            if not stat.S_ISREG(fs.fstat(fd).st_mode):
+            st = fs.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise _not_a_lock_file(path, "not a regular file")
-            if not fs.lock(fd):
-                raise StoreLocked(
-                    f"{directory} is in use by another writer process. One directory has "
-                    "one writer: give each process (each rank) its own sub-directory, "
-                    "or open this one with readonly=True."
-                )
-            lock = cls(fs, directory, fd, durable)
+            identity = (st.st_dev, st.st_ino)  # what flock conflicts on
+            with _HELD_MUTEX:
+                if not fs.lock(fd):
+                    raise StoreLocked(_conflict_message(directory, identity in _HELD))
+                _HELD.add(identity)
         except BaseException:
             fs.close(fd)
             raise
-        return lock
+        try:
+            return cls(fs, directory, fd, identity, durable)
+        except BaseException:
+            with _HELD_MUTEX:
+                _HELD.discard(identity)
+                fs.close(fd)
+            raise
 
     @property
     def high_water_mark(self) -> int:
@@ -160,7 +179,9 @@ class StoreLock:
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases the flock)."""
         if self._fd >= 0:
-            self._fs.close(self._fd)
+            with _HELD_MUTEX:
+                _HELD.discard(self._identity)
+                self._fs.close(self._fd)
             self._fd = -1
 
     def _read_slot(self, offset: int) -> int | None:
@@ -226,6 +247,21 @@ def _blank(fs: FileSystem, fd: int) -> bool:
     got = fs.read_into(fd, memoryview(buf), 0)
     torn_first_slot = got < _SLOT.size and _MAGIC.startswith(bytes(buf[: min(got, len(_MAGIC))]))
     return torn_first_slot or buf[:got].count(0) == got
+
+
+def _conflict_message(directory: str, held_here: bool) -> str:
+    """Why the writer lock of ``directory`` cannot be taken, and what to do."""
+    if held_here:
+        return (
+            f"this process already has a writer open on {directory}; close it or share "
+            "that BucketStore (it is safe to use from many threads), or open this one "
+            "with readonly=True."
+        )
+    return (
+        f"{directory} is in use by another writer process. One directory has "
+        "one writer: give each process (each rank) its own sub-directory, "
+        "or open this one with readonly=True."
+    )
 
 
 def _not_a_lock_file(path: str, what: str) -> ForeignEntry:

@@ -84,7 +84,7 @@ def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, read
         return BucketStore.open(config)
     except StoreLocked as exc:
         raise StoreLocked(
-            f"{exc} -- another process already writes {os.fspath(path)!r}; give each engine "
+            f"{exc} -- {os.fspath(path)!r} has a writer already; give each engine "
             "process (rank) its own directory (keep the default per-rank sub-directories, "
             "or set a distinct storage_path per instance)"
         ) from exc
