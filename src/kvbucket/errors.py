@@ -19,6 +19,7 @@ __all__ = [
     "InvalidArgument",
     "ReadOnlyStore",
     "StorageIOError",
+    "InvalidTrace",
 ]
 
 
@@ -59,6 +60,10 @@ class StoreClosed(KvBucketError):
 
 class InvalidArgument(KvBucketError, ValueError):
     """An argument (key, value, buffer, configuration field) is invalid."""
+
+
+class InvalidTrace(InvalidArgument):
+    """A replay trace file is malformed; the message names the file and line."""
 
 
 class ReadOnlyStore(KvBucketError):
