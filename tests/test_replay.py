@@ -156,9 +156,12 @@ class _ForgetfulTier:
     def load(self, keys: Sequence[str]) -> int:
         return min(1, len(keys))
 
-    def write_back(self, keys: Sequence[str]) -> int:
+    def stage(self, keys: Sequence[str]) -> int:
         self.written.append(list(keys))
         return 0
+
+    def land(self) -> None:
+        pass
 
 
 def test_found_then_gone_blocks_count_as_misses_and_are_written_back() -> None:
@@ -166,6 +169,27 @@ def test_found_then_gone_blocks_count_as_misses_and_are_written_back() -> None:
     counts = replay_tier(tier, tier_requests(trace_of([1, 2, 3]), 0))
     assert (counts.found, counts.hits, counts.found_then_gone) == (3, 1, 2)
     assert tier.written == [["2", "3"]]
+
+
+def test_with_overlap_a_write_back_lands_between_the_next_lookup_and_load() -> None:
+    # capacity 2. R3's lookup finds 1 and 2; R2's write-back of 3 and 4 lands
+    # before R3's load and evicts them from LRU: found, then gone. Belady
+    # does not admit 3 and 4 (never used again) and keeps its hits.
+    requests = tier_requests(trace_of([1, 2], [3, 4], [1, 2]), 0)
+    overlapped = replay_tier(LruTier(2), requests, overlap=True)
+    assert (overlapped.found, overlapped.hits, overlapped.found_then_gone) == (2, 0, 2)
+    belady = replay_tier(BeladyTier(2, requests), requests, overlap=True)
+    assert (belady.found, belady.hits, belady.found_then_gone) == (2, 2, 0)
+    sequential = replay_tier(LruTier(2), requests)
+    assert (sequential.found, sequential.found_then_gone) == (0, 0)
+
+
+def test_kvbucket_reports_found_then_gone_with_overlap() -> None:
+    trace = trace_of([1, 2], [3, 4], [1, 2])
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2})
+    result = replay(trace, [2], options).results[0]
+    assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 0, 2)
+    assert result.lru.found_then_gone == 2
 
 
 def test_parse_capacity() -> None:
@@ -181,9 +205,10 @@ def test_parse_capacity() -> None:
 # -- kvbucket through the OffloadQueue -------------------------------------------------------
 
 
-def test_replay_is_deterministic() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_replay_is_deterministic(overlap: bool) -> None:
     trace = short_trace()
-    options = ReplayOptions(simulate=True, store_fields={"bucket_keys_limit": 64})
+    options = ReplayOptions(simulate=True, overlap=overlap, store_fields={"bucket_keys_limit": 64})
     first, second = (replay(trace, [1500], options).to_json() for _ in range(2))
     for report in (first, second):
         for capacity in report["capacities"]:

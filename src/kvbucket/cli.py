@@ -691,6 +691,7 @@ REPLAY_DEFAULT_CAPACITIES = ("5%", "10%", "15%", "20%", "25%", "30%")
 @click.option("--capacity-blocks", "capacity_blocks", multiple=True, type=click.IntRange(min=1), help="Tier size in blocks. Repeatable.")
 @click.option("--object-size", default="4KiB", show_default=True, callback=_size_param, help="Bytes per block (KV-cache page).")
 @click.option("--l2", "l2_blocks", default=0, show_default=True, type=click.IntRange(min=0), help="Blocks of host-memory LRU in front of the tier.")
+@click.option("--overlap", is_flag=True, help="Land each write-back after the next request's lookup (background write-back).")
 @click.option("--simulate", is_flag=True, help="Run the store in memory (data files keep only their length): fast, no disk used.")
 @click.option("--dir", "directory", default=None, help="Where the real store runs (a temporary sub-directory, removed afterwards).")
 @click.option("--plot", "plot_path", default=None, help="Also draw hit rate against capacity into this PNG file.")
@@ -703,6 +704,7 @@ def replay(
     capacity_blocks: tuple[int, ...],
     object_size: int,
     l2_blocks: int,
+    overlap: bool,
     simulate: bool,
     directory: str | None,
     plot_path: str | None,
@@ -722,7 +724,9 @@ def replay(
     distinct = loaded.distinct_blocks
     texts = capacities if capacities or capacity_blocks else REPLAY_DEFAULT_CAPACITIES
     blocks = [replay_module.parse_capacity(text, object_size, distinct) for text in texts] + list(capacity_blocks)
-    options = replay_module.ReplayOptions(object_size=object_size, l2_blocks=l2_blocks, simulate=simulate, directory=directory)
+    options = replay_module.ReplayOptions(
+        object_size=object_size, l2_blocks=l2_blocks, overlap=overlap, simulate=simulate, directory=directory
+    )
     report = replay_module.replay(loaded, blocks, options)
     if plot_path is not None:
         try:

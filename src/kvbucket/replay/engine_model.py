@@ -7,6 +7,14 @@ prefix (the hits), and hands every block after the loaded prefix to the tier
 the loaded prefix: it and the rest of the found prefix count as misses
 (*found-then-gone*).
 
+A write-back is *staged* (visible to lookups at once, as an engine's
+write-behind queue is) and then *lands* (written, with whatever eviction that
+takes). Sequentially, each request's write-back lands before the next request
+arrives. With ``overlap``, it lands after the next request's lookup and
+before that request's load, as when write-back runs in the background while
+the engine serves the next request: blocks the next lookup found can then be
+evicted before they are loaded.
+
 Optionally a host-memory LRU cache of ``l2_blocks`` blocks (L2) sits in
 front: the tier sees only the part of each chain after L2's own longest
 prefix, and is handed only blocks that were new to L2 (L2 is write-through,
@@ -38,8 +46,12 @@ class Tier(Protocol):
         """Load ``keys`` (a prefix :meth:`lookup` reported); return how many
         leading ones were loaded (fewer when one is gone meanwhile)."""
 
-    def write_back(self, keys: Sequence[str]) -> int:
-        """Hand ``keys`` to the tier; return how many it did not hold yet."""
+    def stage(self, keys: Sequence[str]) -> int:
+        """Hand ``keys`` to the tier (visible to lookups from now on); return
+        how many it neither held nor had staged."""
+
+    def land(self) -> None:
+        """Write what is staged, evicting as needed."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +141,9 @@ def _admit_lru(cache: OrderedDict[str, None], keys: Sequence[str], capacity: int
         cache.popitem(last=False)
 
 
-def replay_tier(tier: Tier, requests: Sequence[TierRequest]) -> TierCounts:
-    """Serve every request from ``tier`` under the engine model."""
+def replay_tier(tier: Tier, requests: Sequence[TierRequest], overlap: bool = False) -> TierCounts:
+    """Serve every request from ``tier`` under the engine model; with
+    ``overlap``, each write-back lands after the next request's lookup."""
     counts = TierCounts()
     for request in requests:
         counts.requests += 1
@@ -138,6 +151,8 @@ def replay_tier(tier: Tier, requests: Sequence[TierRequest]) -> TierCounts:
         counts.chain_blocks += request.l2_hits + len(request.keys)
         counts.references += len(request.keys)
         found = tier.lookup(request.keys)
+        if overlap:
+            tier.land()
         loaded = tier.load(request.keys[:found]) if found else 0
         counts.found += found
         counts.hits += loaded
@@ -145,5 +160,8 @@ def replay_tier(tier: Tier, requests: Sequence[TierRequest]) -> TierCounts:
         handed = request.write_back_keys(loaded)
         if handed:
             counts.handed += len(handed)
-            counts.admitted += tier.write_back(handed)
+            counts.admitted += tier.stage(handed)
+        if not overlap:
+            tier.land()
+    tier.land()
     return counts

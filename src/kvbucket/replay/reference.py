@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from .engine_model import TierRequest, held_prefix
 
@@ -18,35 +18,63 @@ __all__ = ["LruTier", "BeladyTier"]
 NEVER = float("inf")
 
 
+class _Staging:
+    """Blocks handed to a reference tier and not yet landed, in order."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, float] = {}  # key -> its next reference (Belady) or 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def take(self) -> dict[str, float]:
+        taken, self.keys = self.keys, {}
+        return taken
+
+
+class _HeldOrStaged:
+    def __init__(self, held: Container[str], staging: _Staging) -> None:
+        self._held, self._staging = held, staging
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._held or key in self._staging
+
+
 class LruTier:
     """Per-object LRU: a load makes each block the most recent, in chain
-    order; write-back inserts blocks not held, evicting the least recent."""
+    order; a landing write-back inserts blocks not held, evicting the least
+    recent."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._cache: OrderedDict[str, None] = OrderedDict()
+        self._staging = _Staging()
 
     def lookup(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
-        return held_prefix(keys, self._cache)
+        return held_prefix(keys, _HeldOrStaged(self._cache, self._staging))
 
     def load(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
-        for key in keys:
+        loaded = held_prefix(keys, self._cache)
+        for key in keys[:loaded]:
             self._cache.move_to_end(key)
-        return len(keys)
+        return loaded
 
-    def write_back(self, keys: Sequence[str]) -> int:
+    def stage(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
-        admitted = 0
-        for key in keys:
+        new = [key for key in keys if key not in self._cache and key not in self._staging]
+        self._staging.keys.update(dict.fromkeys(new, 0.0))
+        return len(new)
+
+    def land(self) -> None:
+        """See :class:`~.engine_model.Tier`."""
+        for key in self._staging.take():
             if key in self._cache:
                 continue
             self._cache[key] = None
-            admitted += 1
             if len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
-        return admitted
 
 
 class BeladyTier:
@@ -64,34 +92,42 @@ class BeladyTier:
         self._request = -1
         self._held: dict[str, float] = {}  # key -> its next reference
         self._heap: list[tuple[float, str]] = []  # (-next reference, key); stale entries skipped
+        self._staging = _Staging()
 
     def lookup(self, keys: Sequence[str]) -> int:
-        """See :class:`~.engine_model.Tier`."""
+        """See :class:`~.engine_model.Tier`. Starts the next request: every
+        block it references, hit or not, is next needed at its following
+        reference."""
         self._request += 1
-        return held_prefix(keys, self._held)
+        upcoming = self._next_use[self._request]
+        for key in keys:
+            if key in self._held:
+                self._set_next(key, upcoming[key])
+            elif key in self._staging:
+                self._staging.keys[key] = upcoming[key]
+        return held_prefix(keys, _HeldOrStaged(self._held, self._staging))
 
     def load(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
-        upcoming = self._next_use[self._request]
-        for key in keys:
-            self._set_next(key, upcoming[key])
-        return len(keys)
+        return held_prefix(keys, self._held)
 
-    def write_back(self, keys: Sequence[str]) -> int:
+    def stage(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
         upcoming = self._next_use[self._request]
-        admitted = 0
-        for key in keys:
+        new = [key for key in keys if key not in self._held and key not in self._staging]
+        self._staging.keys.update((key, upcoming[key]) for key in new)
+        return len(new)
+
+    def land(self) -> None:
+        """See :class:`~.engine_model.Tier`."""
+        for key, next_use in self._staging.take().items():
             if key in self._held:
                 continue
-            admitted += 1
-            next_use = upcoming[key]
             if len(self._held) >= self._capacity:
                 if self._furthest() <= next_use:
                     continue  # every held block is needed sooner: do not admit this one
                 self._evict_furthest()
             self._set_next(key, next_use)
-        return admitted
 
     def _set_next(self, key: str, next_use: float) -> None:
         self._held[key] = next_use

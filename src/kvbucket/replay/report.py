@@ -17,6 +17,8 @@ def format_report(report: ReplayReport) -> str:
     """The replay as a table, one row per capacity."""
     trace, options = report.trace, report.options
     mode = "simulated store" if options.simulate else "real store"
+    if options.overlap:
+        mode += ", write-back landing after the next lookup"
     lines = [
         f"replay of {trace.name}: {len(trace.requests):,} requests, {trace.block_references:,} block references, "
         f"{trace.distinct_blocks:,} distinct blocks, {trace.duration_s:,.0f} s",

@@ -43,6 +43,9 @@ class ReplayOptions:
     """Bytes per block (a KV-cache page)."""
     l2_blocks: int = 0
     """Blocks of the host-memory LRU in front of the tier (0: none)."""
+    overlap: bool = False
+    """Land each write-back after the next request's lookup (background
+    write-back), not before the next request arrives."""
     simulate: bool = False
     """Run the store on :class:`~kvbucket.simfs.SimulatedFileSystem` instead of a directory."""
     directory: str | None = None
@@ -99,6 +102,7 @@ class ReplayReport:
             "object_size": self.options.object_size,
             "l2_blocks": self.options.l2_blocks,
             "simulated": self.options.simulate,
+            "overlap": self.options.overlap,
             "capacities": [_result_json(r, duration) for r in self.results],
         }
 
@@ -148,7 +152,7 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     with open_store(capacity * options.object_size, options) as (store, fs):
         tier = KvBucketTier(store, options.object_size)
         try:
-            counts = replay_tier(tier, requests)
+            counts = replay_tier(tier, requests, options.overlap)
             evicted = store.stats().evicted_buckets
         finally:
             tier.close()
@@ -156,8 +160,8 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     return CapacityResult(
         capacity_blocks=capacity,
         kvbucket=counts,
-        lru=replay_tier(LruTier(capacity), requests),
-        belady=replay_tier(BeladyTier(capacity, requests), requests),
+        lru=replay_tier(LruTier(capacity), requests, options.overlap),
+        belady=replay_tier(BeladyTier(capacity, requests), requests, options.overlap),
         written=fs.counts,
         object_size=options.object_size,
         evicted_buckets=evicted,
