@@ -162,7 +162,10 @@ class BucketModel:
             self._hit_at[key] = self._clock
         return len(keys)
 
-    def write_back(self, keys: Sequence[str]) -> int:
+    def land(self) -> None:
+        """Writes happen when staged: the study replays sequentially."""
+
+    def stage(self, keys: Sequence[str]) -> int:
         new = [key for key in keys if key not in self._where and key not in self._pending]
         if self._policy.second_use:
             fresh = {key for key in new if key not in self._seen}
@@ -425,9 +428,11 @@ class PerRequestTier(KvBucketTier):
     """Candidate ``per-request`` on the store's own code: the queue is flushed
     after each write-back, so each write-back gets bucket(s) of its own."""
 
-    def write_back(self, keys: Sequence[str]) -> int:
+    def stage(self, keys: Sequence[str]) -> int:
         new = [key for key, held in zip(keys, self._queue.batch_exists(keys)) if not held]
         if new:
+            with self._changed:
+                self._gate.open = True  # flush() below waits for the writes
             self._queue.put_batch({key: self._value for key in new}, callback=self._resolved)
             self._queue.flush()
             self._raise_errors()
