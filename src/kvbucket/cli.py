@@ -804,6 +804,65 @@ def bench(
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------
+# replay
+# ---------------------------------------------------------------------------
+
+REPLAY_DEFAULT_CAPACITIES = ("5%", "10%", "15%", "20%", "25%", "30%")
+
+
+@cli.command()
+@click.argument("trace", required=False)
+@click.option("--capacity", "capacities", multiple=True, help="Tier size: bytes (200G) or a share of the trace's distinct blocks (10%). Repeatable.")
+@click.option("--capacity-blocks", "capacity_blocks", multiple=True, type=click.IntRange(min=1), help="Tier size in blocks. Repeatable.")
+@click.option("--object-size", default="4KiB", show_default=True, callback=_size_param, help="Bytes per block (KV-cache page).")
+@click.option("--l2", "l2_blocks", default=0, show_default=True, type=click.IntRange(min=0), help="Blocks of host-memory LRU in front of the tier.")
+@click.option("--overlap", is_flag=True, help="Land each write-back after the next request's lookup (background write-back).")
+@click.option("--simulate", is_flag=True, help="Run the store in memory (data files keep only their length): fast, no disk used.")
+@click.option("--dir", "directory", default=None, help="Where the real store runs (a temporary sub-directory, removed afterwards).")
+@click.option("--plot", "plot_path", default=None, help="Also draw hit rate against capacity into this PNG file.")
+@_json_option
+@_verbose_option
+@_guarded
+def replay(
+    trace: str | None,
+    capacities: tuple[str, ...],
+    capacity_blocks: tuple[int, ...],
+    object_size: int,
+    l2_blocks: int,
+    overlap: bool,
+    simulate: bool,
+    directory: str | None,
+    plot_path: str | None,
+    as_json: bool,
+) -> int:
+    """Replay a KV-cache trace through kvbucket, an ideal per-object LRU and
+    the offline optimum (Belady), at each capacity, and report hit rates,
+    write amplification and I/O rates: size a tier from real traffic.
+
+    TRACE is a Mooncake-format JSONL file (.xz and .gz too); without it,
+    the Mooncake synthetic trace shipped with kvbucket. Without a capacity,
+    5% to 30% of the trace's distinct blocks. See docs/CAPACITY_PLANNING.md."""
+    from . import replay as replay_module  # imported on use: the other commands do not need it
+    from .replay.report import MissingPlotLibrary, format_report, plot_reports
+
+    loaded = replay_module.read_trace(trace or replay_module.default_trace_path())
+    distinct = loaded.distinct_blocks
+    texts = capacities if capacities or capacity_blocks else REPLAY_DEFAULT_CAPACITIES
+    blocks = [replay_module.parse_capacity(text, object_size, distinct) for text in texts] + list(capacity_blocks)
+    options = replay_module.ReplayOptions(
+        object_size=object_size, l2_blocks=l2_blocks, overlap=overlap, simulate=simulate, directory=directory
+    )
+    report = replay_module.replay(loaded, blocks, options)
+    if plot_path is not None:
+        try:
+            plot_reports([report], plot_path)
+        except MissingPlotLibrary as exc:
+            raise Failure(str(exc)) from None
+    _emit(as_json, report.to_json(), lambda: format_report(report))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kvbucket`` command."""
     try:

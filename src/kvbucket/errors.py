@@ -22,6 +22,7 @@ __all__ = [
     "ForeignDirectory",
     "MooncakeDirectory",
     "ForeignEntry",
+    "InvalidTrace",
 ]
 
 
@@ -62,6 +63,10 @@ class StoreClosed(KvBucketError):
 
 class InvalidArgument(KvBucketError, ValueError):
     """An argument (key, value, buffer, configuration field) is invalid."""
+
+
+class InvalidTrace(InvalidArgument):
+    """A replay trace file is malformed; the message names the file and line."""
 
 
 class ReadOnlyStore(KvBucketError):
