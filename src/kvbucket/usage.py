@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .format import LOCK_NAME, QUARANTINE_DIR, parse_name
 from .fs import FileSystem
 
 __all__ = ["PhysicalUsage", "measure_store", "is_store_entry"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,23 +74,25 @@ def _measure_tree(fs: FileSystem, path: str, st: os.stat_result, usage: Physical
     pending = [path] if stat.S_ISDIR(st.st_mode) else []
     while pending:
         directory = pending.pop()
-        try:
-            names = fs.listdir(directory)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            usage.unmeasurable.append(directory)
-            continue
-        for name in names:
+        names = _attempt(fs.listdir, directory, usage)
+        for name in names or ():
             child = os.path.join(directory, name)
-            try:
-                child_st = fs.stat(child)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                usage.unmeasurable.append(child)
+            child_st = _attempt(fs.stat, child, usage)
+            if child_st is None:
                 continue
             total += child_st.st_blocks * 512
             if stat.S_ISDIR(child_st.st_mode):
                 pending.append(child)
     return total
+
+
+def _attempt(call: Callable[[str], T], path: str, usage: PhysicalUsage) -> T | None:
+    """``call(path)``; None when ``path`` vanished or cannot be read (then
+    it is listed in ``usage.unmeasurable``)."""
+    try:
+        return call(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        usage.unmeasurable.append(path)
+        return None
