@@ -46,7 +46,7 @@ from typing import Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
-from ._common import open_store, option, split_batches, store_options
+from ._common import METRICS_KEYS, metrics_endpoint, open_store, option, split_batches, start_metrics, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -64,7 +64,7 @@ except ImportError:  # pragma: no cover - exercised when LMCache is absent
     from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
 
 ROOT_ENV = "KVBUCKET_PATH"
-ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"})
+ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"}) | METRICS_KEYS
 """``adapter_params`` keys of this adapter beside the BucketConfig fields."""
 _SOURCE = "kvbucket L2 adapter_params"
 _GIB = 1 << 30
@@ -117,12 +117,23 @@ class KvBucketL2AdapterConfig(_ConfigBase):
       ``max_physical_bytes``, ``total_keys_limit``, ``eviction_policy``
       (``lru``/``fifo``/``none``), ``durability``, ``bucket_size_limit``, ...
     * ``num_io_threads`` (default 4): threads for lookups and loads.
+    * ``metrics_port`` (default: off; 0: any free port) and ``metrics_addr``
+      (default ``127.0.0.1``): serve the store's Prometheus metrics at
+      ``http://metrics_addr:metrics_port/metrics``.
     """
 
-    def __init__(self, storage_path: str, store: Mapping[str, Any] | None = None, num_io_threads: int = 4) -> None:
+    def __init__(
+        self,
+        storage_path: str,
+        store: Mapping[str, Any] | None = None,
+        num_io_threads: int = 4,
+        metrics: tuple[int, str] | None = None,
+    ) -> None:
         self.storage_path = storage_path
         self.store = dict(store or {})
         self.num_io_threads = num_io_threads
+        self.metrics = metrics
+        """``(port, addr)`` of the metrics endpoint, None when off."""
 
     @classmethod
     def from_dict(cls, d: dict) -> KvBucketL2AdapterConfig:
@@ -136,7 +147,7 @@ class KvBucketL2AdapterConfig(_ConfigBase):
         if size_gb is not None:
             options.setdefault("max_total_size", int(size_gb * _GIB))
         threads = option(d, "num_io_threads", Setting("count", minimum=1), 4, _SOURCE)
-        return cls(os.path.expanduser(path), options, threads)
+        return cls(os.path.expanduser(path), options, threads, metrics_endpoint(d, _SOURCE))
 
     @classmethod
     def help(cls) -> str:
@@ -147,7 +158,8 @@ class KvBucketL2AdapterConfig(_ConfigBase):
             "- max_size_gb (float): capacity in GiB (kvbucket max_total_size)\n"
             "- max_total_size / max_physical_bytes / total_keys_limit: sizes as 1048576 or '200G'\n"
             "- eviction_policy (lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
-            "- num_io_threads (int): threads for lookups and loads (default 4)"
+            "- num_io_threads (int): threads for lookups and loads (default 4)\n"
+            "- metrics_port (int), metrics_addr (str): serve Prometheus metrics (default off, 127.0.0.1)"
         )
 
     @property
@@ -207,6 +219,11 @@ class KvBucketL2Adapter(_AdapterBase):
         super().__init__(max_capacity_bytes=cfg.capacity_bytes)
         self._config = cfg
         self._store = open_store(cfg.storage_path, cfg.store)
+        try:
+            self.metrics_server = start_metrics(cfg.metrics, self._store)
+        except BaseException:
+            self._store.close()
+            raise
         self._lock = threading.Lock()
         self._objects: dict[str, tuple[Any, int]] = {}
         self._locks: Counter[str] = Counter()
@@ -489,6 +506,8 @@ class KvBucketL2Adapter(_AdapterBase):
             if self._closed:
                 return
             self._closed = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._queue.put(None)
         self._writer.join()
         self._readers.shutdown(wait=True)

@@ -51,7 +51,7 @@ from ..buffers import byte_view
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
-from ._common import open_store, option, safe_component, store_options
+from ._common import metrics_endpoint, open_store, option, safe_component, start_metrics, store_options
 
 __all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
 
@@ -76,6 +76,8 @@ TIER_OPTIONS: dict[str, str] = {
     "name": "vLLM's tier name (metrics); accepted and ignored",
     "locality": "vLLM's LOCAL/REMOTE tag; accepted and kept as .locality_name",
     "enable_kv_events": "accepted; KV events are not emitted yet",
+    "metrics_port": "serve Prometheus metrics on metrics_port + rank (0: any free port; default off)",
+    "metrics_addr": "the metrics endpoint's address (default 127.0.0.1)",
 }
 """Tier config keys beside ``type``, ``module_path``, ``root_dir`` and the BucketConfig fields."""
 
@@ -242,9 +244,16 @@ class _KvBucketTier:
         writers = option(options, "n_write_threads", _THREADS, 2, _SOURCE)
         readers = option(options, "n_read_threads", _THREADS, 4, _SOURCE)
         kv_events = option(options, "enable_kv_events", Setting("bool"), False, _SOURCE)
+        endpoint = metrics_endpoint(options, _SOURCE, offset=self.rank)
         self.store = open_store(self.store_path, store_settings)
         # backpressure="reject": submit_store must never block the scheduler.
         self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
+        try:
+            self.metrics_server = start_metrics(endpoint, self.store, self._queue)
+        except BaseException:
+            self._queue.close()
+            self.store.close()
+            raise
         self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
         self._jobs = _Jobs()
         self._closed = False
@@ -393,6 +402,8 @@ class _KvBucketTier:
         if self._closed:
             return
         self._closed = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.drain_jobs()
         self._queue.close()
         self._loader.shutdown(wait=True)
