@@ -33,6 +33,7 @@ subclasses the real ``L2AdapterInterface``, as the plugin loader requires.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -62,6 +63,10 @@ except ImportError:  # pragma: no cover - exercised when LMCache is absent
     from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey  # type: ignore[assignment]
     from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
     from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
+try:  # key listing arrived after lmcache 0.5.6
+    from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage
+except ImportError:  # pragma: no cover - an LMCache without it, or none
+    from ._lmcache_fallback import EncodedObjectKey, KeyEntry, KeyListPage  # type: ignore[assignment]
 
 ROOT_ENV = "KVBUCKET_PATH"
 ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"}) | METRICS_KEYS
@@ -480,6 +485,35 @@ class KvBucketL2Adapter(_AdapterBase):
             return
         self._forget(t for t, ok in zip(texts, removed) if ok)
 
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> Any:
+        """One page of the keys this adapter holds, as a ``KeyListPage``.
+
+        Keys come in the order of their kvbucket encoding; ``cursor`` is the
+        ``next_page_token`` of the previous page (the last key it listed), so
+        keys stored or deleted between pages neither shift nor repeat the
+        others. ``model_name`` keeps only that model's keys. Raises
+        :class:`InvalidArgument` (a ``ValueError``) for a ``page_size`` below
+        1 or a ``cursor`` that is not a page token. Each page costs one pass
+        over the adapter's key index (no disk I/O).
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise InvalidArgument(f"list_l2_keys: page_size must be a positive integer; got {page_size!r}")
+        if cursor is not None and (not isinstance(cursor, str) or decode_key(cursor) is None):
+            raise InvalidArgument(f"list_l2_keys: cursor {cursor!r} is not a page token of this adapter; pass None to start over")
+        with self._lock:
+            listed = heapq.nsmallest(
+                page_size + 1,
+                (
+                    (text, key, size)
+                    for text, (key, size) in self._objects.items()
+                    if (cursor is None or text > cursor) and (model_name is None or key.model_name == model_name)
+                ),
+                key=lambda item: item[0],
+            )
+        page = listed[:page_size]
+        token = page[-1][0] if len(listed) > page_size else None
+        return KeyListPage(entries=tuple(KeyEntry(key=_encoded(key), size_bytes=size) for _, key, size in page), next_page_token=token)
+
     def report_status(self) -> dict:
         """Health and store statistics."""
         status: dict[str, Any] = {"is_healthy": not self._closed and self._writer.is_alive(), "type": type(self).__name__}
@@ -536,6 +570,17 @@ class KvBucketL2Adapter(_AdapterBase):
             fd.notify()
 
         self._readers.submit(run)
+
+
+def _encoded(key: Any) -> Any:
+    """LMCache's JSON-safe ``EncodedObjectKey`` of an ``ObjectKey``."""
+    return EncodedObjectKey(
+        chunk_hash_hex=key.chunk_hash.hex(),
+        model_name=key.model_name,
+        kv_rank=key.kv_rank,
+        object_group_id=key.object_group_id,
+        cache_salt=key.cache_salt,
+    )
 
 
 def _byte_view(obj: Any) -> memoryview:
