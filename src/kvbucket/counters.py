@@ -74,12 +74,13 @@ class StoreCounters:
     """The store's counters. Every method is called with the store's ``_mutex`` held."""
 
     __slots__ = (
-        "_hits", "_misses", "_hit_bytes", "_miss_bytes", "_read_objects", "_read_bytes",
+        "_exists_hits", "_exists_lookups", "_hits", "_misses", "_hit_bytes", "_miss_bytes", "_read_objects", "_read_bytes",
         "_written_objects", "_written_bytes", "_read_counts", "_read_sum", "_write_counts",
         "_write_sum", "_checksum_failures", "_truncated_reads",
     )  # fmt: skip
 
     def __init__(self) -> None:
+        self._exists_hits = self._exists_lookups = 0
         self._hits = dict.fromkeys(LOOKUP_OPS, 0)
         self._misses = dict.fromkeys(LOOKUP_OPS, 0)
         self._hit_bytes = dict.fromkeys(LOOKUP_OPS, 0)
@@ -92,8 +93,14 @@ class StoreCounters:
         self._write_sum = 0.0
         self._checksum_failures = self._truncated_reads = 0
 
+    def exists(self, hits: int, lookups: int) -> None:
+        """An existence check of ``lookups`` keys found ``hits`` of them (the
+        hottest call: two additions, misses are derived at snapshot)."""
+        self._exists_hits += hits
+        self._exists_lookups += lookups
+
     def looked_up(self, op: str, hits: int, misses: int, hit_bytes: int = 0, miss_bytes: int = 0) -> None:
-        """A lookup of ``op`` found ``hits`` objects and missed ``misses``."""
+        """A lookup of ``op`` (``load`` or ``get``) found ``hits`` objects and missed ``misses``."""
         self._hits[op] += hits
         self._misses[op] += misses
         self._hit_bytes[op] += hit_bytes
@@ -125,8 +132,8 @@ class StoreCounters:
     def snapshot(self) -> CounterSnapshot:
         """A copy of every counter."""
         return CounterSnapshot(
-            hits=dict(self._hits),
-            misses=dict(self._misses),
+            hits={**self._hits, "exists": self._exists_hits},
+            misses={**self._misses, "exists": self._exists_lookups - self._exists_hits},
             hit_bytes=dict(self._hit_bytes),
             miss_bytes=dict(self._miss_bytes),
             read_objects=self._read_objects,

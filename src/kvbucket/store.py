@@ -582,7 +582,7 @@ class BucketStore:
         with self._mutex:
             self._check_open()
             found = key in self._index
-            self._counters.looked_up("exists", found, not found)
+            self._counters.exists(found, 1)
             return found
 
     def batch_exists(self, keys: Iterable[str]) -> list[bool]:
@@ -592,8 +592,7 @@ class BucketStore:
             self._check_open()
             slots = self._index.slots
             flags = [key in slots for key in keys]
-            hits = flags.count(True)
-            self._counters.looked_up("exists", hits, len(flags) - hits)
+            self._counters.exists(flags.count(True), len(flags))
             return flags
 
     def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
