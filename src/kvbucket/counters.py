@@ -13,7 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 
-__all__ = ["LATENCY_BOUNDS", "LOOKUP_OPS", "CounterSnapshot", "QueueCounters", "QueueSnapshot", "StoreCounters"]
+__all__ = ["LATENCY_BOUNDS", "LOOKUP_OPS", "CounterSnapshot", "Histogram", "QueueCounters", "QueueSnapshot", "StoreCounters"]
 
 LATENCY_BOUNDS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from .counters import LATENCY_BOUNDS, LOOKUP_OPS, Histogram
 from .errors import InvalidArgument, KvBucketError, StorageIOError, StoreClosed
 
-__all__ = ["StoreCollector", "MetricsServer", "serve_metrics", "exposition", "make_registry"]
+__all__ = ["StoreCollector", "MetricsServer", "serve_metrics", "exposition", "make_registry", "check_endpoint"]
 
 log = logging.getLogger(__name__)
 
