@@ -122,14 +122,15 @@ def test_queue_depth_staged_hits_and_rejections(tmp_path: Path) -> None:
         assert queue.exists("k1")
         target = bytearray(80)
         assert queue.get_into("k1", target) and target == b"1" * 80
-        with pytest.raises(CapacityExceeded):
-            queue.put("k2", b"2" * 80)
-        parsed = samples(exposition(store, queue))
+        parsed = samples(exposition(store, queue))  # k1 waits for a full bucket: nothing writes it yet
         assert value(parsed, "kvbucket_queue_staged_keys") == 1
         assert value(parsed, "kvbucket_queue_staged_bytes") == 80
         assert value(parsed, "kvbucket_queue_max_staged_bytes") == 100
         assert value(parsed, "kvbucket_queue_staged_hits_total") == 2
         assert value(parsed, "kvbucket_queue_staged_hit_bytes_total") == 80
+        with pytest.raises(CapacityExceeded):
+            queue.put("k2", b"2" * 80)  # (and has k1 written at once to make room)
+        parsed = samples(exposition(store, queue))
         assert (value(parsed, "kvbucket_queue_rejected_keys_total"), value(parsed, "kvbucket_queue_rejected_bytes_total")) == (1, 80)
         queue.flush()
         parsed = samples(exposition(store, queue))
