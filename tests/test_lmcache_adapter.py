@@ -215,3 +215,38 @@ def test_keys_round_trip_through_their_encoding(module: Any) -> None:
     for k in (key(1), key(2, model="a/b-c", rank=0x01020304, salt="tenant-7"), lm.ObjectKey(b"\x00" * 8, "m", 3, 5)):
         assert module.decode_key(module.encode_key(k)) == k
     assert module.decode_key("not-ours") is None
+
+
+def test_list_l2_keys_pages_through_every_key_once(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    mine = [key(i) for i in range(7)]
+    theirs = [key(i, model="other/model", salt="bob") for i in range(3)]
+    assert lm.store(adapter, [*mine, *theirs], chunks(10)).is_successful()
+
+    def listing(**kwargs: Any) -> list[tuple[Any, int]]:
+        seen, token, pages = [], None, 0
+        while True:
+            page = adapter.list_l2_keys(page_size=3, cursor=token, **kwargs)
+            assert isinstance(page, lm.KeyListPage) and len(page.entries) <= 3
+            seen += [(entry.key.to_object_key(), entry.size_bytes) for entry in page.entries]
+            pages += 1
+            token = page.next_page_token
+            if token is None:
+                return seen
+            assert pages < 10
+
+    everything = listing()
+    assert len(everything) == 10 and {k for k, _ in everything} == {*mine, *theirs}  # each key exactly once
+    assert {n for _, n in everything} == {CHUNK}
+    assert {k for k, _ in listing(model_name="other/model")} == set(theirs)
+    adapter.delete(mine[:2])
+    restarted = restart(opened, adapter, tmp_path)
+    assert {e.key.to_object_key() for e in restarted.list_l2_keys(model_name="org/model").entries} == set(mine[2:])
+
+
+def test_list_l2_keys_refuses_bad_arguments(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path)
+    assert adapter.list_l2_keys() == lm.KeyListPage(entries=(), next_page_token=None)
+    for bad in ({"page_size": 0}, {"page_size": True}, {"cursor": "not-a-token"}, {"cursor": 5}):
+        with pytest.raises(ValueError):
+            adapter.list_l2_keys(**bad)

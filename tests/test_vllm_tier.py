@@ -334,3 +334,34 @@ def test_directory_namespace_separates_models(tmp_path: Path, memory: np.ndarray
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_get_stats_reports_counter_increments_and_usage(tier: Any, memory: np.ndarray) -> None:
+    definitions = TierClass.build_metric_definitions({})
+    assert isinstance(definitions["vllm:kvbucket_written_bytes"], vs.OffloadingCounterMetadata)
+    assert isinstance(definitions["vllm:kvbucket_physical_bytes"], vs.OffloadingGaugeMetadata)
+    keys = [vs.key(i) for i in range(3)]
+    fill_random(memory, range(0, 3), seed=7)
+    assert [r.success for r in store_keys(tier, 1, keys, [0, 1, 2])] == [True]
+    assert [r.success for r in load_keys(tier, 2, keys[:2], [8, 9])] == [True]
+
+    stats = tier.get_stats()
+    counters = stats.data["data"]
+    assert counters["vllm:kvbucket_written_bytes"][()] == 3 * CHUNK_BYTES
+    assert counters["vllm:kvbucket_read_chunks"][()] == 2
+    assert set(stats.data["data"]) <= set(definitions)
+    tier._usage.result()  # the usage refresh get_stats started on a loader thread
+    again = tier.get_stats().data["data"]
+    assert "vllm:kvbucket_written_bytes" not in again  # increments, not totals
+    assert again["vllm:kvbucket_chunks"][()] == 3
+    assert again["vllm:kvbucket_logical_bytes"][()] == 3 * CHUNK_BYTES
+
+
+def test_get_stats_without_vllm_metrics_is_none(tmp_path: Path, memory: np.ndarray) -> None:
+    bare = tier_module.make_tier_class(tier_module.FALLBACK_API)
+    assert bare.build_metric_definitions({}) == {}
+    opened = make_tier(tmp_path, memory, cls=bare)
+    try:
+        assert opened.get_stats() is None
+    finally:
+        opened.shutdown()

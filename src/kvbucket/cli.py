@@ -5,7 +5,7 @@ Commands (``kvbucket COMMAND --help`` for each):
 * ``fsck DIR [--repair [--dry-run]] [--deep] [--quarantine]``: check a
   kvbucket or a Mooncake directory; with ``--repair``, fix exactly what was
   reported (``--dry-run``: only print what it would remove and drop).
-* ``stats DIR``, ``ls DIR [--bucket ID]``, ``get DIR KEY [-o FILE]``:
+* ``stats DIR [--prometheus]``, ``ls DIR [--bucket ID]``, ``get DIR KEY [-o FILE]``:
   read-only; they open the store with ``readonly=True`` (no lock, no write).
 * ``rm DIR KEY...``: remove objects (takes the writer lock).
 * ``import --from-mooncake SRC DST``: copy a Mooncake directory into a store.
@@ -505,16 +505,20 @@ def _fsck_verdict(report: dict[str, Any]) -> str:
 
 @cli.command()
 @click.argument("directory")
+@click.option("--prometheus", is_flag=True, help="Print the metrics in the Prometheus text format instead.")
 @_format_option
 @_json_option
 @_verbose_option
 @_guarded
-def stats(directory: str, fmt: str, as_json: bool) -> int:
+def stats(directory: str, prometheus: bool, fmt: str, as_json: bool) -> int:
     """Show key, bucket and byte counts of DIRECTORY (read-only), and the
     limits its last writer recorded ("unknown" for a store last written by a
-    kvbucket that recorded none)."""
+    kvbucket that recorded none). ``--prometheus`` prints one scrape of the
+    metrics instead (the counters start at 0: they count this open)."""
     path = _existing_dir(directory)
     log.info("stats of %s", path)
+    if prometheus:
+        return _prometheus_stats(path, fmt, as_json)
     if _resolve_format(path, fmt) == "mooncake":
         payload = _mooncake_stats(path, as_json)
     else:
@@ -522,6 +526,19 @@ def stats(directory: str, fmt: str, as_json: bool) -> int:
             payload = {"path": os.fspath(path), "format": "kvbucket", **_plain(store.stats())}
     known = payload.get("limits_known", True)
     _emit(as_json, payload, lambda: "\n".join(f"{k:<20} {_stat_value(k, v, known)}" for k, v in payload.items()))
+    return EXIT_OK
+
+
+def _prometheus_stats(path: Path, fmt: str, as_json: bool) -> int:
+    """``stats --prometheus``: one exposition of a readonly open."""
+    from .metrics import exposition  # prometheus_client is needed only here
+
+    if as_json:
+        raise Failure("--prometheus and --json are two output formats; give one of them")
+    if _resolve_format(path, fmt) == "mooncake":
+        raise Failure(f"{path} is a Mooncake directory; --prometheus reads kvbucket stores (import it first)")
+    with _open_readonly(path) as store:
+        click.echo(exposition(store), nl=False)
     return EXIT_OK
 
 

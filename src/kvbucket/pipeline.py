@@ -62,6 +62,7 @@ from typing import Any, Literal
 
 from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
 from .buffers import Buffer, value_views, writable_view
+from .counters import QueueCounters, QueueSnapshot
 from .errors import (
     CapacityExceeded,
     InvalidArgument,
@@ -187,6 +188,7 @@ class OffloadQueue:
         self._state: Literal["open", "closing", "closed"] = "open"
         self._stored = 0
         self._failed = 0
+        self._counters = QueueCounters()
 
         self._threads = [
             threading.Thread(target=self._run, name=f"kvbucket-offload-{i}", daemon=True)
@@ -259,12 +261,14 @@ class OffloadQueue:
             self._starved = True  # a worker sends the partial bucket off to make room
             self._cond.notify_all()
             if self._backpressure == "reject":
+                self._counters.rejected(len(prepared), need)
                 raise CapacityExceeded(
                     f"offload staging is full: {what} need {need} bytes, {self._staged_bytes} "
                     f"of max_staged_bytes={self._max_bytes} are staged; retry later or raise the limit"
                 )
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                self._counters.rejected(len(prepared), need)
                 raise CapacityExceeded(
                     f"offload staging stayed full for put_timeout={self._put_timeout}s: {what} "
                     f"need {need} bytes, {self._staged_bytes} of {self._max_bytes} are staged"
@@ -288,6 +292,7 @@ class OffloadQueue:
         check_lookup_key(key)
         with self._lock:
             if key in self._entries:
+                self._counters.staged_hit(1)
                 return True
         return bool(self._store.exists(key))
 
@@ -296,6 +301,7 @@ class OffloadQueue:
         keys = lookup_keys(keys, "batch_exists")
         with self._lock:
             staged = [key in self._entries for key in keys]
+            self._counters.staged_hit(staged.count(True))
         rest = [key for key, hit in zip(keys, staged) if not hit]
         stored = iter(self._store.batch_exists(rest) if rest else [])
         return [hit or bool(next(stored)) for hit in staged]
@@ -330,6 +336,7 @@ class OffloadQueue:
             pinned = [self._entries[key] for key in dests if key in self._entries]
             for entry in pinned:
                 entry.readers += 1
+            self._counters.staged_hit(len(pinned), sum(entry.size for entry in pinned))
         return pinned
 
     def _unpin(self, pinned: list[_Entry]) -> None:
@@ -414,6 +421,12 @@ class OffloadQueue:
                 stored_keys=self._stored,
                 failed_keys=self._failed,
             )
+
+    def counters(self) -> QueueSnapshot:
+        """The queue's counters since it was created: lookups answered from
+        staging, puts refused by backpressure."""
+        with self._lock:
+            return self._counters.snapshot()
 
     @property
     def closed(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from .buffers import Buffer, value_views, writable_views
 from .checksum import crc32c_of
 from .commit import delete_bucket_files, publish_meta, write_bucket
 from .config import BucketConfig
+from .counters import CounterSnapshot, StoreCounters
 from .datafile import open_for_read, read_value
 from .errors import (
     CapacityExceeded,
@@ -151,6 +153,7 @@ class BucketStore:
         self._warned_foreign = False
         self._undeleted: dict[int, int] = {}  # out of the index, files not yet deleted -> allocated bytes
         self._evicted = [0, 0]
+        self._counters = StoreCounters()  # bumped under _mutex
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         self._limits_known = True
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
@@ -324,6 +327,7 @@ class BucketStore:
         """
         if on_duplicate not in ("error", "skip"):
             raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
+        started = time.perf_counter()
         batch = _prepare_batch(objects)
         with self._writer:
             self._check_writable()
@@ -345,17 +349,18 @@ class BucketStore:
                 f"writing bucket {bucket_id}",
                 lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable, checksums=checksums.result),
             )
-            bucket = self._commit(meta, physical)
+            bucket = self._commit(meta, physical, started)
             self._track_directory_growth()
             if on_complete is not None:
                 self._notify_complete(bucket, meta, on_complete)
             return bucket_id
 
-    def _commit(self, meta: BucketMeta, physical: int) -> Bucket:
+    def _commit(self, meta: BucketMeta, physical: int, started: float | None = None) -> Bucket:
         bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
         with self._mutex:
             self._index.add_bucket(bucket, meta)
             self._touch(bucket)
+            self._counters.wrote(len(bucket.keys), bucket.logical, None if started is None else time.perf_counter() - started)
         return bucket
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
@@ -418,7 +423,7 @@ class BucketStore:
         if not destinations:
             raise InvalidArgument("batch_load needs at least one key")
         views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
-        self._read(views)
+        self._read(views, "load")
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""
@@ -427,30 +432,44 @@ class BucketStore:
             raise InvalidArgument("batch_get needs at least one key")
         with self._mutex:
             self._check_open()
-            sizes = {key: self._meta_locked(key).size for key in keys}
+            try:
+                sizes = {key: self._meta_locked(key).size for key in keys}
+            except KeyNotFound:
+                self._counters.looked_up("get", 0, 1)
+                raise
         buffers = {key: bytearray(size) for key, size in sizes.items()}
-        self._read({key: [memoryview(buf)] for key, buf in buffers.items()})
+        self._read({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
         return {key: bytes(buf) for key, buf in buffers.items()}
 
-    def _read(self, views: dict[str, list[memoryview]]) -> None:
-        plan = self._pin(views)
+    def _read(self, views: dict[str, list[memoryview]], op: str) -> None:
+        started = time.perf_counter()
+        plan = self._pin(views, op)
+        done: tuple[int, int, float] | None = None  # objects, bytes, start of a read that succeeded
         try:
             self._run_reads(plan)
+            done = (len(plan), sum(meta.size for _, _, meta, _ in plan), started)
         finally:
-            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values())
+            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values(), done)
 
-    def _pin(self, views: dict[str, list[memoryview]]) -> list[_Read]:
-        """Look up every key and pin its bucket, all under one lock hold; the
-        read is in flight until :meth:`_unpin`."""
+    def _pin(self, views: dict[str, list[memoryview]], op: str) -> list[_Read]:
+        """Look up every key (counting hits and misses of ``op``) and pin its
+        bucket, all under one lock hold; the read is in flight until :meth:`_unpin`."""
         plan = []
         with self._mutex:
             self._check_open()
+            nbytes = 0
             for key, view in views.items():
-                meta = self._meta_locked(key)
                 size = sum(len(piece) for piece in view)
+                try:
+                    meta = self._meta_locked(key)
+                except KeyNotFound:
+                    self._counters.looked_up(op, len(plan), 1, nbytes, size if op == "load" else 0)
+                    raise
                 if size != meta.size:
                     raise SizeMismatch(f"buffer for key {key!r} is {size} bytes; the object is {meta.size}")
                 plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
+                nbytes += size
+            self._counters.looked_up(op, len(plan), 0, nbytes)
             pinned: list[Bucket] = []
             try:
                 for bucket in {id(b): b for b, _, _, _ in plan}.values():
@@ -485,9 +504,15 @@ class BucketStore:
         direct = self._config.io_mode == "direct"
         got = self._io(f"reading key {key!r} from bucket {meta.bucket_id}", lambda: read_value(self._fs, bucket.fd, meta.offset, view, direct))
         if got != meta.size:
+            self._count_corrupt(truncated=True)
             raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
         if self._config.verify_checksums and crc32c_of(view) != meta.checksum:
+            self._count_corrupt(truncated=False)
             raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
+
+    def _count_corrupt(self, truncated: bool) -> None:
+        with self._mutex:
+            self._counters.corrupt(truncated)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._mutex:
@@ -523,9 +548,12 @@ class BucketStore:
             except OSError as exc:
                 log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
 
-    def _unpin(self, buckets: Iterable[Bucket]) -> None:
-        """Unpin the buckets of a read that :meth:`_pin` started; the read is over."""
+    def _unpin(self, buckets: Iterable[Bucket], done: tuple[int, int, float] | None) -> None:
+        """Unpin the buckets of a read that :meth:`_pin` started; the read is
+        over, and ``done`` (objects, bytes, start time) counts one that succeeded."""
         with self._mutex:
+            if done is not None:
+                self._counters.read(done[0], done[1], time.perf_counter() - done[2])
             self._unpin_locked(buckets)
             self._reads_in_flight -= 1
             if not self._reads_in_flight:
@@ -553,7 +581,9 @@ class BucketStore:
         check_lookup_key(key)
         with self._mutex:
             self._check_open()
-            return key in self._index
+            found = key in self._index
+            self._counters.exists(found, 1)
+            return found
 
     def batch_exists(self, keys: Iterable[str]) -> list[bool]:
         """For each key, whether it is stored."""
@@ -561,7 +591,9 @@ class BucketStore:
         with self._mutex:
             self._check_open()
             slots = self._index.slots
-            return [key in slots for key in keys]
+            flags = [key in slots for key in keys]
+            self._counters.exists(flags.count(True), len(flags))
+            return flags
 
     def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
         """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
@@ -909,6 +941,12 @@ class BucketStore:
                     unmeasurable=tuple(self._measured.unmeasurable),
                     limits_known=self._limits_known,
                 )
+
+    def counters(self) -> CounterSnapshot:
+        """The operation counters since open: hits and misses, bytes read and
+        written, latency histograms, checksum failures (no I/O)."""
+        with self._mutex:
+            return self._counters.snapshot()
 
     def _usage(self) -> Usage:
         with self._mutex:

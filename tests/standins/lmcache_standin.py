@@ -44,6 +44,30 @@ class ObjectKey:
             raise ValueError("'@' is not allowed in model_name or cache_salt")
 
 
+@dataclass(frozen=True)
+class EncodedObjectKey:
+    chunk_hash_hex: str
+    model_name: str
+    kv_rank: int
+    object_group_id: int = 0
+    cache_salt: str = ""
+
+    def to_object_key(self) -> ObjectKey:
+        return ObjectKey(bytes.fromhex(self.chunk_hash_hex), self.model_name, self.kv_rank, self.object_group_id, self.cache_salt)
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key: EncodedObjectKey
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class KeyListPage:
+    entries: tuple[KeyEntry, ...]
+    next_page_token: str | None
+
+
 class Bitmap:
     def __init__(self, size: int) -> None:
         self._bits = bytearray(size)
@@ -163,6 +187,9 @@ class L2AdapterInterface(ABC):
 
     def delete(self, keys: list[ObjectKey]) -> None:
         return None
+
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> KeyListPage:
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_l2_keys")
 
     def get_usage(self) -> AdapterUsage:
         with self._usage_lock:
@@ -284,7 +311,7 @@ def installed() -> Iterator[types.ModuleType]:
         "lmcache.lmcache_native": module("lmcache.lmcache_native", Bitmap=Bitmap),
         "lmcache.v1": module("lmcache.v1"),
         base: module(base),
-        f"{base}.api": module(f"{base}.api", ObjectKey=ObjectKey),
+        f"{base}.api": module(f"{base}.api", ObjectKey=ObjectKey, EncodedObjectKey=EncodedObjectKey, KeyEntry=KeyEntry, KeyListPage=KeyListPage),
         f"{base}.internal_api": module(f"{base}.internal_api", L2StoreResult=L2StoreResult),
         f"{base}.l2_adapters": module(f"{base}.l2_adapters", L2AdapterInterface=L2AdapterInterface),
         f"{base}.l2_adapters.base": module(f"{base}.l2_adapters.base", L2AdapterInterface=L2AdapterInterface, AdapterUsage=AdapterUsage),

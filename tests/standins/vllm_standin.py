@@ -120,12 +120,46 @@ class SecondaryTierManager(ABC):
         return None
 
 
+@dataclass(frozen=True)
+class OffloadingCounterMetadata:
+    documentation: str
+    labelnames: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OffloadingGaugeMetadata:
+    documentation: str
+    labelnames: tuple[str, ...] = ()
+
+
+class OffloadingConnectorStats:
+    """vLLM's self-describing stats payload: ``{"types": {name: type}, "data": {name: {labels: value}}}``."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {"types": {}, "data": {}}
+
+    def increase_counter(self, counter_name: str, counter_increase_value: float = 1, labelvalues: tuple[str, ...] = ()) -> None:
+        self.data["types"].setdefault(counter_name, "counter")
+        values = self.data["data"].setdefault(counter_name, {})
+        values[labelvalues] = values.get(labelvalues, 0) + counter_increase_value
+
+    def set_gauge(self, gauge_name: str, gauge_value: float, labelvalues: tuple[str, ...] = ()) -> None:
+        self.data["types"].setdefault(gauge_name, "gauge")
+        self.data["data"].setdefault(gauge_name, {})[labelvalues] = gauge_value
+
+    def is_empty(self) -> bool:
+        return not self.data["data"]
+
+
 API = SimpleNamespace(
     SecondaryTierManager=SecondaryTierManager,
     JobResult=JobResult,
     LookupResult=LookupResult,
     RequestOffloadingContext=RequestOffloadingContext,
     Medium=Medium,
+    Stats=OffloadingConnectorStats,
+    CounterMetadata=OffloadingCounterMetadata,
+    GaugeMetadata=OffloadingGaugeMetadata,
 )
 """The names ``kvbucket.integrations.vllm.make_tier_class`` builds on."""
 

@@ -10,6 +10,8 @@
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
 * :func:`split_batches` cuts a large write into bucket-sized batches.
+* :func:`metrics_endpoint` reads the ``metrics_port``/``metrics_addr``
+  settings; :func:`start_metrics` serves the store's Prometheus metrics there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ __all__ = [
     "pointer_view",
     "split_batches",
     "safe_component",
+    "METRICS_KEYS",
+    "metrics_endpoint",
+    "start_metrics",
 ]
 
 _SKIPPED_FIELDS = {"path", "readonly"}
@@ -69,6 +74,43 @@ def option(params: Mapping[str, Any], key: str, setting: Setting, default: T, so
     """``params[key]`` parsed by ``setting``, or ``default`` when absent or None."""
     value = params.get(key)
     return default if value is None else setting.coerce(value, key, source)
+
+
+METRICS_KEYS = frozenset({"metrics_port", "metrics_addr"})
+"""Adapter config keys of the metrics endpoint (off unless ``metrics_port`` is set)."""
+
+_PORT = Setting("count")
+
+
+def metrics_endpoint(params: Mapping[str, Any], source: str, offset: int = 0) -> tuple[int, str] | None:
+    """``(port, addr)`` of the metrics endpoint, None when ``metrics_port`` is unset.
+
+    The port is ``metrics_port + offset`` (adapters pass the rank, so every
+    rank of a node gets its own port) unless ``metrics_port`` is 0 (any free
+    port). ``metrics_addr`` defaults to loopback. Raises
+    :class:`InvalidArgument` for a bad value, before anything is opened.
+    """
+    base = option(params, "metrics_port", _PORT, None, source)
+    if base is None:
+        return None
+    from ..metrics import check_endpoint  # prometheus_client loads only when metrics are asked for
+
+    addr = params.get("metrics_addr") or "127.0.0.1"
+    port = base + offset if base else 0
+    try:
+        check_endpoint(port, addr)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{source}: {exc} (metrics_port={base!r}, rank offset {offset})") from None
+    return port, addr
+
+
+def start_metrics(endpoint: tuple[int, str] | None, store: Any, queue: Any = None) -> Any:
+    """Serve ``store``'s metrics at ``endpoint`` (a :class:`~kvbucket.metrics.MetricsServer`), or None."""
+    if endpoint is None:
+        return None
+    from ..metrics import serve_metrics
+
+    return serve_metrics(store, endpoint[0], endpoint[1], queue=queue)
 
 
 def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> Any:

@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["AdapterUsage", "Bitmap", "L2AdapterConfigBase", "L2AdapterInterface", "L2StoreResult", "ObjectKey"]
+__all__ = [
+    "AdapterUsage",
+    "Bitmap",
+    "EncodedObjectKey",
+    "KeyEntry",
+    "KeyListPage",
+    "L2AdapterConfigBase",
+    "L2AdapterInterface",
+    "L2StoreResult",
+    "ObjectKey",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,33 @@ class ObjectKey:
     def __post_init__(self) -> None:
         if "@" in self.model_name or "@" in self.cache_salt:
             raise ValueError("model_name and cache_salt must not contain '@'")
+
+
+@dataclass(frozen=True)
+class EncodedObjectKey:
+    """JSON-safe form of an :class:`ObjectKey` (``chunk_hash`` as hex), as key listings carry it."""
+
+    chunk_hash_hex: str
+    model_name: str
+    kv_rank: int
+    object_group_id: int = 0
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One listed key and its object's size."""
+
+    key: EncodedObjectKey
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class KeyListPage:
+    """A page of ``list_l2_keys``; ``next_page_token`` None means the listing is complete."""
+
+    entries: tuple[KeyEntry, ...]
+    next_page_token: str | None
 
 
 class Bitmap:

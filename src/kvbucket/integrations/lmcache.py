@@ -33,6 +33,7 @@ subclasses the real ``L2AdapterInterface``, as the plugin loader requires.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -46,7 +47,7 @@ from typing import Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
-from ._common import open_store, option, split_batches, store_options
+from ._common import METRICS_KEYS, metrics_endpoint, open_store, option, split_batches, start_metrics, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -62,9 +63,13 @@ except ImportError:  # pragma: no cover - exercised when LMCache is absent
     from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey  # type: ignore[assignment]
     from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
     from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
+try:  # key listing arrived after lmcache 0.5.6
+    from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage
+except ImportError:  # pragma: no cover - an LMCache without it, or none
+    from ._lmcache_fallback import EncodedObjectKey, KeyEntry, KeyListPage  # type: ignore[assignment]
 
 ROOT_ENV = "KVBUCKET_PATH"
-ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"})
+ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"}) | METRICS_KEYS
 """``adapter_params`` keys of this adapter beside the BucketConfig fields."""
 _SOURCE = "kvbucket L2 adapter_params"
 _GIB = 1 << 30
@@ -117,12 +122,23 @@ class KvBucketL2AdapterConfig(_ConfigBase):
       ``max_physical_bytes``, ``total_keys_limit``, ``eviction_policy``
       (``lru``/``fifo``/``none``), ``durability``, ``bucket_size_limit``, ...
     * ``num_io_threads`` (default 4): threads for lookups and loads.
+    * ``metrics_port`` (default: off; 0: any free port) and ``metrics_addr``
+      (default ``127.0.0.1``): serve the store's Prometheus metrics at
+      ``http://metrics_addr:metrics_port/metrics``.
     """
 
-    def __init__(self, storage_path: str, store: Mapping[str, Any] | None = None, num_io_threads: int = 4) -> None:
+    def __init__(
+        self,
+        storage_path: str,
+        store: Mapping[str, Any] | None = None,
+        num_io_threads: int = 4,
+        metrics: tuple[int, str] | None = None,
+    ) -> None:
         self.storage_path = storage_path
         self.store = dict(store or {})
         self.num_io_threads = num_io_threads
+        self.metrics = metrics
+        """``(port, addr)`` of the metrics endpoint, None when off."""
 
     @classmethod
     def from_dict(cls, d: dict) -> KvBucketL2AdapterConfig:
@@ -136,7 +152,7 @@ class KvBucketL2AdapterConfig(_ConfigBase):
         if size_gb is not None:
             options.setdefault("max_total_size", int(size_gb * _GIB))
         threads = option(d, "num_io_threads", Setting("count", minimum=1), 4, _SOURCE)
-        return cls(os.path.expanduser(path), options, threads)
+        return cls(os.path.expanduser(path), options, threads, metrics_endpoint(d, _SOURCE))
 
     @classmethod
     def help(cls) -> str:
@@ -147,7 +163,8 @@ class KvBucketL2AdapterConfig(_ConfigBase):
             "- max_size_gb (float): capacity in GiB (kvbucket max_total_size)\n"
             "- max_total_size / max_physical_bytes / total_keys_limit: sizes as 1048576 or '200G'\n"
             "- eviction_policy (lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
-            "- num_io_threads (int): threads for lookups and loads (default 4)"
+            "- num_io_threads (int): threads for lookups and loads (default 4)\n"
+            "- metrics_port (int), metrics_addr (str): serve Prometheus metrics (default off, 127.0.0.1)"
         )
 
     @property
@@ -207,6 +224,11 @@ class KvBucketL2Adapter(_AdapterBase):
         super().__init__(max_capacity_bytes=cfg.capacity_bytes)
         self._config = cfg
         self._store = open_store(cfg.storage_path, cfg.store)
+        try:
+            self.metrics_server = start_metrics(cfg.metrics, self._store)
+        except BaseException:
+            self._store.close()
+            raise
         self._lock = threading.Lock()
         self._objects: dict[str, tuple[Any, int]] = {}
         self._locks: Counter[str] = Counter()
@@ -463,6 +485,35 @@ class KvBucketL2Adapter(_AdapterBase):
             return
         self._forget(t for t, ok in zip(texts, removed) if ok)
 
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> Any:
+        """One page of the keys this adapter holds, as a ``KeyListPage``.
+
+        Keys come in the order of their kvbucket encoding; ``cursor`` is the
+        ``next_page_token`` of the previous page (the last key it listed), so
+        keys stored or deleted between pages neither shift nor repeat the
+        others. ``model_name`` keeps only that model's keys. Raises
+        :class:`InvalidArgument` (a ``ValueError``) for a ``page_size`` below
+        1 or a ``cursor`` that is not a page token. Each page costs one pass
+        over the adapter's key index (no disk I/O).
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise InvalidArgument(f"list_l2_keys: page_size must be a positive integer; got {page_size!r}")
+        if cursor is not None and (not isinstance(cursor, str) or decode_key(cursor) is None):
+            raise InvalidArgument(f"list_l2_keys: cursor {cursor!r} is not a page token of this adapter; pass None to start over")
+        with self._lock:
+            listed = heapq.nsmallest(
+                page_size + 1,
+                (
+                    (text, key, size)
+                    for text, (key, size) in self._objects.items()
+                    if (cursor is None or text > cursor) and (model_name is None or key.model_name == model_name)
+                ),
+                key=lambda item: item[0],
+            )
+        page = listed[:page_size]
+        token = page[-1][0] if len(listed) > page_size else None
+        return KeyListPage(entries=tuple(KeyEntry(key=_encoded(key), size_bytes=size) for _, key, size in page), next_page_token=token)
+
     def report_status(self) -> dict:
         """Health and store statistics."""
         status: dict[str, Any] = {"is_healthy": not self._closed and self._writer.is_alive(), "type": type(self).__name__}
@@ -489,6 +540,8 @@ class KvBucketL2Adapter(_AdapterBase):
             if self._closed:
                 return
             self._closed = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._queue.put(None)
         self._writer.join()
         self._readers.shutdown(wait=True)
@@ -517,6 +570,17 @@ class KvBucketL2Adapter(_AdapterBase):
             fd.notify()
 
         self._readers.submit(run)
+
+
+def _encoded(key: Any) -> Any:
+    """LMCache's JSON-safe ``EncodedObjectKey`` of an ``ObjectKey``."""
+    return EncodedObjectKey(
+        chunk_hash_hex=key.chunk_hash.hex(),
+        model_name=key.model_name,
+        kv_rank=key.kv_rank,
+        object_group_id=key.object_group_id,
+        cache_salt=key.cache_salt,
+    )
 
 
 def _byte_view(obj: Any) -> memoryview:

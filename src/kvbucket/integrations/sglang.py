@@ -44,7 +44,7 @@ from typing import Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
-from ._common import open_store, option, pointer_view, safe_component, split_batches, store_options
+from ._common import METRICS_KEYS, metrics_endpoint, open_store, option, pointer_view, safe_component, split_batches, start_metrics, store_options
 
 __all__ = ["KvBucketHiCacheStorage", "StoragePaths", "resolve_paths"]
 
@@ -75,7 +75,7 @@ ROOT_ENV = "KVBUCKET_PATH"
 # HiCacheFile's names for the same settings (per-rank cap, as its evictor uses it).
 _ALIASES = {"max_size": "max_physical_bytes"}
 
-ADAPTER_KEYS = frozenset({"storage_path", "file_storage_path", "per_rank_dirs", "mla_refresh_interval_s"})
+ADAPTER_KEYS = frozenset({"storage_path", "file_storage_path", "per_rank_dirs", "mla_refresh_interval_s"}) | METRICS_KEYS
 """``extra_config`` keys of this adapter beside the BucketConfig fields and ``max_size``."""
 
 SGLANG_KEYS = frozenset(
@@ -225,6 +225,11 @@ class KvBucketHiCacheStorage(_Base):
       HiCacheFile's ``max_size`` (same as ``max_physical_bytes``, per rank)
     * ``mla_refresh_interval_s`` (default 1.0): how often an MLA reader rank
       looks for new buckets of the writer rank
+    * ``metrics_port`` (default: off): serve the store's Prometheus metrics
+      at ``http://metrics_addr:<metrics_port + rank>/metrics``, the rank
+      being ``tp_rank + pp_rank * tp_size`` (0: any free port); writer ranks
+      only (an MLA reader rank has no store of its own)
+    * ``metrics_addr`` (default ``127.0.0.1``): the address it listens on
 
     Values are parsed as ``KVBUCKET_*`` variables are (``"200G"``,
     ``"false"``); a key that is neither one of these nor one SGLang reads
@@ -239,13 +244,20 @@ class KvBucketHiCacheStorage(_Base):
         per_rank = option(extra, "per_rank_dirs", Setting("bool"), True, _SOURCE)
         interval = option(extra, "mla_refresh_interval_s", Setting("number"), 1.0, _SOURCE)
         self.paths = resolve_paths(storage_config, _root_from(extra), per_rank)
+        endpoint = metrics_endpoint(extra, _SOURCE, offset=_rank_offset(storage_config))
         self._layout_tag = ""
         self._metrics = _Metrics()
         self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
         self._store: Any = None
         self._reader: _SharedReader | None = None
+        self.metrics_server: Any = None
         if self.paths.writer:
             self._store = open_store(self.paths.store_dir, self._options)
+            try:
+                self.metrics_server = start_metrics(endpoint, self._store)
+            except BaseException:
+                self._store.close()
+                raise
         else:
             self._reader = _SharedReader(self.paths.store_dir, self._options, interval)
         logger.info("kvbucket HiCache storage at %s (%s)", self.paths.store_dir, "writer" if self.paths.writer else "reader")
@@ -516,7 +528,10 @@ class KvBucketHiCacheStorage(_Base):
         return None if store is None else store.stats()
 
     def close(self) -> None:
-        """Close the store (everything acknowledged is already durable)."""
+        """Stop the metrics endpoint and close the store (everything acknowledged is already durable)."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -536,6 +551,11 @@ class KvBucketHiCacheStorage(_Base):
         if per_token is None:
             return 0.0
         return float(per_token()) * self._page_size(pool) / (1 << 30)
+
+
+def _rank_offset(cfg: Any) -> int:
+    """This rank's offset from ``metrics_port``: distinct for every TP x PP rank of a node."""
+    return int(getattr(cfg, "tp_rank", 0) or 0) + int(getattr(cfg, "pp_rank", 0) or 0) * int(getattr(cfg, "tp_size", 1) or 1)
 
 
 def _nbytes(value: list[Any]) -> int:

@@ -51,7 +51,7 @@ from ..buffers import byte_view
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
-from ._common import open_store, option, safe_component, store_options
+from ._common import metrics_endpoint, open_store, option, safe_component, start_metrics, store_options
 
 __all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
 
@@ -59,7 +59,33 @@ logger = logging.getLogger(__name__)
 
 TierAPI = SimpleNamespace
 """The vLLM names the tier is built on: ``SecondaryTierManager``, ``JobResult``,
-``LookupResult``, ``RequestOffloadingContext`` and (optional) ``Medium``."""
+``LookupResult``, ``RequestOffloadingContext`` and the optional ``Medium``,
+``Stats`` (``OffloadingConnectorStats``), ``CounterMetadata`` and
+``GaugeMetadata`` (``OffloadingCounterMetadata``/``OffloadingGaugeMetadata``);
+without the last three the tier reports no vLLM metrics."""
+
+STATS_INTERVAL_S = 5.0
+"""Most seconds between two refreshes of the usage gauges :meth:`get_stats` reports."""
+
+_VLLM_COUNTERS: dict[str, tuple[str, Callable[[Any], int]]] = {
+    "vllm:kvbucket_read_bytes": ("Bytes the kvbucket tier read from disk", lambda c: c.read_bytes),
+    "vllm:kvbucket_written_bytes": ("Bytes the kvbucket tier committed to disk", lambda c: c.written_bytes),
+    "vllm:kvbucket_read_chunks": ("Chunks the kvbucket tier read from disk", lambda c: c.read_objects),
+    "vllm:kvbucket_written_chunks": ("Chunks the kvbucket tier committed to disk", lambda c: c.written_objects),
+    "vllm:kvbucket_checksum_failures": ("Chunks whose bytes failed their checksum", lambda c: c.checksum_failures),
+}
+"""vLLM counter name -> (documentation, its running total in a :class:`~kvbucket.counters.CounterSnapshot`)."""
+
+_VLLM_GAUGES: dict[str, tuple[str, Callable[[Any], int]]] = {
+    "vllm:kvbucket_logical_bytes": ("Value bytes the kvbucket tier holds", lambda s: s.logical_bytes),
+    "vllm:kvbucket_physical_bytes": ("Allocated bytes of the kvbucket tier's directory", lambda s: s.physical_bytes),
+    "vllm:kvbucket_chunks": ("Chunks the kvbucket tier holds", lambda s: s.keys),
+    "vllm:kvbucket_max_physical_bytes": ("The tier's max_physical_bytes (0: unlimited)", lambda s: s.max_physical_bytes),
+    "vllm:kvbucket_max_logical_bytes": ("The tier's max_total_size (0: unlimited)", lambda s: s.max_total_size),
+    "vllm:kvbucket_usage_ratio": ("Highest usage relative to its limit", lambda s: s.usage_ratio),
+    "vllm:kvbucket_evicted_chunks": ("Chunks evicted since the tier opened", lambda s: s.evicted_keys),
+}
+"""vLLM gauge name -> (documentation, its value in a :class:`~kvbucket.StoreStats`)."""
 
 TIER_DEFAULTS: dict[str, Any] = {
     "eviction_policy": "lru",  # vLLM's fs tier never evicts; a bounded disk needs a policy
@@ -76,6 +102,8 @@ TIER_OPTIONS: dict[str, str] = {
     "name": "vLLM's tier name (metrics); accepted and ignored",
     "locality": "vLLM's LOCAL/REMOTE tag; accepted and kept as .locality_name",
     "enable_kv_events": "accepted; KV events are not emitted yet",
+    "metrics_port": "serve Prometheus metrics on metrics_port + rank (0: any free port; default off)",
+    "metrics_addr": "the metrics endpoint's address (default 127.0.0.1)",
 }
 """Tier config keys beside ``type``, ``module_path``, ``root_dir`` and the BucketConfig fields."""
 
@@ -127,6 +155,9 @@ FALLBACK_API = TierAPI(
     LookupResult=_FallbackLookupResult,
     RequestOffloadingContext=_FallbackRequestOffloadingContext,
     Medium=None,
+    Stats=None,
+    CounterMetadata=None,
+    GaugeMetadata=None,
 )
 """The names used when vLLM is not importable."""
 
@@ -146,7 +177,20 @@ def load_vllm_api() -> TierAPI | None:
         LookupResult=offload_base.LookupResult,
         RequestOffloadingContext=context,
         Medium=getattr(offload_base, "Medium", None),
+        Stats=_stats_class(),
+        CounterMetadata=getattr(offload_base, "OffloadingCounterMetadata", None),
+        GaugeMetadata=getattr(offload_base, "OffloadingGaugeMetadata", None),
     )
+
+
+def _stats_class() -> type | None:
+    """vLLM's ``OffloadingConnectorStats`` with counters and gauges, or None."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.offloading import metrics
+    except Exception:  # an older vLLM (no flat offloading metrics), or none
+        return None
+    stats = getattr(metrics, "OffloadingConnectorStats", None)
+    return stats if hasattr(stats, "increase_counter") and hasattr(stats, "set_gauge") else None
 
 
 # -- per-job bookkeeping ---------------------------------------------------------
@@ -242,12 +286,23 @@ class _KvBucketTier:
         writers = option(options, "n_write_threads", _THREADS, 2, _SOURCE)
         readers = option(options, "n_read_threads", _THREADS, 4, _SOURCE)
         kv_events = option(options, "enable_kv_events", Setting("bool"), False, _SOURCE)
+        endpoint = metrics_endpoint(options, _SOURCE, offset=self.rank)
         self.store = open_store(self.store_path, store_settings)
         # backpressure="reject": submit_store must never block the scheduler.
         self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
+        try:
+            self.metrics_server = start_metrics(endpoint, self.store, self._queue)
+        except BaseException:
+            self._queue.close()
+            self.store.close()
+            raise
         self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
         self._jobs = _Jobs()
         self._closed = False
+        self._reported = self.store.counters()  # the totals get_stats last reported
+        self._usage: Future[Any] | None = None  # a StoreStats refresh in flight
+        self._usage_last: Any = None  # the last StoreStats a refresh returned
+        self._usage_at = float("-inf")
         if kv_events:
             logger.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
         logger.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
@@ -384,15 +439,63 @@ class _KvBucketTier:
         """KV events are not emitted (yet)."""
         return ()
 
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
+        """The vLLM metrics :meth:`get_stats` reports (none without vLLM's metadata classes)."""
+        counter, gauge = getattr(cls._api, "CounterMetadata", None), getattr(cls._api, "GaugeMetadata", None)
+        if counter is None or gauge is None:
+            return {}
+        definitions = {name: counter(documentation=doc) for name, (doc, _) in _VLLM_COUNTERS.items()}
+        definitions.update((name, gauge(documentation=doc)) for name, (doc, _) in _VLLM_GAUGES.items())
+        return definitions
+
     def get_stats(self) -> Any:
-        """No vLLM metrics yet; see :meth:`BucketStore.stats` via ``self.store``."""
-        return None
+        """vLLM ``OffloadingConnectorStats``: counter increments since the last
+        call, and usage gauges (None when vLLM has no such stats).
+
+        Never blocks on I/O: the usage comes from a refresh run on a loader
+        thread at most every :data:`STATS_INTERVAL_S` seconds, so gauges lag
+        by up to that much (and are absent until the first refresh is done).
+        """
+        stats_class = getattr(self._api, "Stats", None)
+        if stats_class is None or self._closed:
+            return None
+        stats = stats_class()
+        now, previous = self.store.counters(), self._reported
+        self._reported = now
+        for name, (_, total) in _VLLM_COUNTERS.items():
+            if total(now) > total(previous):
+                stats.increase_counter(name, total(now) - total(previous))
+        usage = self._latest_usage()
+        if usage is not None:
+            for name, (_, read) in _VLLM_GAUGES.items():
+                stats.set_gauge(name, read(usage))
+        return stats
+
+    def _latest_usage(self) -> Any:
+        """The last finished :meth:`BucketStore.stats` (or None); starts the next one when due."""
+        refresh = self._usage
+        if refresh is not None and refresh.done():
+            self._usage = None
+            if refresh.exception() is None:
+                self._usage_last = refresh.result()
+            else:
+                logger.warning("kvbucket tier: reading the store's usage failed: %s", refresh.exception())
+        if self._usage is None and time.monotonic() - self._usage_at >= STATS_INTERVAL_S:
+            self._usage_at = time.monotonic()
+            try:
+                self._usage = self._loader.submit(self.store.stats)
+            except RuntimeError:  # the pool is shut down
+                pass
+        return self._usage_last
 
     def shutdown(self) -> None:
         """Finish every job, then close the queue, the loaders and the store. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.drain_jobs()
         self._queue.close()
         self._loader.shutdown(wait=True)
