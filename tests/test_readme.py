@@ -45,3 +45,4 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "214748364800 67108864" in out
     assert "exceeds bucket_size_limit=8388608" in out and "3 buckets" in out
     assert "64 objects stored" in out
+    assert "kvbucket_store_open{store=\"kv/metrics-demo\"} 1.0" in out
