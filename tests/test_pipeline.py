@@ -108,9 +108,9 @@ def wait_all(futures: dict[str, Future[None]]) -> dict[str, BaseException | None
 
 # -- staging and reading -----------------------------------------------------------
 def test_put_returns_before_the_write_and_reads_see_staged_objects(store: BucketStore) -> None:
-    # No time flush (group_max_delay_s=0): three keys of an 8-key bucket stay staged.
+    # No time flush (group_max_delay_s=0): three put objects of an 8-key bucket stay staged.
     with OffloadQueue(store) as queue:
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(3)})
+        futures = {f"k{i}": queue.put(f"k{i}", value_for(f"k{i}", SIZE)) for i in range(3)}
         assert not any(f.done() for f in futures.values())
         assert not store.exists("k0")
         assert queue.is_staged("k0") and queue.exists("k0")
@@ -217,6 +217,42 @@ def test_callbacks_run_after_durability_before_the_future(store: BucketStore) ->
         queue.flush()
         assert len(checks) == 20  # flush returned after every callback
     assert all(stored and not future_done for _, stored, future_done in checks)
+
+
+def bucket_contents(store: BucketStore) -> list[list[str]]:
+    """Each bucket's keys, buckets in write order."""
+    return [store.bucket_keys(b) for b in store.bucket_ids()]
+
+
+def test_each_put_batch_gets_buckets_of_its_own(store: BucketStore) -> None:
+    # bucket_keys_limit=8 and no time flush: batches are not pooled into full buckets.
+    with OffloadQueue(store, workers=1) as queue:
+        batches = [[f"a{i}" for i in range(3)], [f"b{i}" for i in range(3)], [f"c{i:02}" for i in range(10)]]
+        futures: dict[str, Future[None]] = {}
+        for keys in batches:
+            futures.update(queue.put_batch({k: value_for(k, SIZE) for k in keys}))
+        assert wait_all(futures) == dict.fromkeys(futures)  # written without flush
+    assert bucket_contents(store) == [batches[0], batches[1], batches[2][:8], batches[2][8:]]
+
+
+def test_put_objects_are_pooled_apart_from_batches(store: BucketStore) -> None:
+    with OffloadQueue(store, workers=1) as queue:
+        singles = stage_each(queue, {f"p{i}": value_for(f"p{i}", SIZE) for i in range(3)})
+        batch = queue.put_batch({f"b{i}": value_for(f"b{i}", SIZE) for i in range(2)})
+        assert wait_all(batch) == dict.fromkeys(batch)
+        assert not any(future.done() for future in singles.values())  # a partial bucket waits for more
+        singles.update(stage_each(queue, {f"p{i}": value_for(f"p{i}", SIZE) for i in range(3, 5)}))
+        queue.flush()
+        assert wait_all(singles) == dict.fromkeys(singles)
+    assert bucket_contents(store) == [["b0", "b1"], [f"p{i}" for i in range(5)]]
+
+
+def test_bucket_per_batch_off_pools_batches(store: BucketStore) -> None:
+    with OffloadQueue(store, workers=1, bucket_per_batch=False) as queue:
+        for n in range(3):
+            queue.put_batch({f"b{n}-{i}": value_for(f"b{n}-{i}", SIZE) for i in range(3)})
+        queue.flush()
+    assert [len(keys) for keys in bucket_contents(store)] == [8, 1]
 
 
 def test_callbacks_follow_staging_order(store: BucketStore) -> None:
@@ -359,7 +395,7 @@ def test_a_full_staging_area_sends_the_partial_bucket_off(tmp_path: Path) -> Non
 def test_a_rejected_put_sends_the_partial_bucket_off(tmp_path: Path) -> None:
     with small_staging_store(tmp_path) as store:
         queue = OffloadQueue(store, max_staged_bytes=4 * SIZE, backpressure="reject")
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(4)})
+        futures = {f"k{i}": queue.put(f"k{i}", value_for(f"k{i}", SIZE)) for i in range(4)}
         with pytest.raises(CapacityExceeded, match="'k4'"):
             queue.put("k4", value_for("k4", SIZE))
         # No flush: the rejection alone writes the partial bucket (the timeout fires only if not).
@@ -532,27 +568,43 @@ class DroppingStore:
         return getattr(self._store, name)
 
     def group_for_offload(self, sizes: dict[str, int], flush: bool = False) -> list[list[str]]:
+        return self._damage(sizes, lambda: self._store.group_for_offload(sizes, flush=flush))
+
+    def group_batch(self, sizes: dict[str, int]) -> list[list[str]]:
+        return self._damage(sizes, lambda: self._store.group_batch(sizes))
+
+    def _damage(self, sizes: dict[str, int], group: Any) -> list[list[str]]:
         if self._mode == "fail" and sizes:
             raise KvBucketError("grouper exploded")
-        groups = self._store.group_for_offload(sizes, flush=flush)
+        groups = group()
         if self._mode == "drop" and groups and len(groups[0]) > 1:
             self.dropped.append(groups[0].pop())  # emitted nowhere, pending nowhere
         return groups
 
 
-def test_keys_the_grouper_drops_are_still_written(store: BucketStore) -> None:
+def stage_each(queue: OffloadQueue, objects: dict[str, bytes]) -> dict[str, Future[None]]:
+    """Stage ``objects`` one ``put`` at a time (pooled by the store's grouper)."""
+    return {key: queue.put(key, value) for key, value in objects.items()}
+
+
+STAGING = {"put_batch": OffloadQueue.put_batch, "put": stage_each}
+
+
+@pytest.mark.parametrize("stage", STAGING.values(), ids=list(STAGING))
+def test_keys_the_grouper_drops_are_still_written(store: BucketStore, stage: Any) -> None:
     dropping = DroppingStore(store, "drop")
     with OffloadQueue(dropping) as queue:
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(20)})
+        futures = stage(queue, {f"k{i}": value_for(f"k{i}", SIZE) for i in range(20)})
         queue.flush()
     assert dropping.dropped
     assert wait_all(futures) == dict.fromkeys(futures)
     assert store.batch_exists(list(futures)) == [True] * 20
 
 
-def test_a_failing_grouper_fails_its_keys_loudly(store: BucketStore) -> None:
+@pytest.mark.parametrize("stage", STAGING.values(), ids=list(STAGING))
+def test_a_failing_grouper_fails_its_keys_loudly(store: BucketStore, stage: Any) -> None:
     with OffloadQueue(DroppingStore(store, "fail")) as queue:
-        futures = queue.put_batch({f"k{i}": b"v" for i in range(5)})
+        futures = stage(queue, {f"k{i}": b"v" for i in range(5)})
         queue.flush()
     assert all("grouper exploded" in str(e) for e in wait_all(futures).values())
 
