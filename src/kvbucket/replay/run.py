@@ -53,6 +53,9 @@ class ReplayOptions:
     removed afterwards); None uses the system's temporary directory."""
     store_fields: Mapping[str, Any] = field(default_factory=dict)
     """Configuration fields for the store besides its capacity (defaults otherwise)."""
+    bucket_per_batch: bool = True
+    """The OffloadQueue's grouping: a request's write-back in buckets of its
+    own (the default), or pooled with other requests' (``False``)."""
 
 
 @dataclass
@@ -150,7 +153,7 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     """kvbucket, LRU and Belady at one capacity (in blocks)."""
     start = time.perf_counter()
     with open_store(capacity * options.object_size, options) as (store, fs):
-        tier = KvBucketTier(store, options.object_size)
+        tier = KvBucketTier(store, options.object_size, options.bucket_per_batch)
         try:
             counts = replay_tier(tier, requests, options.overlap)
             evicted = store.stats().evicted_buckets
