@@ -629,48 +629,83 @@ CHILD = textwrap.dedent(
         seed = hashlib.sha256(key.encode()).digest()
         return (seed * (size // len(seed) + 1))[:size]
 
-    store = BucketStore.open(sys.argv[1], bucket_keys_limit=8)  # strict durability
-    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01)
+    # strict durability, the default eviction policy; argv[3]: max_physical_bytes (0: none)
+    store = BucketStore.open(sys.argv[1], bucket_keys_limit=8, max_physical_bytes=int(sys.argv[3]))
     lock = threading.Lock()
+
+    def write(lines):
+        with lock:
+            sys.stdout.write("".join(line + "\\n" for line in lines))
+            sys.stdout.flush()
 
     def report(key, error):
         if error is None:
-            with lock:
-                sys.stdout.write(key + "\\n")
-                sys.stdout.flush()
+            write([key])
 
+    def evicted(keys):  # before the files go: a key reported here may be gone
+        write("-" + key for key in keys)
+
+    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01, on_evict=evicted)
+    buffer = bytearray(16384)
     i = 0
-    while True:  # offload until killed
+    while True:  # offload until killed: batches (a bucket each), single puts (pooled), reads
         keys = [f"{sys.argv[2]}k{i + j}" for j in range(3)]
         queue.put_batch({k: value_for(k, 16384) for k in keys}, callback=report)
+        single = f"{sys.argv[2]}s{i}"
+        queue.put(single, value_for(single, 16384), callback=report)
+        if i % 9 == 6:  # a read promotes its bucket out of 2Q's probation
+            queue.get_into(f"{sys.argv[2]}k{i - 6}", buffer)
         i += 3
     """
 )
 
 
-def run_and_kill(path: Path, prefix: str, after: int) -> list[str]:
-    """Run the offloading child; SIGKILL it once ``after`` keys were reported stored."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), prefix], stdout=subprocess.PIPE, text=True)
-    reported: list[str] = []
+def run_and_kill(path: Path, prefix: str, after: int, limit: int = 0) -> tuple[list[str], set[str]]:
+    """Run the offloading child; SIGKILL it once ``after`` keys were reported
+    stored. Returns the keys reported stored and those reported evicted."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), prefix, str(limit)], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
     try:
         assert child.stdout is not None
-        while len(reported) < after:
+        while sum(not line.startswith("-") for line in lines) < after:
             line = child.stdout.readline()
             assert line, f"child ended early with {child.wait()}"
-            reported.append(line.strip())
+            lines.append(line.strip())
     finally:
         child.send_signal(signal.SIGKILL)
         rest, _ = child.communicate()
     assert child.returncode == -signal.SIGKILL
-    return reported + rest.split()  # reported before it died: acknowledged too
+    lines += rest.split()  # reported before it died: acknowledged too
+    return [line for line in lines if not line.startswith("-")], {line[1:] for line in lines if line.startswith("-")}
 
 
 def test_kill_9_during_offload_loses_no_reported_key(tmp_path: Path) -> None:
     path = tmp_path / "killed"
     acknowledged: list[str] = []
     for round_, after in enumerate((7, 60, 150)):  # kill at different points of the stream
-        acknowledged += run_and_kill(path, f"r{round_}-", after)
+        stored, evicted = run_and_kill(path, f"r{round_}-", after)
+        assert not evicted
+        acknowledged += stored
         with BucketStore.open(path) as store:
             assert_clean_directory(path)
             assert store.batch_get(acknowledged) == {k: value_for(k, 16384) for k in acknowledged}
             assert store.stats().keys >= len(acknowledged)
+
+
+def test_kill_9_during_offload_with_eviction_loses_only_evicted_keys(tmp_path: Path) -> None:
+    path, limit = tmp_path / "evicting", 48 * 16384
+    acknowledged: set[str] = set()
+    evicted: set[str] = set()
+    for round_, after in enumerate((40, 150)):
+        stored, gone = run_and_kill(path, f"r{round_}-", after, limit)
+        acknowledged.update(stored)
+        evicted |= gone
+        with BucketStore.open(path, max_physical_bytes=limit) as store:
+            assert store.config.eviction_policy == "2q"
+            assert_clean_directory(path)
+            kept = sorted(acknowledged - evicted)
+            assert store.batch_get(kept) == {k: value_for(k, 16384) for k in kept}
+            for key in (k for k in sorted(evicted) if store.exists(k)):  # killed between on_evict and the deletion
+                assert store.batch_get([key]) == {key: value_for(key, 16384)}
+            assert store.stats().physical_bytes <= limit
+    assert len(evicted) > 100  # the limit holds about 40 objects: eviction ran all along
