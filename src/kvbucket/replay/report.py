@@ -22,7 +22,7 @@ def format_report(report: ReplayReport) -> str:
     lines = [
         f"replay of {trace.name}: {len(trace.requests):,} requests, {trace.block_references:,} block references, "
         f"{trace.distinct_blocks:,} distinct blocks, {trace.duration_s:,.0f} s",
-        f"object size {options.object_size:,} bytes, L2 {options.l2_blocks:,} blocks, {mode}",
+        f"object size {options.object_size:,} bytes, L2 {options.l2_blocks:,} blocks, eviction policy {options.eviction_policy}, {mode}",
         "",
         f"{'capacity':>18} {'kvbucket':>9} {'LRU':>7} {'Belady':>7} {'vs LRU':>7} {'WA':>6} "
         f"{'gone':>5} {'loads/s':>8} {'writes/s':>8} {'e2e':>6}",

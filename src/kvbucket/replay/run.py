@@ -57,6 +57,11 @@ class ReplayOptions:
     """The OffloadQueue's grouping: a request's write-back in buckets of its
     own (the default), or pooled with other requests' (``False``)."""
 
+    @property
+    def eviction_policy(self) -> str:
+        """The store's eviction policy under :attr:`store_fields`."""
+        return BucketConfig(path=SIMULATED_ROOT, **self.store_fields).validated().eviction_policy
+
 
 @dataclass
 class CapacityResult:
@@ -106,6 +111,8 @@ class ReplayReport:
             "l2_blocks": self.options.l2_blocks,
             "simulated": self.options.simulate,
             "overlap": self.options.overlap,
+            "eviction_policy": self.options.eviction_policy,
+            "bucket_per_batch": self.options.bucket_per_batch,
             "capacities": [_result_json(r, duration) for r in self.results],
         }
 
