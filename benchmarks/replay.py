@@ -89,7 +89,7 @@ def overlap_table(report: ReplayReport) -> list[str]:
     for r in report.results:
         share = r.capacity_blocks / report.trace.distinct_blocks
         rows.append(
-            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} | {r.ratio_to_lru:.3f}x "
+            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} | {_ratio(r)} "
             f"| {r.kvbucket.found_then_gone:,} | {r.lru.found_then_gone:,} |"
         )
     return rows

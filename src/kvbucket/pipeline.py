@@ -233,7 +233,10 @@ class OffloadQueue:
     ) -> dict[str, Future[None]]:
         """Stage several objects at once (all or nothing); one future per key.
 
-        ``callback(key, error)`` is called once per key. See :meth:`put`.
+        The batch is written in buckets of its own as soon as a worker is
+        free (unless ``bucket_per_batch=False``); keys already staged join
+        their earlier write. ``callback(key, error)`` is called once per key.
+        See :meth:`put`.
         """
         prepared: dict[str, tuple[list[memoryview], int]] = {}
         for key, value in key_value_pairs(mapping, "put_batch"):
