@@ -8,13 +8,14 @@ a model of the store's cache behaviour (buckets of whole objects, a logical
 capacity, whole-bucket eviction by stamp, a grouper that cuts buckets of
 ``keys_limit`` objects out of a pool of staged keys) driven by the same
 engine model and requests as ``kvbucket replay``. ``--check`` first replays
-the default configuration through the real store code (simulated files)
-and asserts the model gives the same hits, so the variants' numbers stand
-for what the same changes in the store would do.
+the store's own code (simulated files) configured as ``default``,
+``per-request`` and ``per-request + 2Q 25%/100%`` (the store's default since
+this study) and asserts the model gives the same hits, so the variants'
+numbers stand for what the same changes in the store would do.
 
 Candidates (500 keys per bucket unless named; the names in CANDIDATES):
 
-* ``default``: the OffloadQueue today: requests interleave in one pool cut
+* ``default``: the OffloadQueue before this study: requests interleave in one pool cut
   into buckets of ``keys_limit`` keys; a load stamps the buckets it reads in
   chain order; whole-bucket LRU.
 * ``keys=N``: smaller buckets (the store's ``bucket_keys_limit``).
@@ -424,38 +425,32 @@ def study(candidates: dict[str, Policy]) -> tuple[dict[int, list[tuple[float, fl
     return references, results
 
 
-class PerRequestTier(KvBucketTier):
-    """Candidate ``per-request`` on the store's own code: the queue is flushed
-    after each write-back, so each write-back gets bucket(s) of its own."""
-
-    def stage(self, keys: Sequence[str]) -> int:
-        new = [key for key, held in zip(keys, self._queue.batch_exists(keys)) if not held]
-        if new:
-            with self._changed:
-                self._gate.open = True  # flush() below waits for the writes
-            self._queue.put_batch({key: self._value for key in new}, callback=self._resolved)
-            self._queue.flush()
-            self._raise_errors()
-        return len(new)
+STORE_CONFIGS = {
+    "default": ({"eviction_policy": "lru"}, False),
+    "per-request": ({"eviction_policy": "lru"}, True),
+    "per-request + 2Q 25%/100%": ({"eviction_policy": "2q"}, True),
+}
+"""Candidates the store itself implements: its fields and ``OffloadQueue(bucket_per_batch=...)``."""
 
 
-def store_hits(tier_class: type[KvBucketTier], requests: list, capacity: int) -> tuple[int, float]:
-    """Hits and write amplification of the store's own code (simulated files)."""
-    with open_store(capacity * OBJECT_SIZE, ReplayOptions(simulate=True)) as (store, fs):
-        tier = tier_class(store, OBJECT_SIZE)
+def store_hits(name: str, requests: list, capacity: int) -> tuple[int, float]:
+    """Hits and write amplification of the store's own code (simulated files) configured as candidate ``name``."""
+    fields, per_batch = STORE_CONFIGS[name]
+    with open_store(capacity * OBJECT_SIZE, ReplayOptions(simulate=True, store_fields=fields)) as (store, fs):
+        tier = KvBucketTier(store, OBJECT_SIZE, per_batch)
         counts = replay_tier(tier, requests)
         tier.close()
     return counts.hits, fs.counts.total / (counts.admitted * OBJECT_SIZE)
 
 
 def check_model() -> None:
-    """The model gives the store's own hits for ``default`` and ``per-request``."""
+    """The model gives the store's own hits for every candidate the store implements."""
     trace = read_trace(default_trace_path())
     for l2 in L2_BLOCKS:
         requests = tier_requests(trace, l2)
         for capacity in (5000, 10000):
-            for name, tier_class in (("default", KvBucketTier), ("per-request", PerRequestTier)):
-                store, wa = store_hits(tier_class, requests, capacity)
+            for name in STORE_CONFIGS:
+                store, wa = store_hits(name, requests, capacity)
                 model = replay_tier(BucketModel(capacity, CANDIDATES[name]), requests).hits
                 print(f"check {name} L2={l2} capacity={capacity}: store {store} model {model} (store WA {wa:.4f})", file=sys.stderr)
                 assert store == model, (name, store, model)

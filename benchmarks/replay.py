@@ -6,9 +6,10 @@
 Replays the Mooncake synthetic trace (4 KiB blocks) at 5%, 10%, ..., 30% of
 its distinct blocks, without and with a 3,000-block host-memory LRU (L2) in
 front, through kvbucket's OffloadQueue path and the two references (ideal
-per-object LRU, Belady's MIN) of the same capacity; then again with each
-write-back landing after the next request's lookup (``--overlap``), for the
-found-then-gone counts. Writes
+per-object LRU, Belady's MIN) of the same capacity; then kvbucket's old
+default (bucket LRU, requests pooled into buckets) for comparison; then the
+default again with each write-back landing after the next request's lookup
+(``--overlap``), for the found-then-gone counts. Writes
 ``docs/REPLAY.md``, ``docs/replay.png`` and ``bench-results/replay.json``.
 """
 
@@ -28,42 +29,55 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket.replay import ReplayOptions, ReplayReport, default_trace_path, parse_capacity, read_trace, replay  # noqa: E402
+from kvbucket.replay import CapacityResult, ReplayOptions, ReplayReport, default_trace_path, parse_capacity, read_trace, replay  # noqa: E402
 from kvbucket.replay.report import plot_reports  # noqa: E402
 
 PERCENTS = (5, 10, 15, 20, 25, 30)
 L2_BLOCKS = (0, 3000)
 OBJECT_SIZE = 4096
+OLD_DEFAULT = {"store_fields": {"eviction_policy": "lru"}, "bucket_per_batch": False}
+"""kvbucket's configuration before 2Q: bucket LRU, write-backs of many requests pooled into a bucket."""
+OLD_LABEL = "old default (bucket LRU, pooled buckets)"
 
 
-def run(real: bool, directory: str | None) -> list[ReplayReport]:
-    """The sweep: one report per L2 size, sequential then overlapped."""
+def run(real: bool, directory: str | None) -> tuple[list[ReplayReport], list[ReplayReport]]:
+    """The sweep: one report per L2 size (the default, sequential then
+    overlapped), and one per L2 size of the old default (sequential)."""
     trace = read_trace(default_trace_path())
     capacities = [parse_capacity(f"{p}%", OBJECT_SIZE, trace.distinct_blocks) for p in PERCENTS]
-    reports = []
-    for overlap in (False, True):
+    reports, old = [], []
+    for overlap, variant, into in ((False, {}, reports), (False, OLD_DEFAULT, old), (True, {}, reports)):
         for l2 in L2_BLOCKS:
-            options = ReplayOptions(object_size=OBJECT_SIZE, l2_blocks=l2, overlap=overlap, simulate=not real, directory=directory)
-            reports.append(replay(trace, capacities, options))
-            print(f"replayed with L2={l2}{' and overlap' if overlap else ''}", file=sys.stderr)
-    return reports
+            options = ReplayOptions(object_size=OBJECT_SIZE, l2_blocks=l2, overlap=overlap, simulate=not real, directory=directory, **variant)
+            into.append(replay(trace, capacities, options))
+            print(f"replayed {'the old default' if variant else 'the default'} with L2={l2}{' and overlap' if overlap else ''}", file=sys.stderr)
+    return reports, old
 
 
-def table(report: ReplayReport) -> list[str]:
-    """One Markdown table: a row per capacity."""
+def table(report: ReplayReport, old: ReplayReport) -> list[str]:
+    """One Markdown table: a row per capacity, the default against the old default and the references."""
     duration = report.trace.duration_s
     rows = [
-        "| capacity (blocks) | kvbucket | per-object LRU | Belady | kvbucket / LRU | write amplification | found-then-gone | loads/s | writes/s | end-to-end (with L2) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| capacity (blocks) | kvbucket | old default | per-object LRU | Belady | kvbucket / LRU | old default / LRU "
+        "| write amplification (old) | found-then-gone | loads/s | writes/s | end-to-end (with L2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report.results:
+    for r, o in zip(report.results, old.results):
         share = r.capacity_blocks / report.trace.distinct_blocks
         rows.append(
-            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} | {r.belady.hit_rate:.4f} "
-            f"| **{r.ratio_to_lru:.3f}x** | {r.write_amplification:.3f} | {r.kvbucket.found_then_gone} "
-            f"| {r.kvbucket.hits / duration:.1f} | {r.kvbucket.admitted / duration:.1f} | {r.kvbucket.prefix_hit_rate:.4f} |"
+            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {o.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} "
+            f"| {r.belady.hit_rate:.4f} | **{_ratio(r)}** | {_ratio(o)} | {r.write_amplification:.3f} ({o.write_amplification:.3f}) "
+            f"| {r.kvbucket.found_then_gone} | {r.kvbucket.hits / duration:.1f} | {r.kvbucket.admitted / duration:.1f} "
+            f"| {r.kvbucket.prefix_hit_rate:.4f} |"
         )
     return rows
+
+
+def _ratio(result: CapacityResult) -> str:
+    """kvbucket's hits over the LRU's, or the hit counts when the LRU hits almost nothing."""
+    if result.lru.hits < 100:
+        return f"{result.kvbucket.hits:,} vs {result.lru.hits:,} hits"
+    return f"{result.ratio_to_lru:.3f}x"
 
 
 def overlap_table(report: ReplayReport) -> list[str]:
@@ -75,13 +89,13 @@ def overlap_table(report: ReplayReport) -> list[str]:
     for r in report.results:
         share = r.capacity_blocks / report.trace.distinct_blocks
         rows.append(
-            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} | {r.ratio_to_lru:.3f}x "
+            f"| {r.capacity_blocks:,} ({share:.0%}) | {r.kvbucket.hit_rate:.4f} | {r.lru.hit_rate:.4f} | {_ratio(r)} "
             f"| {r.kvbucket.found_then_gone:,} | {r.lru.found_then_gone:,} |"
         )
     return rows
 
 
-def document(reports: list[ReplayReport], real: bool, seconds: float) -> str:
+def document(reports: list[ReplayReport], old: list[ReplayReport], real: bool, seconds: float) -> str:
     """The whole REPLAY.md."""
     trace = reports[0].trace
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -98,14 +112,17 @@ def document(reports: list[ReplayReport], real: bool, seconds: float) -> str:
         f"{len(trace.requests):,} requests, {trace.block_references:,} block references, "
         f"{trace.distinct_blocks:,} distinct blocks, {trace.duration_s:,.0f} s. Blocks of {OBJECT_SIZE:,} bytes; "
         "the store's configuration is the default but for `max_total_size` (the capacity) and "
-        "`group_max_delay_s=0` (no wall-clock flushes in a replay).",
+        "`group_max_delay_s=0` (no wall-clock flushes in a replay): 2Q bucket eviction (`eviction_policy=\"2q\"`) and",
+        "a bucket per write-back. The *old default* column is kvbucket's previous default, replayed the same way:",
+        "`eviction_policy=\"lru\"` and `OffloadQueue(bucket_per_batch=False)` (write-backs of several requests",
+        "pooled into 500-block buckets). Why the default wins: [CACHE_POLICY.md](CACHE_POLICY.md).",
         "",
         "![hit rate against capacity](replay.png)",
         "",
     ]
-    for report in (r for r in reports if not r.options.overlap):
+    for report, before in zip((r for r in reports if not r.options.overlap), old):
         l2 = report.options.l2_blocks
-        lines += [f"## {'No L2' if not l2 else f'L2 of {l2:,} blocks'}", "", *table(report), ""]
+        lines += [f"## {'No L2' if not l2 else f'L2 of {l2:,} blocks'}", "", *table(report, before), ""]
     lines += [
         "## Background write-back (`--overlap`)",
         "",
@@ -134,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"), help="Where REPLAY.md and replay.png go.")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    reports = run(args.real, args.dir)
+    reports, old = run(args.real, args.dir)
     seconds = time.perf_counter() - start
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results", "replay.json"), "w") as f:
-        json.dump([r.to_json() for r in reports], f, indent=2)
+        json.dump({"default": [r.to_json() for r in reports], "old_default": [r.to_json() for r in old]}, f, indent=2)
     with open(os.path.join(args.docs, "REPLAY.md"), "w") as f:
-        f.write(document(reports, args.real, seconds))
-    plot_reports([r for r in reports if not r.options.overlap], os.path.join(args.docs, "replay.png"))
+        f.write(document(reports, old, args.real, seconds))
+    plot_reports([r for r in reports if not r.options.overlap], os.path.join(args.docs, "replay.png"), old, OLD_LABEL)
     print(f"wrote {os.path.join(args.docs, 'REPLAY.md')} and replay.png", file=sys.stderr)
     return 0
 

@@ -85,7 +85,7 @@ def usage_of(store: BucketStore, kind: str) -> int:
 
 
 # -- policy strings --------------------------------------------------------------
-@pytest.mark.parametrize("text, policy", [("none", "none"), ("NONE", "none"), ("Fifo", "fifo"), ("FIFO", "fifo"), ("lru", "lru"), ("LrU", "lru")])
+@pytest.mark.parametrize("text, policy", [("none", "none"), ("NONE", "none"), ("Fifo", "fifo"), ("FIFO", "fifo"), ("lru", "lru"), ("LrU", "lru"), ("2Q", "2q")])
 def test_policy_is_parsed_case_insensitively(store_dir: Path, text: str, policy: str) -> None:
     assert BucketConfig(path=store_dir, eviction_policy=text).validated().eviction_policy == policy  # type: ignore[arg-type]
     with BucketStore.open(store_dir, eviction_policy=text, max_total_size=2000) as store:
@@ -203,7 +203,7 @@ def test_lru_recovered_buckets_are_older_than_any_read_after_open(store_dir: Pat
 
 
 # -- two-phase eviction ------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["fifo", "lru"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "2q"])
 def test_on_evict_sees_the_files_and_is_called_once_with_all_keys(store_dir: Path, policy: str) -> None:
     with BucketStore.open(store_dir, eviction_policy=policy, max_total_size=4000) as store:
         b = [put(store, f"b{i}", 2, 500) for i in range(4)]
@@ -246,7 +246,7 @@ class CallbackError(Exception):
     pass
 
 
-@pytest.mark.parametrize("policy", ["fifo", "lru"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "2q"])
 @pytest.mark.parametrize("kind", LIMIT_KINDS)
 def test_failing_on_evict_leaves_the_store_exactly_as_before(store_dir: Path, policy: str, kind: str) -> None:
     amount = {"logical": 4000, "keys": 8, "physical": 48 * KiB}[kind]
@@ -303,7 +303,7 @@ def test_policy_none_refuses_without_changing_anything(store_dir: Path, kind: st
         assert sorted(live(store)) == sorted(written)
 
 
-@pytest.mark.parametrize("policy", ["none", "fifo", "lru"])
+@pytest.mark.parametrize("policy", ["none", "fifo", "lru", "2q"])
 @pytest.mark.parametrize("kind", LIMIT_KINDS)
 def test_object_larger_than_the_whole_quota_is_rejected_without_loss(store_dir: Path, policy: str, kind: str) -> None:
     amount = {"logical": 6000, "keys": 6, "physical": 96 * KiB}[kind]
@@ -321,7 +321,7 @@ def test_object_larger_than_the_whole_quota_is_rejected_without_loss(store_dir: 
         assert_readable(store, small, 1000)
 
 
-@pytest.mark.parametrize("policy", ["fifo", "lru"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "2q"])
 def test_write_that_cannot_fit_even_after_evicting_everything(store_dir: Path, policy: str) -> None:
     """Foreign files count towards physical usage but cannot be evicted: a
     write that fits the quota alone but not next to them is refused up front."""
@@ -342,7 +342,7 @@ def test_write_that_cannot_fit_even_after_evicting_everything(store_dir: Path, p
 
 # -- every limit under every policy -------------------------------------------------
 @pytest.mark.parametrize("durability", ["strict", "relaxed"])
-@pytest.mark.parametrize("policy", ["none", "fifo", "lru"])
+@pytest.mark.parametrize("policy", ["none", "fifo", "lru", "2q"])
 @pytest.mark.parametrize("kind", LIMIT_KINDS)
 def test_every_limit_is_enforced_under_every_policy(store_dir: Path, kind: str, policy: str, durability: str) -> None:
     amount = {"logical": 200 * KiB, "keys": 40, "physical": 320 * KiB}[kind]
@@ -594,7 +594,7 @@ def test_watermark_is_a_noop_with_policy_none(store_dir: Path) -> None:
         assert evicted.calls == [] and state(store) == before
 
 
-@pytest.mark.parametrize("policy", ["fifo", "lru"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "2q"])
 def test_watermark_evicts_down_to_low_and_returns_the_keys_given_to_on_evict(store_dir: Path, policy: str) -> None:
     with BucketStore.open(store_dir, eviction_policy=policy, max_total_size=10_000) as store:
         b = fill(store, 10)

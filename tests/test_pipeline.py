@@ -108,9 +108,9 @@ def wait_all(futures: dict[str, Future[None]]) -> dict[str, BaseException | None
 
 # -- staging and reading -----------------------------------------------------------
 def test_put_returns_before_the_write_and_reads_see_staged_objects(store: BucketStore) -> None:
-    # No time flush (group_max_delay_s=0): three keys of an 8-key bucket stay staged.
+    # No time flush (group_max_delay_s=0): three put objects of an 8-key bucket stay staged.
     with OffloadQueue(store) as queue:
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(3)})
+        futures = {f"k{i}": queue.put(f"k{i}", value_for(f"k{i}", SIZE)) for i in range(3)}
         assert not any(f.done() for f in futures.values())
         assert not store.exists("k0")
         assert queue.is_staged("k0") and queue.exists("k0")
@@ -217,6 +217,42 @@ def test_callbacks_run_after_durability_before_the_future(store: BucketStore) ->
         queue.flush()
         assert len(checks) == 20  # flush returned after every callback
     assert all(stored and not future_done for _, stored, future_done in checks)
+
+
+def bucket_contents(store: BucketStore) -> list[list[str]]:
+    """Each bucket's keys, buckets in write order."""
+    return [store.bucket_keys(b) for b in store.bucket_ids()]
+
+
+def test_each_put_batch_gets_buckets_of_its_own(store: BucketStore) -> None:
+    # bucket_keys_limit=8 and no time flush: batches are not pooled into full buckets.
+    with OffloadQueue(store, workers=1) as queue:
+        batches = [[f"a{i}" for i in range(3)], [f"b{i}" for i in range(3)], [f"c{i:02}" for i in range(10)]]
+        futures: dict[str, Future[None]] = {}
+        for keys in batches:
+            futures.update(queue.put_batch({k: value_for(k, SIZE) for k in keys}))
+        assert wait_all(futures) == dict.fromkeys(futures)  # written without flush
+    assert bucket_contents(store) == [batches[0], batches[1], batches[2][:8], batches[2][8:]]
+
+
+def test_put_objects_are_pooled_apart_from_batches(store: BucketStore) -> None:
+    with OffloadQueue(store, workers=1) as queue:
+        singles = stage_each(queue, {f"p{i}": value_for(f"p{i}", SIZE) for i in range(3)})
+        batch = queue.put_batch({f"b{i}": value_for(f"b{i}", SIZE) for i in range(2)})
+        assert wait_all(batch) == dict.fromkeys(batch)
+        assert not any(future.done() for future in singles.values())  # a partial bucket waits for more
+        singles.update(stage_each(queue, {f"p{i}": value_for(f"p{i}", SIZE) for i in range(3, 5)}))
+        queue.flush()
+        assert wait_all(singles) == dict.fromkeys(singles)
+    assert bucket_contents(store) == [["b0", "b1"], [f"p{i}" for i in range(5)]]
+
+
+def test_bucket_per_batch_off_pools_batches(store: BucketStore) -> None:
+    with OffloadQueue(store, workers=1, bucket_per_batch=False) as queue:
+        for n in range(3):
+            queue.put_batch({f"b{n}-{i}": value_for(f"b{n}-{i}", SIZE) for i in range(3)})
+        queue.flush()
+    assert [len(keys) for keys in bucket_contents(store)] == [8, 1]
 
 
 def test_callbacks_follow_staging_order(store: BucketStore) -> None:
@@ -359,7 +395,7 @@ def test_a_full_staging_area_sends_the_partial_bucket_off(tmp_path: Path) -> Non
 def test_a_rejected_put_sends_the_partial_bucket_off(tmp_path: Path) -> None:
     with small_staging_store(tmp_path) as store:
         queue = OffloadQueue(store, max_staged_bytes=4 * SIZE, backpressure="reject")
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(4)})
+        futures = {f"k{i}": queue.put(f"k{i}", value_for(f"k{i}", SIZE)) for i in range(4)}
         with pytest.raises(CapacityExceeded, match="'k4'"):
             queue.put("k4", value_for("k4", SIZE))
         # No flush: the rejection alone writes the partial bucket (the timeout fires only if not).
@@ -532,27 +568,43 @@ class DroppingStore:
         return getattr(self._store, name)
 
     def group_for_offload(self, sizes: dict[str, int], flush: bool = False) -> list[list[str]]:
+        return self._damage(sizes, lambda: self._store.group_for_offload(sizes, flush=flush))
+
+    def group_batch(self, sizes: dict[str, int]) -> list[list[str]]:
+        return self._damage(sizes, lambda: self._store.group_batch(sizes))
+
+    def _damage(self, sizes: dict[str, int], group: Any) -> list[list[str]]:
         if self._mode == "fail" and sizes:
             raise KvBucketError("grouper exploded")
-        groups = self._store.group_for_offload(sizes, flush=flush)
+        groups = group()
         if self._mode == "drop" and groups and len(groups[0]) > 1:
             self.dropped.append(groups[0].pop())  # emitted nowhere, pending nowhere
         return groups
 
 
-def test_keys_the_grouper_drops_are_still_written(store: BucketStore) -> None:
+def stage_each(queue: OffloadQueue, objects: dict[str, bytes]) -> dict[str, Future[None]]:
+    """Stage ``objects`` one ``put`` at a time (pooled by the store's grouper)."""
+    return {key: queue.put(key, value) for key, value in objects.items()}
+
+
+STAGING = {"put_batch": OffloadQueue.put_batch, "put": stage_each}
+
+
+@pytest.mark.parametrize("stage", STAGING.values(), ids=list(STAGING))
+def test_keys_the_grouper_drops_are_still_written(store: BucketStore, stage: Any) -> None:
     dropping = DroppingStore(store, "drop")
     with OffloadQueue(dropping) as queue:
-        futures = queue.put_batch({f"k{i}": value_for(f"k{i}", SIZE) for i in range(20)})
+        futures = stage(queue, {f"k{i}": value_for(f"k{i}", SIZE) for i in range(20)})
         queue.flush()
     assert dropping.dropped
     assert wait_all(futures) == dict.fromkeys(futures)
     assert store.batch_exists(list(futures)) == [True] * 20
 
 
-def test_a_failing_grouper_fails_its_keys_loudly(store: BucketStore) -> None:
+@pytest.mark.parametrize("stage", STAGING.values(), ids=list(STAGING))
+def test_a_failing_grouper_fails_its_keys_loudly(store: BucketStore, stage: Any) -> None:
     with OffloadQueue(DroppingStore(store, "fail")) as queue:
-        futures = queue.put_batch({f"k{i}": b"v" for i in range(5)})
+        futures = stage(queue, {f"k{i}": b"v" for i in range(5)})
         queue.flush()
     assert all("grouper exploded" in str(e) for e in wait_all(futures).values())
 
@@ -577,48 +629,83 @@ CHILD = textwrap.dedent(
         seed = hashlib.sha256(key.encode()).digest()
         return (seed * (size // len(seed) + 1))[:size]
 
-    store = BucketStore.open(sys.argv[1], bucket_keys_limit=8)  # strict durability
-    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01)
+    # strict durability, the default eviction policy; argv[3]: max_physical_bytes (0: none)
+    store = BucketStore.open(sys.argv[1], bucket_keys_limit=8, max_physical_bytes=int(sys.argv[3]))
     lock = threading.Lock()
+
+    def write(lines):
+        with lock:
+            sys.stdout.write("".join(line + "\\n" for line in lines))
+            sys.stdout.flush()
 
     def report(key, error):
         if error is None:
-            with lock:
-                sys.stdout.write(key + "\\n")
-                sys.stdout.flush()
+            write([key])
 
+    def evicted(keys):  # before the files go: a key reported here may be gone
+        write("-" + key for key in keys)
+
+    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01, on_evict=evicted)
+    buffer = bytearray(16384)
     i = 0
-    while True:  # offload until killed
+    while True:  # offload until killed: batches (a bucket each), single puts (pooled), reads
         keys = [f"{sys.argv[2]}k{i + j}" for j in range(3)]
         queue.put_batch({k: value_for(k, 16384) for k in keys}, callback=report)
+        single = f"{sys.argv[2]}s{i}"
+        queue.put(single, value_for(single, 16384), callback=report)
+        if i % 9 == 6:  # a read promotes its bucket out of 2Q's probation
+            queue.get_into(f"{sys.argv[2]}k{i - 6}", buffer)
         i += 3
     """
 )
 
 
-def run_and_kill(path: Path, prefix: str, after: int) -> list[str]:
-    """Run the offloading child; SIGKILL it once ``after`` keys were reported stored."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), prefix], stdout=subprocess.PIPE, text=True)
-    reported: list[str] = []
+def run_and_kill(path: Path, prefix: str, after: int, limit: int = 0) -> tuple[list[str], set[str]]:
+    """Run the offloading child; SIGKILL it once ``after`` keys were reported
+    stored. Returns the keys reported stored and those reported evicted."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), prefix, str(limit)], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
     try:
         assert child.stdout is not None
-        while len(reported) < after:
+        while sum(not line.startswith("-") for line in lines) < after:
             line = child.stdout.readline()
             assert line, f"child ended early with {child.wait()}"
-            reported.append(line.strip())
+            lines.append(line.strip())
     finally:
         child.send_signal(signal.SIGKILL)
         rest, _ = child.communicate()
     assert child.returncode == -signal.SIGKILL
-    return reported + rest.split()  # reported before it died: acknowledged too
+    lines += rest.split()  # reported before it died: acknowledged too
+    return [line for line in lines if not line.startswith("-")], {line[1:] for line in lines if line.startswith("-")}
 
 
 def test_kill_9_during_offload_loses_no_reported_key(tmp_path: Path) -> None:
     path = tmp_path / "killed"
     acknowledged: list[str] = []
     for round_, after in enumerate((7, 60, 150)):  # kill at different points of the stream
-        acknowledged += run_and_kill(path, f"r{round_}-", after)
+        stored, evicted = run_and_kill(path, f"r{round_}-", after)
+        assert not evicted
+        acknowledged += stored
         with BucketStore.open(path) as store:
             assert_clean_directory(path)
             assert store.batch_get(acknowledged) == {k: value_for(k, 16384) for k in acknowledged}
             assert store.stats().keys >= len(acknowledged)
+
+
+def test_kill_9_during_offload_with_eviction_loses_only_evicted_keys(tmp_path: Path) -> None:
+    path, limit = tmp_path / "evicting", 48 * 16384
+    acknowledged: set[str] = set()
+    evicted: set[str] = set()
+    for round_, after in enumerate((40, 150)):
+        stored, gone = run_and_kill(path, f"r{round_}-", after, limit)
+        acknowledged.update(stored)
+        evicted |= gone
+        with BucketStore.open(path, max_physical_bytes=limit) as store:
+            assert store.config.eviction_policy == "2q"
+            assert_clean_directory(path)
+            kept = sorted(acknowledged - evicted)
+            assert store.batch_get(kept) == {k: value_for(k, 16384) for k in kept}
+            for key in (k for k in sorted(evicted) if store.exists(k)):  # killed between on_evict and the deletion
+                assert store.batch_get([key]) == {key: value_for(key, 16384)}
+            assert store.stats().physical_bytes <= limit
+    assert len(evicted) > 100  # the limit holds about 40 objects: eviction ran all along

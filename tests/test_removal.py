@@ -254,7 +254,7 @@ def test_removal_and_compaction_free_space_honestly(store_dir: Path) -> None:
 
 
 # -- eviction prefers dead space -------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["fifo", "lru"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "2q"])
 def test_eviction_reclaims_mostly_dead_buckets_before_live_ones(store_dir: Path, policy: str) -> None:
     probe_dir = store_dir.parent / "probe"
     with BucketStore.open(probe_dir, durability="relaxed") as probe:

@@ -238,8 +238,8 @@ def test_simulation_and_the_real_store_give_the_same_hits(tmp_path: Path) -> Non
 
 def test_write_amplification_counts_every_byte_written(tmp_path: Path) -> None:
     result = replay(trace_of(*[[i, i + 1000] for i in range(600)]), [1000], ReplayOptions(simulate=True)).results[0]
-    # 1,200 blocks in 2 full buckets and a partial one (flushed at close),
-    # 3 metas, and LOCK's initial slot.
+    # 1,200 blocks in 600 buckets (one per write-back), 600 metas, and
+    # LOCK's initial slot.
     assert result.written.data == 1200 * 4096
     assert result.written.meta > 0 and result.written.other > 0
     assert result.write_amplification == result.written.total / (1200 * 4096)
@@ -294,10 +294,22 @@ def test_replay_command_reports_json(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert (report["requests"], report["l2_blocks"], report["simulated"]) == (300, 5, True)
     assert [c["capacity_blocks"] for c in report["capacities"]] == [1024, 500]
+    assert (report["eviction_policy"], report["bucket_per_batch"]) == ("2q", True)
     for capacity in report["capacities"]:
         for tier in ("kvbucket", "lru", "belady"):
             assert 0 < capacity[tier]["hit_rate"] <= 1
         assert capacity["kvbucket"]["write_amplification"] >= 1
+
+
+def test_replay_command_takes_the_eviction_policy(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps({"timestamp": i, "input_length": 1, "output_length": 1, "hash_ids": [i % 5, 100 + i]}) + "\n" for i in range(600)))
+    runs = {policy: kvbucket("replay", path, "--capacity-blocks", "520", "--simulate", "--eviction-policy", policy, "--json") for policy in ("2q", "FIFO")}
+    reports = {policy: json.loads(proc.stdout) for policy, proc in runs.items() if proc.returncode == 0}
+    assert [report["eviction_policy"] for report in reports.values()] == ["2q", "fifo"]
+    hits = {policy: report["capacities"][0]["kvbucket"]["hits"] for policy, report in reports.items()}
+    assert hits["2q"] > hits["FIFO"]  # 2Q keeps the blocks read again; FIFO lets them age out
+    assert kvbucket("replay", path, "--eviction-policy", "random").returncode == 2
 
 
 def test_replay_command_fails_cleanly_on_a_bad_trace(tmp_path: Path) -> None:

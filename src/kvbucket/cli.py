@@ -838,6 +838,10 @@ REPLAY_DEFAULT_CAPACITIES = ("5%", "10%", "15%", "20%", "25%", "30%")
 @click.option("--simulate", is_flag=True, help="Run the store in memory (data files keep only their length): fast, no disk used.")
 @click.option("--dir", "directory", default=None, help="Where the real store runs (a temporary sub-directory, removed afterwards).")
 @click.option("--plot", "plot_path", default=None, help="Also draw hit rate against capacity into this PNG file.")
+@click.option(
+    "--eviction-policy", "eviction_policy", default=None, type=click.Choice(["2q", "lru", "fifo"], case_sensitive=False),
+    help="The store's eviction policy.  [default: the store's, 2q]",
+)
 @_json_option
 @_verbose_option
 @_guarded
@@ -851,6 +855,7 @@ def replay(
     simulate: bool,
     directory: str | None,
     plot_path: str | None,
+    eviction_policy: str | None,
     as_json: bool,
 ) -> int:
     """Replay a KV-cache trace through kvbucket, an ideal per-object LRU and
@@ -867,8 +872,9 @@ def replay(
     distinct = loaded.distinct_blocks
     texts = capacities if capacities or capacity_blocks else REPLAY_DEFAULT_CAPACITIES
     blocks = [replay_module.parse_capacity(text, object_size, distinct) for text in texts] + list(capacity_blocks)
+    fields = {} if eviction_policy is None else {"eviction_policy": eviction_policy.lower()}
     options = replay_module.ReplayOptions(
-        object_size=object_size, l2_blocks=l2_blocks, overlap=overlap, simulate=simulate, directory=directory
+        object_size=object_size, l2_blocks=l2_blocks, overlap=overlap, simulate=simulate, directory=directory, store_fields=fields
     )
     report = replay_module.replay(loaded, blocks, options)
     if plot_path is not None:

@@ -30,7 +30,7 @@ __all__ = ["BucketConfig", "Setting", "FIELD_SETTINGS", "coerce_field", "check_k
 MiB = 1 << 20
 
 Durability = Literal["strict", "relaxed"]
-EvictionPolicy = Literal["none", "fifo", "lru"]
+EvictionPolicy = Literal["none", "fifo", "lru", "2q"]
 IOMode = Literal["buffered", "direct"]
 PhysicalScope = Literal["directory", "store"]
 
@@ -49,7 +49,7 @@ MOONCAKE_ENV = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("strict", "relaxed"),
-    "eviction_policy": ("none", "fifo", "lru"),
+    "eviction_policy": ("none", "fifo", "lru", "2q"),
     "io_mode": ("buffered", "direct"),
     "physical_scope": ("directory", "store"),
 }
@@ -98,9 +98,11 @@ class BucketConfig:
     own files (buckets, metas, ``LOCK``, ``quarantine/``, the directory itself)."""
     total_keys_limit: int = 0
     """Most live objects."""
-    eviction_policy: EvictionPolicy = "lru"
-    """What a write that does not fit does: ``none`` refuses it; ``fifo`` and
-    ``lru`` evict whole buckets, oldest written or least recently used first."""
+    eviction_policy: EvictionPolicy = "2q"
+    """What a write that does not fit does: ``none`` refuses it; ``fifo``,
+    ``lru`` and ``2q`` evict whole buckets: oldest written first, least
+    recently used first, or 2Q (buckets written and never read leave first;
+    see :mod:`kvbucket.eviction`)."""
     eviction_high_watermark: float = 0.9
     """Default ``high`` of :meth:`~kvbucket.BucketStore.evict_to_watermark`."""
     eviction_low_watermark: float = 0.8

@@ -12,7 +12,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["OffloadGrouper"]
+__all__ = ["OffloadGrouper", "cut_buckets"]
+
+
+def cut_buckets(sizes: Mapping[str, int], size_limit: int, keys_limit: int) -> tuple[list[list[str]], list[str]]:
+    """Full buckets cut off the front of ``{key: size}`` in order, and the partial rest.
+
+    A bucket is full at ``keys_limit`` keys or ``size_limit`` bytes; an
+    object that would push a non-empty bucket past ``size_limit`` starts the
+    next one, so only a lone object is ever larger than ``size_limit``.
+    """
+    groups: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for key, object_size in sizes.items():
+        if current and (size + object_size > size_limit or len(current) >= keys_limit):
+            groups.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += object_size
+        if size >= size_limit or len(current) >= keys_limit:
+            groups.append(current)
+            current, size = [], 0
+    return groups, current
 
 
 class OffloadGrouper:
@@ -49,19 +71,14 @@ class OffloadGrouper:
             self._since = self._clock()
         return groups
 
+    def split(self, sizes: Mapping[str, int], is_stored: Callable[[str], bool]) -> list[list[str]]:
+        """Cut ``{key: size}`` into buckets on its own, the partial rest
+        included, leaving the pool alone; stored keys are dropped."""
+        groups, rest = cut_buckets({k: s for k, s in sizes.items() if not is_stored(k)}, self._size_limit, self._keys_limit)
+        return groups + [rest] if rest else groups
+
     def _fill(self) -> list[list[str]]:
         """Cut full buckets off the front of the pool; keep the partial rest."""
-        groups: list[list[str]] = []
-        current: list[str] = []
-        size = 0
-        for key, object_size in self._pending.items():
-            if current and (size + object_size > self._size_limit or len(current) >= self._keys_limit):
-                groups.append(current)
-                current, size = [], 0
-            current.append(key)
-            size += object_size
-            if size >= self._size_limit or len(current) >= self._keys_limit:
-                groups.append(current)
-                current, size = [], 0
-        self._pending = {key: self._pending[key] for key in current}
+        groups, rest = cut_buckets(self._pending, self._size_limit, self._keys_limit)
+        self._pending = {key: self._pending[key] for key in rest}
         return groups

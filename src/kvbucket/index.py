@@ -60,6 +60,9 @@ class Bucket:
     """Bytes of the data file that live values occupy (padding included)."""
     access: int = 0
     """LRU stamp: larger is more recently read or written."""
+    segment: str = "main"
+    """The 2Q eviction segment (``probation`` or ``main``); memory only, so
+    buckets found at open are in ``main``."""
     pins: int = 0
     """Reads in flight; the data descriptor stays open while > 0."""
     fd: int = -1

@@ -4,9 +4,19 @@
 without waiting for the disk: :meth:`~OffloadQueue.put` and
 :meth:`~OffloadQueue.put_batch` *stage* objects and return at once with one
 :class:`concurrent.futures.Future` per key. Background workers group staged
-objects into buckets with :meth:`BucketStore.group_for_offload`, write each
-bucket with :meth:`BucketStore.batch_offload` and then resolve every key's
-future (and call its callback) with success or with the error.
+objects into buckets, write each bucket with :meth:`BucketStore.batch_offload`
+and then resolve every key's future (and call its callback) with success or
+with the error.
+
+Grouping: the objects of one ``put_batch`` get buckets of their own
+(:meth:`BucketStore.group_batch`: split only by ``bucket_keys_limit`` /
+``bucket_size_limit``), written as soon as a worker is free; a batch is one
+request's blocks, which are read and evicted together, so mixing several
+requests in one bucket would keep cold blocks alive with hot ones and evict
+hot ones with cold ones. Objects staged one by one with ``put`` are pooled
+into buckets with :meth:`BucketStore.group_for_offload` (a partial bucket is
+written after ``max_delay_s``, on :meth:`~OffloadQueue.flush`, or when the
+staging area is full), so ``put`` does not make a bucket per object.
 
 Guarantees
 ----------
@@ -19,7 +29,8 @@ Guarantees
   the bucket holding ``key`` is committed, so the key is readable from the
   store inside the callback. Callbacks run on a worker thread, before the
   key's future resolves; callbacks of one bucket run in the order the keys
-  were staged (with ``workers=1``, all callbacks run in staging order);
+  were staged (with ``workers=1``, the callbacks of ``put`` objects run in
+  staging order, and so do those of ``put_batch`` batches);
   :meth:`~OffloadQueue.flush` returns only after the callbacks of every key
   it waited for have run. A callback must not call ``flush``/``close`` (it
   would wait for itself; that raises :class:`~kvbucket.errors.KvBucketError`).
@@ -147,10 +158,14 @@ class OffloadQueue:
         workers: background threads writing buckets (>= 1).
         on_evict: passed to every :meth:`BucketStore.batch_offload`; called
             with the keys of buckets the store evicts to make room.
-        max_delay_s: most seconds a partial bucket waits for more objects
-            before it is written anyway; ``None`` uses the store's
+        max_delay_s: most seconds a partial bucket of ``put`` objects waits
+            for more before it is written anyway; ``None`` uses the store's
             ``group_max_delay_s``; 0 writes partial buckets only on
             :meth:`flush` / :meth:`close`.
+        bucket_per_batch: True (the default) gives each ``put_batch`` buckets
+            of its own; False pools its objects with every other staged
+            object, as ``put`` objects are (kvbucket's grouping before 2Q
+            eviction became the default; it makes a poorer cache).
     """
 
     def __init__(
@@ -163,6 +178,7 @@ class OffloadQueue:
         workers: int = 1,
         on_evict: Callable[[list[str]], Any] | None = None,
         max_delay_s: float | None = None,
+        bucket_per_batch: bool = True,
     ) -> None:
         _validate_args(max_staged_bytes, backpressure, put_timeout, workers, max_delay_s)
         self._store = store
@@ -171,12 +187,14 @@ class OffloadQueue:
         self._put_timeout = put_timeout
         self._on_evict = on_evict
         self._delay = _store_delay(store) if max_delay_s is None else float(max_delay_s)
+        self._bucket_per_batch = bool(bucket_per_batch)
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # All fields below are guarded by self._lock.
         self._entries: dict[str, _Entry] = {}  # every unresolved staged key
-        self._incoming: dict[str, int] = {}  # staged, not yet given to the grouper
+        self._incoming: dict[str, int] = {}  # staged by put, not yet given to the grouper
+        self._batches: list[dict[str, int]] = []  # staged by put_batch, each to be grouped alone
         self._handed: dict[str, float] = {}  # held by the store's pending group -> when handed
         self._ready: deque[_Group] = deque()  # grouped, waiting for a worker
         self._staged_bytes = 0
@@ -208,7 +226,7 @@ class OffloadQueue:
         :meth:`close`, :class:`~kvbucket.errors.InvalidArgument` for a bad
         key or value; a put that raises stages nothing.
         """
-        return self._stage({key: _prepare(key, value)}, callback)[key]
+        return self._stage({key: _prepare(key, value)}, callback, batch=False)[key]
 
     def put_batch(
         self,
@@ -217,30 +235,37 @@ class OffloadQueue:
     ) -> dict[str, Future[None]]:
         """Stage several objects at once (all or nothing); one future per key.
 
-        ``callback(key, error)`` is called once per key. See :meth:`put`.
+        The batch is written in buckets of its own as soon as a worker is
+        free (unless ``bucket_per_batch=False``); keys already staged join
+        their earlier write. ``callback(key, error)`` is called once per key.
+        See :meth:`put`.
         """
         prepared: dict[str, tuple[list[memoryview], int]] = {}
         for key, value in key_value_pairs(mapping, "put_batch"):
             prepared[key] = _prepare(key, value)
         if not prepared:
             raise InvalidArgument("put_batch needs at least one object")
-        return self._stage(prepared, callback)
+        return self._stage(prepared, callback, batch=self._bucket_per_batch)
 
-    def _stage(self, prepared: dict[str, tuple[list[memoryview], int]], callback: Callback | None) -> dict[str, Future[None]]:
+    def _stage(self, prepared: dict[str, tuple[list[memoryview], int]], callback: Callback | None, batch: bool) -> dict[str, Future[None]]:
+        """Stage ``prepared``; its new keys form one batch of their own when ``batch``."""
         with self._cond:
             self._check_open()
             self._wait_for_room(prepared)
             futures: dict[str, Future[None]] = {}
+            new: dict[str, int] = {} if batch else self._incoming
             for key, (views, size) in prepared.items():
                 entry = self._entries.get(key)
                 if entry is None:  # a key already staged joins that write
                     entry = self._entries[key] = _Entry(key, views, size)
-                    self._incoming[key] = size
+                    new[key] = size
                     self._staged_bytes += size
                 future: Future[None] = Future()
                 future.set_running_or_notify_cancel()  # a staged key cannot be cancelled
                 entry.waiters.append((future, callback))
                 futures[key] = future
+            if batch and new:
+                self._batches.append(new)
             self._cond.notify_all()
         return futures
 
@@ -470,14 +495,15 @@ class OffloadQueue:
             self._cond.wait(self._time_to_deadline())
 
     def _regroup(self) -> bool:
-        """Feed staged keys to the store's grouper and queue what it emits.
+        """Group each staged batch alone, feed the keys staged by ``put`` to
+        the store's pooling grouper, and queue what they emit.
 
         Caller holds the lock; it is released while the store groups, because
         the store's grouper waits for a bucket write in progress, and puts and
-        reads must not. While released, the keys being grouped are in neither
-        ``_incoming`` nor ``_handed`` but still in ``_entries`` (so reads and
-        flush see them); only one worker groups at a time (``_grouping``).
-        Returns False when there was nothing to do.
+        reads must not. While released, the keys being grouped are in none of
+        ``_batches``, ``_incoming`` or ``_handed`` but still in ``_entries``
+        (so reads and flush see them); only one worker groups at a time
+        (``_grouping``). Returns False when there was nothing to do.
         """
         flush_gen = self._flush_gen
         flush = (
@@ -488,29 +514,52 @@ class OffloadQueue:
         )
         if flush:
             self._starved = False  # a put starved from here on asks for another flush
-        if not self._incoming and not (flush and self._handed):
+        pool = bool(self._incoming) or (flush and bool(self._handed))
+        if not pool and not self._batches:
             if flush:  # nothing held back: every earlier flush is satisfied
                 self._flushed_gen = flush_gen
             return False
-        mapping, self._incoming = self._incoming, {}
-        handed = {**self._handed, **dict.fromkeys(mapping, time.monotonic())}
-        self._handed = {}
+        batches, self._batches = self._batches, []
+        mapping: dict[str, int] = {}
+        handed: dict[str, float] = {}
+        if pool:
+            mapping, self._incoming = self._incoming, {}
+            handed = {**self._handed, **dict.fromkeys(mapping, time.monotonic())}
+            self._handed = {}
         self._grouping = True
         self._lock.release()
         try:
-            groups, pending, error = self._call_grouper(mapping, flush)
+            split = [self._call_batch_grouper(batch) for batch in batches]
+            pooled = self._call_grouper(mapping, flush) if pool else ([], set(), None)
         finally:
             self._lock.acquire()
             self._grouping = False
             self._cond.notify_all()
-        if error is not None:  # the grouper's state is unknown: fail what it held
-            logger.error("group_for_offload failed; %d staged key(s) fail with it: %s", len(handed), error)
-            self._ready.append(_Group(self._entries_of(handed), error=error))
-        else:
-            self._queue_groups(groups, handed, pending)
+        for batch, (groups, error) in zip(batches, split):
+            self._queue_outcome("group_batch", groups, set(), error, handed=dict.fromkeys(batch, 0.0))
+        if pool:
+            self._queue_outcome("group_for_offload", *pooled, handed=handed)
         if flush:
             self._flushed_gen = max(self._flushed_gen, flush_gen)
         return True
+
+    def _call_batch_grouper(self, batch: dict[str, int]) -> tuple[list[list[str]], BaseException | None]:
+        """``group_batch`` of one staged batch; never raises."""
+        try:
+            return self._store.group_batch(batch), None
+        except BaseException as exc:  # noqa: BLE001 - reported to every key it concerns
+            return [], exc
+
+    def _queue_outcome(
+        self, grouper: str, groups: list[list[str]], pending: set[str], error: BaseException | None, handed: dict[str, float]
+    ) -> None:
+        """Queue what a grouper call on ``handed`` emitted, or fail all of
+        ``handed`` when it raised (its state is unknown)."""
+        if error is not None:
+            logger.error("%s failed; %d staged key(s) fail with it: %s", grouper, len(handed), error)
+            self._ready.append(_Group(self._entries_of(handed), error=error))
+        else:
+            self._queue_groups(groups, handed, pending)
 
     def _call_grouper(self, mapping: dict[str, int], flush: bool) -> tuple[list[list[str]], set[str], BaseException | None]:
         """``group_for_offload`` plus the keys it still holds; never raises."""
@@ -533,7 +582,7 @@ class OffloadQueue:
             emitted.update(keys)
             if mine:
                 self._ready.append(_Group(mine))
-        self._handed = {k: t for k, t in handed.items() if k in pending and k not in emitted}
+        self._handed.update((k, t) for k, t in handed.items() if k in pending and k not in emitted)
         dropped = self._entries_of(k for k in handed if k not in emitted and k not in self._handed)
         if dropped:  # already stored, or lost by the grouper: never drop silently
             self._ready.append(_Group(dropped, recheck=True))

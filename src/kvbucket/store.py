@@ -42,7 +42,7 @@ from .errors import (
     StorageIOError,
     StoreClosed,
 )
-from .eviction import Limits, Usage, choose_victims
+from .eviction import Limits, Usage, make_policy
 from .format import (
     ALIGNMENT,
     MAX_BUCKET_ID,
@@ -156,6 +156,7 @@ class BucketStore:
         self._counters = StoreCounters()  # bumped under _mutex
         self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         self._limits_known = True
+        self._policy = make_policy(config.eviction_policy, self._limits)
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
         self.recovery_report = RecoveryReport()
 
@@ -361,6 +362,7 @@ class BucketStore:
             self._index.add_bucket(bucket, meta)
             self._touch(bucket)
             self._counters.wrote(len(bucket.keys), bucket.logical, None if started is None else time.perf_counter() - started)
+            self._policy.committed(bucket)
         return bucket
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
@@ -477,6 +479,7 @@ class BucketStore:
                     bucket.pins += 1
                     pinned.append(bucket)
                     self._touch(bucket)
+                    self._policy.read(bucket)
             except BaseException:
                 self._unpin_locked(pinned)
                 raise
@@ -745,10 +748,10 @@ class BucketStore:
         usage = self._usage() + need
         if self._limits.admit(usage):
             return
-        if self._config.eviction_policy == "none" or not self._limits.admit(need):
+        if not self._policy.evicts or not self._limits.admit(need):
             raise CapacityExceeded(self._capacity_message(need))
         with self._mutex:
-            victims = choose_victims(self._index.buckets.values(), self._config.eviction_policy, usage, self._limits)
+            victims = self._policy.victims(self._index.buckets.values(), usage, self._limits)
         if victims is None:
             raise CapacityExceeded(self._capacity_message(need))
         self._evict(victims, on_evict)
@@ -797,6 +800,7 @@ class BucketStore:
                 raise
         with self._mutex:
             for bucket in victims:
+                self._policy.evicted(bucket)
                 self._retire(bucket)
         self._delete_files([b.bucket_id for b in victims], [b.physical for b in victims])
         self._evicted[0] += len(victims)
@@ -829,15 +833,14 @@ class BucketStore:
             raise InvalidArgument(f"watermarks need 0 < low <= high <= 1; got high={high!r}, low={low!r}")
         with self._writer:
             self._check_writable()
-            if self._config.eviction_policy == "none":
+            if not self._policy.evicts:
                 return []
             self._reconcile_physical()
             usage = self._usage()
             if self._limits.ratio(usage) <= high:
                 return []
             with self._mutex:
-                buckets = list(self._index.buckets.values())
-            victims = choose_victims(buckets, self._config.eviction_policy, usage, self._limits.scaled(low))
+                victims = self._policy.victims(self._index.buckets.values(), usage, self._limits.scaled(low))
             if victims is None:
                 raise CapacityExceeded(
                     f"evicting every bucket would not bring usage to {low} of the limits, so nothing was evicted: "
@@ -904,12 +907,22 @@ class BucketStore:
         the rest too. Keys already stored or already pending are dropped; an
         object larger than ``bucket_size_limit`` gets a bucket of its own.
         """
-        for key, size in key_mapping(sizes, "group_for_offload").items():
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
+        sizes = _checked_sizes(sizes, "group_for_offload")
         with self._mutex:  # grouping is memory-only: never wait behind a bucket write
             self._check_open()
             return self._grouper.add(sizes, self._index.slots.__contains__, flush)
+
+    def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]:
+        """Cut one batch ``{key: size}`` into buckets of its own (full ones and
+        the partial rest), pooling nothing with :meth:`group_for_offload`.
+
+        Keys already stored are dropped; an object larger than
+        ``bucket_size_limit`` gets a bucket of its own.
+        """
+        sizes = _checked_sizes(sizes, "group_batch")
+        with self._mutex:
+            self._check_open()
+            return self._grouper.split(sizes, self._index.slots.__contains__)
 
     def pending_group(self) -> list[str]:
         """Keys carried over by :meth:`group_for_offload`, waiting to fill a bucket."""
@@ -1103,6 +1116,15 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
     if not batch:
         raise InvalidArgument("batch_offload needs at least one object")
     return batch
+
+
+def _checked_sizes(sizes: Mapping[str, int], method: str) -> Mapping[str, int]:
+    """``{key: size}`` given to ``method``, checked: valid keys, sizes non-negative integers."""
+    sizes = key_mapping(sizes, method)
+    for key, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
+    return sizes
 
 
 def _physical_estimate(batch: list[_Object], data_length: int) -> int:

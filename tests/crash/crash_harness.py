@@ -100,10 +100,13 @@ def simple_workload(n_buckets: int, per_bucket: int = 3, tag: str = "w", sizes=S
 
 def lifecycle_workload(seed: int = 0, n: int = 10, tag: str = "L", evict: bool = True) -> list[dict]:
     """Offloads mixed with remove, batch_remove, delete_bucket, compact (and
-    watermark eviction when ``evict``): the issue-3 workload."""
+    watermark eviction when ``evict``): the issue-3 workload. Reads of single
+    keys come in between (their own random stream, so the other ops are the
+    same with or without them): a read moves a bucket out of 2Q's probation."""
     import random
 
     rng = random.Random(seed)
+    reader = random.Random(-1 - seed)
     ops: list[dict] = []
     live: list[str] = []
     b = 0
@@ -115,9 +118,14 @@ def lifecycle_workload(seed: int = 0, n: int = 10, tag: str = "L", evict: bool =
         live.extend(keys)
         ops.append({"op": "offload", "keys": keys})
 
+    def read() -> None:
+        if live and reader.random() < 0.3:
+            ops.append({"op": "get", "keys": [reader.choice(live)]})
+
     offload()
     offload()
-    while len(ops) < n:
+    while sum(op["op"] != "get" for op in ops) < n:
+        read()
         r = rng.random()
         if r < 0.4 or len(live) < 3:
             offload()

@@ -2,7 +2,7 @@
 
 Each example draws a workload (offloads of 1-4 objects of awkward sizes,
 removals, bucket deletions, compactions), a durability mode, an I/O mode and
-whether a physical limit forces FIFO eviction, then checks a sample of power
+whether a physical limit forces eviction (and by which policy), then checks a sample of power
 cut states and one injected fault. CI runs a few derandomized examples;
 ``KVBUCKET_FULL_SWEEP=1`` runs many random ones.
 """
@@ -53,8 +53,8 @@ CONFIGS = st.fixed_dictionaries(
         "io_mode": st.sampled_from(["buffered", "direct"]),
         "io_threads": st.just(1),
     },
-    optional={"max_physical_bytes": st.just(64 * 1024)},
-).map(lambda c: {**c, "eviction_policy": "fifo"} if "max_physical_bytes" in c else c)
+    optional={"max_physical_bytes": st.just(64 * 1024), "eviction_policy": st.sampled_from(["2q", "fifo", "lru"])},
+)
 
 SETTINGS = settings(
     max_examples=80 if H.FULL else 15,

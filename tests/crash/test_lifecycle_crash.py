@@ -1,8 +1,8 @@
 """Crash harnesses over removal, deletion, compaction and eviction (issue 3).
 
 Workloads mix offloads with ``remove``, ``batch_remove``, ``delete_bucket``,
-``compact`` and eviction (FIFO under a tight ``max_physical_bytes``, and
-``evict_to_watermark``). After a kill -9 or a power cut at any step:
+``compact``, reads and eviction (the default 2Q policy under a tight
+``max_physical_bytes``, and ``evict_to_watermark``). After a kill -9 or a power cut at any step:
 
 * no removed object resurrects (strict mode; a removal counts once it
   returned; a key deleted with its bucket likewise);
@@ -18,7 +18,7 @@ import pytest
 import crash_harness as H
 from crash_sweeps import kill_sweep, powerloss_sweep
 
-EVICTING = {"eviction_policy": "fifo", "max_physical_bytes": 96 * 1024}
+EVICTING = {"max_physical_bytes": 96 * 1024}  # the default eviction policy
 SEEDS = [1, 2, 3] if not H.FULL else list(range(1, 9))
 
 
@@ -53,17 +53,21 @@ def test_lifecycle_powerloss_relaxed(tmp_path, crash_counts, small_writes):
 
 def test_workloads_exercise_eviction_and_compaction(tmp_path):
     """Guard against a harness that tests nothing: the lifecycle workloads do
-    evict, remove and compact on the real store."""
+    evict (2Q, with buckets promoted by reads before), remove and compact on
+    the real store."""
     from kvbucket import BucketStore
 
-    evicted, removed, compacted = 0, 0, 0
+    evicted, removed, compacted, read_before_eviction = 0, 0, 0, 0
     for seed in SEEDS:
         events: list[dict] = []
         path = H.fresh_dir(str(tmp_path / f"s{seed}"))
         ops = H.lifecycle_workload(seed=seed, n=12)
         with BucketStore.open(path, io_threads=1, **EVICTING) as store:
+            assert store.config.eviction_policy == "2q"
             H.run_ops(store, ops, events.append)
         evicted += sum(len(e["keys"]) for e in events if e["ev"] == "evict")
+        last_evict = max((e["i"] for e in events if e["ev"] == "evict"), default=-1)
+        read_before_eviction += sum(1 for op in ops[:last_evict] if op["op"] == "get")
         removed += sum(len(e["result"]) for e in events if e["ev"] == "done" and ops[e["i"]]["op"].endswith("remove"))
         compacted += sum(1 for e in events if e["ev"] == "done" and ops[e["i"]]["op"] == "compact" and e["result"])
-    assert evicted and removed and compacted, (evicted, removed, compacted)
+    assert evicted and removed and compacted and read_before_eviction, (evicted, removed, compacted, read_before_eviction)

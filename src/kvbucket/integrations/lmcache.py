@@ -162,7 +162,7 @@ class KvBucketL2AdapterConfig(_ConfigBase):
             "- storage_path (str): store directory, one per server instance (or $KVBUCKET_PATH)\n"
             "- max_size_gb (float): capacity in GiB (kvbucket max_total_size)\n"
             "- max_total_size / max_physical_bytes / total_keys_limit: sizes as 1048576 or '200G'\n"
-            "- eviction_policy (lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
+            "- eviction_policy (2q|lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
             "- num_io_threads (int): threads for lookups and loads (default 4)\n"
             "- metrics_port (int), metrics_addr (str): serve Prometheus metrics (default off, 127.0.0.1)"
         )

@@ -88,7 +88,7 @@ _VLLM_GAUGES: dict[str, tuple[str, Callable[[Any], int]]] = {
 """vLLM gauge name -> (documentation, its value in a :class:`~kvbucket.StoreStats`)."""
 
 TIER_DEFAULTS: dict[str, Any] = {
-    "eviction_policy": "lru",  # vLLM's fs tier never evicts; a bounded disk needs a policy
+    "eviction_policy": "2q",  # vLLM's fs tier never evicts; a bounded disk needs a policy
     "group_max_delay_s": 0.05,  # a store job holds primary slots pinned until its bucket is written
 }
 """Store settings whose default differs for vLLM (``KVBUCKET_*`` and the tier config override them)."""

@@ -22,7 +22,7 @@ def format_report(report: ReplayReport) -> str:
     lines = [
         f"replay of {trace.name}: {len(trace.requests):,} requests, {trace.block_references:,} block references, "
         f"{trace.distinct_blocks:,} distinct blocks, {trace.duration_s:,.0f} s",
-        f"object size {options.object_size:,} bytes, L2 {options.l2_blocks:,} blocks, {mode}",
+        f"object size {options.object_size:,} bytes, L2 {options.l2_blocks:,} blocks, eviction policy {options.eviction_policy}, {mode}",
         "",
         f"{'capacity':>18} {'kvbucket':>9} {'LRU':>7} {'Belady':>7} {'vs LRU':>7} {'WA':>6} "
         f"{'gone':>5} {'loads/s':>8} {'writes/s':>8} {'e2e':>6}",
@@ -44,8 +44,12 @@ def format_report(report: ReplayReport) -> str:
     return "\n".join(lines)
 
 
-def plot_reports(reports: Sequence[ReplayReport], path: str) -> None:
-    """Hit rate against capacity, one panel per report, saved as a PNG."""
+def plot_reports(reports: Sequence[ReplayReport], path: str, baselines: Sequence[ReplayReport] = (), baseline_label: str = "") -> None:
+    """Hit rate against capacity, one panel per report, saved as a PNG.
+
+    ``baselines`` (one per report, same capacities), when given, add
+    kvbucket's hit rate under another configuration, named ``baseline_label``.
+    """
     try:
         import matplotlib
 
@@ -54,14 +58,17 @@ def plot_reports(reports: Sequence[ReplayReport], path: str) -> None:
     except ImportError as exc:
         raise MissingPlotLibrary("plotting needs matplotlib: pip install 'kvbucket[bench]' (or pip install matplotlib)") from exc
     figure, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 4.2), squeeze=False)
-    for axis, report in zip(axes[0], reports):
+    for index, (axis, report) in enumerate(zip(axes[0], reports)):
         distinct = report.trace.distinct_blocks
         x = [100 * r.capacity_blocks / distinct for r in report.results]
-        for label, values, style in (
+        lines = [
             ("Belady (offline optimum)", [r.belady.hit_rate for r in report.results], "k:"),
             ("per-object LRU", [r.lru.hit_rate for r in report.results], "s--"),
             ("kvbucket", [r.kvbucket.hit_rate for r in report.results], "o-"),
-        ):
+        ]
+        if baselines:
+            lines.append((baseline_label, [r.kvbucket.hit_rate for r in baselines[index].results], "^-."))
+        for label, values, style in lines:
             axis.plot(x, values, style, label=label)
         l2 = report.options.l2_blocks
         axis.set_title(f"{report.trace.name}, " + (f"L2 of {l2:,} blocks" if l2 else "no L2"))

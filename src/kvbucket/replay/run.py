@@ -53,6 +53,14 @@ class ReplayOptions:
     removed afterwards); None uses the system's temporary directory."""
     store_fields: Mapping[str, Any] = field(default_factory=dict)
     """Configuration fields for the store besides its capacity (defaults otherwise)."""
+    bucket_per_batch: bool = True
+    """The OffloadQueue's grouping: a request's write-back in buckets of its
+    own (the default), or pooled with other requests' (``False``)."""
+
+    @property
+    def eviction_policy(self) -> str:
+        """The store's eviction policy under :attr:`store_fields`."""
+        return BucketConfig(path=SIMULATED_ROOT, **self.store_fields).validated().eviction_policy
 
 
 @dataclass
@@ -103,6 +111,8 @@ class ReplayReport:
             "l2_blocks": self.options.l2_blocks,
             "simulated": self.options.simulate,
             "overlap": self.options.overlap,
+            "eviction_policy": self.options.eviction_policy,
+            "bucket_per_batch": self.options.bucket_per_batch,
             "capacities": [_result_json(r, duration) for r in self.results],
         }
 
@@ -150,7 +160,7 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     """kvbucket, LRU and Belady at one capacity (in blocks)."""
     start = time.perf_counter()
     with open_store(capacity * options.object_size, options) as (store, fs):
-        tier = KvBucketTier(store, options.object_size)
+        tier = KvBucketTier(store, options.object_size, options.bucket_per_batch)
         try:
             counts = replay_tier(tier, requests, options.overlap)
             evicted = store.stats().evicted_buckets

@@ -38,12 +38,14 @@ class KvBucketTier:
     """A :class:`~kvbucket.BucketStore` behind an :class:`~kvbucket.OffloadQueue`,
     as a :class:`~.engine_model.Tier`. Objects are ``object_size`` zero bytes."""
 
-    def __init__(self, store: BucketStore, object_size: int) -> None:
+    def __init__(self, store: BucketStore, object_size: int, bucket_per_batch: bool = True) -> None:
         self._store = store
         self._changed = threading.Condition()
         self._errors: list[BaseException] = []
         self._gate = _Gate(self._changed)
-        self._queue = OffloadQueue(_ObservedStore(store, self._changed, self._gate), max_staged_bytes=UNBOUNDED_STAGING, max_delay_s=0)
+        self._queue = OffloadQueue(
+            _ObservedStore(store, self._changed, self._gate), max_staged_bytes=UNBOUNDED_STAGING, max_delay_s=0, bucket_per_batch=bucket_per_batch
+        )
         self._value = memoryview(bytes(object_size))
         # Every load reads into this one buffer: all values are zeros, so
         # concurrent reads into it only ever write zeros and each checksum
