@@ -965,10 +965,11 @@ class BucketStore:
         self._evictor.wake()  # a store opened above its high watermark comes down at once
 
     def _background_pass(self, first: bool) -> bool:
-        """One pass of the background evictor: when usage is above
-        ``eviction_high_watermark`` of a limit, evict up to
-        :data:`BACKGROUND_EVICTION_BATCH` of the buckets that bring it to
-        ``eviction_low_watermark``; return whether more remain to evict.
+        """One pass of the background evictor: evict up to
+        :data:`BACKGROUND_EVICTION_BATCH` of the buckets that bring usage to
+        ``eviction_low_watermark``; return whether more remain to evict. A
+        run starts only when usage is above ``eviction_high_watermark`` of a
+        limit (the ``first`` pass checks), and its later passes go on to low.
 
         The first pass of a run that finds usage above the high watermark
         re-measures the directory first (as :meth:`evict_to_watermark` does). When even evicting every bucket
@@ -984,13 +985,16 @@ class BucketStore:
             if first and self._limits.physical and self._limits.ratio(self._usage()) > high:
                 self._reconcile_physical()
             usage = self._usage()
-            if self._limits.ratio(usage) <= high:
+            if first and self._limits.ratio(usage) <= high:  # later passes of a run go on down to low
                 self._evictor_error = None
                 return False
             with self._mutex:
                 victims = choose_victims(self._evictable_locked(), self._config.eviction_policy, usage, self._limits.scaled(low))
-            if not victims:
+            if victims is None:
                 log.debug("background eviction of %s cannot reach the low watermark: nothing evicted", self._dir)
+                return False
+            if not victims:
+                self._evictor_error = None
                 return False
             self._evict(victims[:BACKGROUND_EVICTION_BATCH], None)
             self._evictor_error = None
