@@ -162,13 +162,22 @@ class WrongBytes(AssertionError):
 
 
 def run_ops(store: BucketStore, ops: list[dict], emit: Emit, start: int = 0) -> None:
-    """Run ``ops`` from ``start``, emitting their events. Every eviction,
-    the background evictor's too, is emitted as ``{"ev": "evict", "after":
-    i}`` by a store listener: ``i`` is the operation running (or last run)
-    when the keys left the index, and ``bg`` says whether the evictor thread
-    took them."""
+    """Run ``ops`` from ``start``, emitting their events (evictions through
+    :func:`report_evictions`)."""
     evict_kw = offload_takes_on_evict()
-    current = [start]
+    current = report_evictions(store, emit)
+    for i, op in enumerate(ops[start:], start):
+        current[0] = i
+        run_op(store, i, op, emit, evict_kw)
+
+
+def report_evictions(store: BucketStore, emit: Emit) -> list[int]:
+    """Emit every eviction of ``store``, the background evictor's too, as
+    ``{"ev": "evict", "after": i, "keys": [...], "bg": bool}`` from a store
+    listener: ``i`` is the operation running (or last run) when the keys
+    left the index, which the caller keeps in the returned one-item list;
+    ``bg`` says whether the evictor thread took them."""
+    current = [0]
     if hasattr(store, "add_eviction_listener"):
 
         def evicted(keys: list[str]) -> None:
@@ -176,9 +185,7 @@ def run_ops(store: BucketStore, ops: list[dict], emit: Emit, start: int = 0) -> 
             emit({"ev": "evict", "after": current[0], "keys": sorted(keys), "bg": background})
 
         store.add_eviction_listener(evicted)
-    for i, op in enumerate(ops[start:], start):
-        current[0] = i
-        run_op(store, i, op, emit, evict_kw)
+    return current
 
 
 def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | None = None) -> Any:

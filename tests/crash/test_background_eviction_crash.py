@@ -7,17 +7,23 @@ the evictor runs between (and during) the offloads; ``settle`` operations
 wait for it. After a power cut or a kill -9 at any step: no acknowledged
 object is lost unless an eviction (reported by the store's listener, the
 background ones marked) took it, nothing removed comes back, nothing leaks;
-and the directory never holds more than ``max_physical_bytes``.
+and the directory never holds more than ``max_physical_bytes``. A fault
+in one of the evictor's deletions loses and leaks nothing either.
 """
 
 from __future__ import annotations
+
+import errno
+import threading
 
 import pytest
 
 import crash_harness as H
 from crash_fs import CANARIES
-from crash_sweeps import kill_sweep, powerloss_sweep
+from crash_sweeps import check_config, kill_sweep, powerloss_sweep
 from kvbucket import BucketStore
+from kvbucket.errors import StorageIOError
+from kvbucket.fs import FileSystem
 from storeutil import du
 
 LIMIT = 96 * 1024
@@ -89,3 +95,55 @@ def test_canary_is_caught_with_background_eviction(tmp_path, crash_counts, small
     )
     crash_counts(canary_states=stats["states_checked"], canary_failures=len(bad))
     assert bad, f"the power-loss harness did not catch the no_dir_fsync canary in {stats['states_checked']} states"
+
+
+class EvictorFaults(FileSystem):
+    """Fails (EIO) the ``n``-th unlink or directory fsync that the background
+    evictor's thread makes; every other call goes through."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = 0
+        self.fired = 0
+
+    def _maybe_fail(self, call: str, path: str) -> None:
+        if not threading.current_thread().name.startswith("kvbucket-evict"):
+            return
+        self.seen += 1
+        if self.seen == self.n:
+            self.fired += 1
+            raise OSError(errno.EIO, f"Input/output error (injected at background {call} #{self.n})", path)
+
+    def unlink(self, path: str) -> None:
+        self._maybe_fail("unlink", path)
+        super().unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self._maybe_fail("fsync_dir", path)
+        super().fsync_dir(path)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_a_failing_background_deletion_loses_nothing_and_leaks_nothing(tmp_path, n) -> None:
+    """A fault in the evictor's deletions is counted, the next write retries
+    the deletion (and raises while it fails: the caller retries once), and
+    after reopening no acknowledged object is lost but evicted ones, no
+    removed one is back and no file leaks."""
+    path = H.fresh_dir(str(tmp_path / "store"))
+    config = {"durability": "strict", **BACKGROUND}
+    ops = workload(5)
+    fs = EvictorFaults(n)
+    events: list[dict] = []
+    with BucketStore.open(path, filesystem=fs, **config) as store:
+        current = H.report_evictions(store, events.append)
+        for i, op in enumerate(ops):
+            current[0] = i
+            try:
+                H.run_op(store, i, op, events.append)
+            except StorageIOError:
+                H.run_op(store, i, op, events.append)  # the failed deletion is retried first
+            assert du(path) <= LIMIT
+        assert fs.fired == 1 and store.stats().background_eviction_errors == 1
+    exp = H.expectation(ops, events, acked_durable=True)
+    res = H.check_recovered(path, exp, config=check_config(config))
+    assert not res.failures, res.failures
