@@ -1,14 +1,14 @@
 """The background evictor: one daemon thread per writer store.
 
-It sleeps on a condition until woken (the store wakes it after every
-commit), then runs the store's eviction step until the step says there is
+It sleeps on a condition until woken (the store wakes it after a commit
+that leaves usage above the high watermark), then runs the store's eviction step until the step says there is
 nothing left to do, and sleeps again. It never polls: with no commits it
 never runs.
 
 The step is the store's: it holds the store's writer lock for one bounded
 pass (a few buckets) at a time, so writes interleave with a long eviction.
 An exception from the step ends that run; it is reported to ``on_error``
-and the next wake-up (the next commit) tries again.
+and the next wake-up (the store's next commit) tries again.
 """
 
 from __future__ import annotations

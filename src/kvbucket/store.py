@@ -11,7 +11,8 @@ with the right bytes (POSIX keeps an unlinked file readable). ``close()``
 waits for the reads in flight before it stops the I/O threads.
 
 Background eviction: a writer with an eviction policy and a limit owns one
-:class:`~kvbucket.evictor.BackgroundEvictor` thread, woken by every commit.
+:class:`~kvbucket.evictor.BackgroundEvictor` thread, woken by each commit
+that leaves usage above the high watermark.
 Each of its passes takes ``_writer`` like a foreground eviction does, for a
 bounded number of buckets, and deletes them through the same path, so the
 crash-safety argument is the foreground one. ``close()`` stops and joins it
@@ -126,8 +127,7 @@ class StoreStats:
     writer last recorded in ``LOCK``; False when none is recorded (a store
     last written by an older kvbucket), and the limits then read 0."""
     leased_keys: int = 0
-    """Keys under a lookup lease (:meth:`BucketStore.lookup`), expired ones
-    not yet dropped included."""
+    """Keys under an unexpired lookup lease (:meth:`BucketStore.lookup`)."""
     background_eviction_errors: int = 0
     """Background eviction runs that failed since open (each is logged)."""
     background_eviction_error: str | None = None
@@ -399,8 +399,9 @@ class BucketStore:
         with self._mutex:
             self._index.add_bucket(bucket, meta)
             self._touch(bucket)
-        if self._evictor is not None:
-            self._evictor.wake()
+            above_high = self._limits.ratio(self._usage_locked()) > self._config.eviction_high_watermark
+        if self._evictor is not None and (above_high or self._evictor_error is not None):
+            self._evictor.wake()  # after a failed run, the next commit retries (and clears the error)
         return bucket
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
@@ -972,10 +973,11 @@ class BucketStore:
         limit (the ``first`` pass checks), and its later passes go on to low.
 
         The first pass of a run that finds usage above the high watermark
-        re-measures the directory first (as :meth:`evict_to_watermark` does). When even evicting every bucket
-        that is not leased would not reach the low watermark (leases, or
-        bytes that are not buckets), the pass evicts nothing: a write that
-        does not fit still evicts (or fails) in the foreground.
+        re-measures the directory first (as :meth:`evict_to_watermark`
+        does). When even evicting every bucket that is not leased would not
+        reach the low watermark (leases, or bytes that are not buckets), the
+        pass evicts nothing: a write that does not fit still evicts (or
+        fails) in the foreground.
         """
         high, low = self._config.eviction_high_watermark, self._config.eviction_low_watermark
         with self._writer:
@@ -1005,8 +1007,6 @@ class BucketStore:
         Buckets whose deletion failed stay counted as usage and the next write
         retries their deletion first (failing while it cannot), as after a
         failed foreground eviction."""
-        if isinstance(error, StoreClosed):
-            return
         self._evictor_errors += 1
         self._evictor_error = f"{type(error).__name__}: {error}"
         log.error("background eviction in %s failed: %s", self._dir, error, exc_info=error)
@@ -1114,7 +1114,7 @@ class BucketStore:
                     foreign_bytes=self._measured.foreign,
                     unmeasurable=tuple(self._measured.unmeasurable),
                     limits_known=self._limits_known,
-                    leased_keys=len(self._leases),
+                    leased_keys=len(self._leases.live()),
                     background_eviction_errors=self._evictor_errors,
                     background_eviction_error=self._evictor_error,
                 )
