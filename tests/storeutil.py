@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 from kvbucket.errors import StorageIOError
+from kvbucket.fs import FileSystem
 
 
 def value_for(key: str, size: int) -> bytes:
@@ -57,3 +59,16 @@ class FailingStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+
+class DeletionGate(FileSystem):
+    """A file system whose unlinks wait while ``held`` is held, so a ``du``
+    scan under ``held`` sees no file vanish (the background evictor deletes
+    on its own thread)."""
+
+    def __init__(self) -> None:
+        self.held = threading.Lock()
+
+    def unlink(self, path: str) -> None:
+        with self.held:
+            super().unlink(path)

@@ -21,6 +21,9 @@ from kvbucket.errors import CapacityExceeded, InvalidArgument
 from kvbucket.fs import FileSystem
 from storeutil import du, snapshot, value_for
 
+# Foreground eviction, step by step; the background evictor is tested on its own.
+pytestmark = pytest.mark.usefixtures("foreground_eviction")
+
 KiB = 1024
 
 # -- helpers -------------------------------------------------------------------

@@ -151,6 +151,7 @@ def test_2q_ghost_list_holds_as_many_keys_as_the_store() -> None:
 
 
 # -- through a store ---------------------------------------------------------------
+# Foreground eviction only: these follow which bucket each write evicts.
 def put(store: BucketStore, name: str, nkeys: int = 2) -> list[str]:
     keys = [f"{name}/{i}" for i in range(nkeys)]
     store.batch_offload({key: value_for(key, SIZE) for key in keys})
@@ -164,7 +165,7 @@ def evicted_by_next_write(store: BucketStore, name: str) -> list[str]:
 
 
 def test_default_store_keeps_a_read_bucket_over_newer_unread_ones(tmp_path: Path) -> None:
-    with BucketStore.open(tmp_path / "s", total_keys_limit=8) as store:
+    with BucketStore.open(tmp_path / "s", total_keys_limit=8, background_eviction=False) as store:
         assert store.config.eviction_policy == "2q"
         read = put(store, "read")
         store.batch_get(read)
@@ -175,7 +176,7 @@ def test_default_store_keeps_a_read_bucket_over_newer_unread_ones(tmp_path: Path
 
 
 def test_default_store_rewrites_a_recently_evicted_block_into_main(tmp_path: Path) -> None:
-    with BucketStore.open(tmp_path / "s", total_keys_limit=8) as store:
+    with BucketStore.open(tmp_path / "s", total_keys_limit=8, background_eviction=False) as store:
         first = [put(store, f"b{i}") for i in range(4)]
         assert evicted_by_next_write(store, "n0") == first[0]
         store.batch_offload({first[0][0]: value_for(first[0][0], SIZE), "x/0": value_for("x/0", SIZE)})
@@ -187,9 +188,9 @@ def test_default_store_rewrites_a_recently_evicted_block_into_main(tmp_path: Pat
 
 
 def test_reopened_store_starts_every_bucket_in_main_in_write_order(tmp_path: Path) -> None:
-    with BucketStore.open(tmp_path / "s", total_keys_limit=8) as store:
+    with BucketStore.open(tmp_path / "s", total_keys_limit=8, background_eviction=False) as store:
         buckets = [put(store, f"b{i}") for i in range(4)]
         store.batch_get(buckets[0])
-    with BucketStore.open(tmp_path / "s", total_keys_limit=8) as store:
+    with BucketStore.open(tmp_path / "s", total_keys_limit=8, background_eviction=False) as store:
         assert evicted_by_next_write(store, "n0") == buckets[0]  # recency before the restart is gone
         assert evicted_by_next_write(store, "n1") == buckets[1]

@@ -139,13 +139,16 @@ def test_kvbucket_eviction_keeps_usage_right(opened: list[Any], tmp_path: Path) 
     adapter.register_listener(listener)
     for i in range(0, 8, 2):
         assert lm.store(adapter, [key(i), key(i + 1)], chunks(2, i)).is_successful()
+    # Full (above the 0.9 high watermark): evictions, foreground or
+    # background, bring it down to the 0.8 low watermark, one 2-chunk bucket.
+    assert adapter._store.wait_for_eviction(timeout=30)
     stats = adapter._store.stats()
-    assert adapter.get_usage().total_bytes_used == stats.logical_bytes == 4 * CHUNK
-    assert listener.deleted == [key(i) for i in range(4)]
-    assert sorted(listener.sizes, key=lambda k: k.chunk_hash) == [key(i) for i in range(4, 8)]
+    assert adapter.get_usage().total_bytes_used == stats.logical_bytes == 2 * CHUNK
+    assert listener.deleted == [key(i) for i in range(6)]
+    assert sorted(listener.sizes, key=lambda k: k.chunk_hash) == [key(i) for i in range(6, 8)]
 
     adapter = restart(opened, adapter, tmp_path, max_total_size=4 * CHUNK)
-    assert adapter.get_usage().total_bytes_used == 4 * CHUNK
+    assert adapter.get_usage().total_bytes_used == 2 * CHUNK
 
 
 def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path) -> None:
@@ -250,3 +253,24 @@ def test_list_l2_keys_refuses_bad_arguments(opened: list[Any], tmp_path: Path) -
     for bad in ({"page_size": 0}, {"page_size": True}, {"cursor": "not-a-token"}, {"cursor": 5}):
         with pytest.raises(ValueError):
             adapter.list_l2_keys(**bad)
+
+
+def test_lookup_and_lock_leases_until_load_or_unlock(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, max_total_size=4 * CHUNK, eviction_policy="fifo", background_eviction=False)
+    keys = [key(i) for i in range(4)]
+    assert lm.store(adapter, keys[:2], chunks(2)).is_successful()
+    assert lm.store(adapter, keys[2:], chunks(2, 2)).is_successful()
+    assert lm.lookup(adapter, keys[:1]) == [0]
+    assert lm.lookup(adapter, keys[2:3]) == [0]
+    assert adapter._store.stats().leased_keys == 2
+    assert not lm.store(adapter, [key(4), key(5)], chunks(2, 4)).is_successful()  # both buckets leased
+    assert lm.load(adapter, keys[:1], chunks(1)) == [0]  # the load ends key 0's lease
+    adapter.submit_unlock(keys[2:3])  # the unlock ends key 2's
+    assert adapter._store.stats().leased_keys == 0
+    assert lm.store(adapter, [key(4), key(5)], chunks(2, 4)).is_successful()
+
+
+def test_watermark_settings_reach_the_store(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, max_size_gb=1, eviction_high_watermark=0.6, eviction_low_watermark=0.3, lookup_lease_s=0)
+    config = adapter._store.config
+    assert (config.eviction_high_watermark, config.eviction_low_watermark, config.lookup_lease_s) == (0.6, 0.3, 0.0)

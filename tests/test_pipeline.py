@@ -645,7 +645,8 @@ CHILD = textwrap.dedent(
     def evicted(keys):  # before the files go: a key reported here may be gone
         write("-" + key for key in keys)
 
-    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01, on_evict=evicted)
+    store.add_eviction_listener(evicted)  # foreground and background evictions
+    queue = OffloadQueue(store, max_staged_bytes=1 << 20, workers=2, max_delay_s=0.01)
     buffer = bytearray(16384)
     i = 0
     while True:  # offload until killed: batches (a bucket each), single puts (pooled), reads
@@ -700,7 +701,8 @@ def test_kill_9_during_offload_with_eviction_loses_only_evicted_keys(tmp_path: P
         stored, gone = run_and_kill(path, f"r{round_}-", after, limit)
         acknowledged.update(stored)
         evicted |= gone
-        with BucketStore.open(path, max_physical_bytes=limit) as store:
+        # No background eviction while checking: it would evict what is checked.
+        with BucketStore.open(path, max_physical_bytes=limit, background_eviction=False) as store:
             assert store.config.eviction_policy == "2q"
             assert_clean_directory(path)
             kept = sorted(acknowledged - evicted)

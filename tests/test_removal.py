@@ -13,6 +13,9 @@ from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument, KeyNotFound, ReadOnlyStore
 from storeutil import du, value_for
 
+# Foreground eviction, step by step; the background evictor is tested on its own.
+pytestmark = pytest.mark.usefixtures("foreground_eviction")
+
 KiB = 1024
 
 

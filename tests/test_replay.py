@@ -184,12 +184,45 @@ def test_with_overlap_a_write_back_lands_between_the_next_lookup_and_load() -> N
     assert (sequential.found, sequential.found_then_gone) == (0, 0)
 
 
-def test_kvbucket_reports_found_then_gone_with_overlap() -> None:
+def test_kvbucket_lookups_lease_what_they_find_so_nothing_found_is_gone() -> None:
+    # As for LRU above, R2's write-back lands between R3's lookup and load;
+    # R3's lookup leased 1 and 2, so the write-back is declined (the store
+    # holds one bucket) instead of evicting them.
     trace = trace_of([1, 2], [3, 4], [1, 2])
     options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2})
     result = replay(trace, [2], options).results[0]
-    assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 0, 2)
+    assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 2, 0)
     assert result.lru.found_then_gone == 2
+
+
+def test_a_write_back_evicts_around_the_found_prefix() -> None:
+    # The store holds {1, 2} and {3, 4}; R4's lookup finds 1 and 2, then R3's
+    # write-back of 5 and 6 lands and needs a bucket's room: it evicts {3, 4},
+    # the only bucket no lookup leased, and R4 loads what it found.
+    trace = trace_of([1, 2], [3, 4], [5, 6], [1, 2])
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2})
+    result = replay(trace, [4], options).results[0]
+    assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 2, 0)
+    assert result.evicted_buckets == 1
+    assert result.lru.found_then_gone == 2
+
+
+def test_no_found_then_gone_blocks_with_overlap_at_any_capacity() -> None:
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 64})
+    report = replay(short_trace(), [700, 1500, 3000], options)
+    for result in report.results:
+        assert result.evicted_buckets > 0 and result.kvbucket.hits > 100
+        assert result.kvbucket.found_then_gone == 0, result.capacity_blocks
+
+
+def test_a_replay_leaves_no_lease_behind() -> None:
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 64})
+    with open_store(1500 * 4096, options) as (store, _):
+        tier = KvBucketTier(store, 4096)
+        counts = replay_tier(tier, tier_requests(short_trace(), 0), overlap=True)
+        leased = store.stats().leased_keys
+        tier.close()
+    assert counts.found > 100 and leased == 0
 
 
 def test_parse_capacity() -> None:

@@ -259,3 +259,22 @@ def test_bad_host_indices_fail_cleanly(opened: list[Any], tmp_path: Path) -> Non
     backend = attach(opened, sg.make_config(tmp_path), pool)
     assert backend.batch_set_v1(HASHES[:2], pool.page_indices([0])) == [False, False]
     assert backend.batch_get_v1(HASHES[:2], pool.page_indices([0])) == [False, False]
+
+
+def test_batch_exists_leases_the_found_prefix_until_it_is_loaded(opened: list[Any], tmp_path: Path) -> None:
+    pool = sg.FakeHostPool()
+    backend = attach(opened, sg.make_config(tmp_path), pool)
+    stored = [HASHES[0], HASHES[1], HASHES[3]]
+    assert backend.batch_set_v1(stored, pool.page_indices([0, 1, 3])) == [True] * 3
+    assert backend.batch_exists(HASHES[:4]) == 2
+    assert backend._store.stats().leased_keys == 2  # the prefix, not the page after the gap
+    assert backend.batch_get_v1(HASHES[:2], pool.page_indices([4, 5])) == [True, True]
+    assert backend._store.stats().leased_keys == 0
+
+
+def test_watermark_settings_reach_the_store(opened: list[Any], tmp_path: Path) -> None:
+    config = sg.make_config(tmp_path, max_size="3M", eviction_high_watermark="0.7", eviction_low_watermark=0.4, background_eviction="off", lookup_lease_s=2)
+    backend = attach(opened, config, sg.FakeHostPool())
+    store_config = backend._store.config
+    assert (store_config.eviction_high_watermark, store_config.eviction_low_watermark) == (0.7, 0.4)
+    assert (store_config.background_eviction, store_config.lookup_lease_s) == (False, 2.0)

@@ -365,3 +365,30 @@ def test_get_stats_without_vllm_metrics_is_none(tmp_path: Path, memory: np.ndarr
         assert opened.get_stats() is None
     finally:
         opened.shutdown()
+
+
+def test_a_hit_is_leased_until_its_chunk_is_loaded(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = make_tier(tmp_path, memory, max_total_size=4 * CHUNK_BYTES, bucket_keys_limit=2, eviction_policy="fifo", background_eviction=False)
+    try:
+        fill_random(memory, range(0, NUM_CHUNKS), seed=3)
+        for job in range(2):
+            assert all(r.success for r in store_keys(tier, job, [vs.key(job * 2), vs.key(job * 2 + 1)], [job * 2, job * 2 + 1]))
+        assert tier.lookup(vs.key(0), vs.CTX) is vs.LookupResult.HIT
+        # A new bucket needs one bucket's room: fifo would take chunks 0 and 1,
+        # but chunk 0 is leased, so chunks 2 and 3 go instead.
+        assert all(r.success for r in store_keys(tier, 2, [vs.key(4), vs.key(5)], [4, 5]))
+        assert tier.lookup(vs.key(2), vs.CTX) is vs.LookupResult.MISS
+        assert all(r.success for r in load_keys(tier, 3, [vs.key(0)], [6]))  # the load ends the lease
+        assert tier.store.stats().leased_keys == 0
+    finally:
+        tier.shutdown()
+
+
+def test_watermark_settings_map_onto_the_store(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = make_tier(tmp_path, memory, max_size="8MiB", eviction_high_watermark=0.75, eviction_low_watermark="0.5", lookup_lease_s="1.5")
+    try:
+        config = tier.store.config
+        assert (config.eviction_high_watermark, config.eviction_low_watermark, config.lookup_lease_s) == (0.75, 0.5, 1.5)
+        assert config.background_eviction is True
+    finally:
+        tier.shutdown()

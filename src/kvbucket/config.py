@@ -104,9 +104,20 @@ class BucketConfig:
     recently used first, or 2Q (buckets written and never read leave first;
     see :mod:`kvbucket.eviction`)."""
     eviction_high_watermark: float = 0.9
-    """Default ``high`` of :meth:`~kvbucket.BucketStore.evict_to_watermark`."""
+    """Usage ratio (of the fullest limit) above which the background evictor
+    runs; default ``high`` of :meth:`~kvbucket.BucketStore.evict_to_watermark`."""
     eviction_low_watermark: float = 0.8
-    """Default ``low`` of :meth:`~kvbucket.BucketStore.evict_to_watermark`."""
+    """Usage ratio the background evictor evicts down to; default ``low`` of
+    :meth:`~kvbucket.BucketStore.evict_to_watermark`."""
+    background_eviction: bool = True
+    """A writer with an eviction policy and a limit evicts on a background
+    thread, from above ``eviction_high_watermark`` down to
+    ``eviction_low_watermark``, so writes rarely wait for eviction (a write
+    that does not fit still evicts in the foreground)."""
+    lookup_lease_s: float = 5.0
+    """How long :meth:`~kvbucket.BucketStore.lookup` protects the buckets of
+    the keys it found from eviction (until they are loaded, released or this
+    many seconds pass); 0 disables leases."""
     group_max_delay_s: float = 5.0
     """How long :meth:`~kvbucket.BucketStore.group_for_offload` may carry a
     partial bucket before emitting it anyway (0 disables the time flush)."""

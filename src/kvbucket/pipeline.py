@@ -157,7 +157,9 @@ class OffloadQueue:
             ``None`` waits as long as it takes.
         workers: background threads writing buckets (>= 1).
         on_evict: passed to every :meth:`BucketStore.batch_offload`; called
-            with the keys of buckets the store evicts to make room.
+            with the keys of buckets the store evicts to make room for this
+            queue's writes (the background evictor's evictions reach
+            :meth:`BucketStore.add_eviction_listener` listeners only).
         max_delay_s: most seconds a partial bucket of ``put`` objects waits
             for more before it is written anyway; ``None`` uses the store's
             ``group_max_delay_s``; 0 writes partial buckets only on
@@ -331,6 +333,30 @@ class OffloadQueue:
         stored = iter(self._store.batch_exists(rest) if rest else [])
         return [hit or bool(next(stored)) for hit in staged]
 
+    def lookup(self, keys: Sequence[str], *, prefix: bool = False) -> list[bool]:
+        """:meth:`batch_exists`, leasing what it finds (see :meth:`BucketStore.lookup`).
+
+        Stored keys are leased by the store's lookup; staged keys are leased
+        too, so one committed (and then up for eviction) before the engine
+        loads it is still protected. Loading a key through
+        :meth:`batch_get_into` ends its lease. With ``prefix=True`` the
+        lookup stops at the first key neither staged nor stored.
+        """
+        keys = lookup_keys(keys, "lookup")
+        with self._lock:
+            staged = [key in self._entries for key in keys]
+        rest = [key for key, hit in zip(keys, staged) if not hit]
+        stored = iter(self._store.lookup(rest) if rest else [])
+        found = [hit or bool(next(stored)) for hit in staged]
+        if prefix and not all(found):
+            cut = found.index(False)
+            self._store.release([key for key, hit, was_staged in zip(keys[cut:], found[cut:], staged[cut:]) if hit and not was_staged])
+            found[cut:] = [False] * (len(found) - cut)
+        leased_staged = [key for key, hit, was_staged in zip(keys, found, staged) if hit and was_staged]
+        if leased_staged:
+            self._store.lease(leased_staged)
+        return found
+
     def get_into(self, key: str, buffer: Buffer) -> bool:
         """Fill ``buffer`` with the object's bytes; False when ``key`` is neither staged nor stored.
 
@@ -352,6 +378,8 @@ class OffloadQueue:
                 found[entry.key] = True
         finally:
             self._unpin(pinned)
+        if found:
+            self._store.release(list(found))  # served from staging: the load ends the lease
         rest = {key: mapping[key] for key in dests if key not in found}
         found.update(self._load_stored(rest))
         return {key: found[key] for key in dests}

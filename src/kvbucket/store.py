@@ -9,6 +9,18 @@ unpin. A bucket deleted meanwhile is unlinked at once, but its descriptor
 stays open until the last pin goes, so a read that has started completes
 with the right bytes (POSIX keeps an unlinked file readable). ``close()``
 waits for the reads in flight before it stops the I/O threads.
+
+Background eviction: a writer with an eviction policy and a limit owns one
+:class:`~kvbucket.evictor.BackgroundEvictor` thread, woken by each commit
+that leaves usage above the high watermark.
+Each of its passes takes ``_writer`` like a foreground eviction does, for a
+bounded number of buckets, and deletes them through the same path, so the
+crash-safety argument is the foreground one. ``close()`` stops and joins it
+before anything else.
+
+Leases: :meth:`BucketStore.lookup` leases the keys it finds
+(:mod:`kvbucket.lease`); every eviction chooses its victims among the
+buckets holding no leased key.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from .errors import (
     StoreClosed,
 )
 from .eviction import Limits, Usage, make_policy
+from .evictor import BackgroundEvictor
 from .format import (
     ALIGNMENT,
     MAX_BUCKET_ID,
@@ -58,6 +71,7 @@ from .format import (
 from .fs import FileSystem
 from .grouping import OffloadGrouper
 from .index import Bucket, Index, ObjectMeta
+from .lease import Clock, LeaseTable
 from .lockfile import StoreLock, WriterLimits, read_writer_limits
 from .recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
 from .usage import PhysicalUsage, measure_store
@@ -65,6 +79,9 @@ from .usage import PhysicalUsage, measure_store
 log = logging.getLogger(__name__)
 
 __all__ = ["BucketStore", "StoreStats"]
+
+BACKGROUND_EVICTION_BATCH = 8
+"""Most buckets one background eviction pass deletes while holding the writer lock."""
 
 MAX_OPEN_DESCRIPTORS = 256
 """Read descriptors kept open across calls; older unpinned ones are closed."""
@@ -110,6 +127,12 @@ class StoreStats:
     """The three limits are known. A readonly store reports the limits its
     writer last recorded in ``LOCK``; False when none is recorded (a store
     last written by an older kvbucket), and the limits then read 0."""
+    leased_keys: int = 0
+    """Keys under an unexpired lookup lease (:meth:`BucketStore.lookup`)."""
+    background_eviction_errors: int = 0
+    """Background eviction runs that failed since open (each is logged)."""
+    background_eviction_error: str | None = None
+    """The last background eviction failure; None once a later run succeeds."""
 
 
 @dataclass
@@ -124,7 +147,7 @@ class _Object:
 class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
-    def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None) -> None:
+    def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None) -> None:
         self._config = config
         self._fs = fs
         self._lock = lock
@@ -158,18 +181,30 @@ class BucketStore:
         self._limits_known = True
         self._policy = make_policy(config.eviction_policy, self._limits)
         self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
+        self._leases = LeaseTable(clock or time.monotonic)  # guarded by _mutex
+        self._eviction_listeners: list[Callback] = []
+        self._evictor: BackgroundEvictor | None = None
+        self._evictor_errors = 0
+        self._evictor_error: str | None = None
         self.recovery_report = RecoveryReport()
 
     # -- opening and closing ------------------------------------------------
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str] | BucketConfig | None = None, /, *, filesystem: FileSystem | None = None, **fields: Any
+        cls,
+        path: str | os.PathLike[str] | BucketConfig | None = None,
+        /,
+        *,
+        filesystem: FileSystem | None = None,
+        clock: Clock | None = None,
+        **fields: Any,
     ) -> BucketStore:
         """Open (creating if needed) the store at ``path``, running recovery.
 
         ``path`` is a directory or a :class:`BucketConfig`; keyword ``fields``
         set or override configuration fields. ``filesystem`` replaces the I/O
-        layer (tests use it to inject crashes and faults).
+        layer (tests use it to inject crashes and faults); ``clock`` (monotonic
+        seconds, default :func:`time.monotonic`) times lookup leases.
         """
         config = _make_config(path, fields)
         fs = filesystem or FileSystem()
@@ -181,13 +216,14 @@ class BucketStore:
             if isinstance(exc, StorageIOError):
                 raise
             raise StorageIOError(f"taking the writer lock of {directory} failed: {exc.strerror or exc}", exc) from exc
-        store = cls(config, fs, lock)
+        store = cls(config, fs, lock, clock)
         try:
             store._recover()
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
+        store._start_background_eviction()
         return store
 
     def _recover(self) -> None:
@@ -235,7 +271,13 @@ class BucketStore:
             self._reconcile_physical()
 
     def close(self) -> None:
-        """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`."""
+        """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`.
+
+        The background evictor is stopped and joined first (a pass in
+        progress completes), before the I/O threads stop.
+        """
+        if self._evictor is not None:
+            self._evictor.stop()
         with self._writer:
             with self._mutex:
                 if self._closed:
@@ -363,6 +405,9 @@ class BucketStore:
             self._touch(bucket)
             self._counters.wrote(len(bucket.keys), bucket.logical, None if started is None else time.perf_counter() - started)
             self._policy.committed(bucket)
+            above_high = self._limits.ratio(self._usage_locked()) > self._config.eviction_high_watermark
+        if self._evictor is not None and (above_high or self._evictor_error is not None):
+            self._evictor.wake()  # after a failed run, the next commit retries (and clears the error)
         return bucket
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
@@ -451,7 +496,7 @@ class BucketStore:
             self._run_reads(plan)
             done = (len(plan), sum(meta.size for _, _, meta, _ in plan), started)
         finally:
-            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values(), done)
+            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values(), views, done)
 
     def _pin(self, views: dict[str, list[memoryview]], op: str) -> list[_Read]:
         """Look up every key (counting hits and misses of ``op``) and pin its
@@ -551,10 +596,12 @@ class BucketStore:
             except OSError as exc:
                 log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
 
-    def _unpin(self, buckets: Iterable[Bucket], done: tuple[int, int, float] | None) -> None:
+    def _unpin(self, buckets: Iterable[Bucket], keys: Iterable[str], done: tuple[int, int, float] | None) -> None:
         """Unpin the buckets of a read that :meth:`_pin` started; the read is
-        over, and ``done`` (objects, bytes, start time) counts one that succeeded."""
+        over, the leases of its ``keys`` end, and ``done`` (objects, bytes,
+        start time) counts one that succeeded."""
         with self._mutex:
+            self._leases.release(keys)
             if done is not None:
                 self._counters.read(done[0], done[1], time.perf_counter() - done[2])
             self._unpin_locked(buckets)
@@ -597,6 +644,58 @@ class BucketStore:
             flags = [key in slots for key in keys]
             self._counters.exists(flags.count(True), len(flags))
             return flags
+
+    def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]:
+        """For each key, whether it is stored; the stored ones are *leased*.
+
+        A leased key's bucket is never chosen for eviction (foreground or
+        background) until the lease ends: when the key is read
+        (:meth:`batch_load`, :meth:`batch_get`), released (:meth:`release`),
+        or ``lease_s`` seconds (default ``lookup_lease_s``; 0: no lease) have
+        passed. So a block an engine looked up is still there when it loads
+        it right after. Explicit removal ignores leases. With
+        ``prefix=True`` the lookup stops at the first key not stored: the
+        keys after it report False and are not leased (an engine loads only
+        the found prefix). A readonly store grants no leases (it never evicts).
+        """
+        keys = lookup_keys(keys, "lookup")
+        seconds = self._lease_seconds(lease_s)
+        with self._mutex:
+            self._check_open()
+            slots = self._index.slots
+            found = [key in slots for key in keys]
+            if prefix and not all(found):
+                first_missing = found.index(False)
+                found[first_missing:] = [False] * (len(found) - first_missing)
+            if seconds and not self._config.readonly:
+                self._leases.grant((key for key, hit in zip(keys, found) if hit), seconds)
+        return found
+
+    def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None:
+        """Lease ``keys`` whether or not they are stored yet (see :meth:`lookup`).
+
+        For a write-behind queue that reports staged keys as found: a key
+        committed while its lease lasts is protected like a looked-up one.
+        """
+        keys = lookup_keys(keys, "lease")
+        seconds = self._lease_seconds(lease_s)
+        with self._mutex:
+            self._check_open()
+            if seconds and not self._config.readonly:
+                self._leases.grant(keys, seconds)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """End the leases of ``keys`` (an engine that will not load them after all)."""
+        keys = lookup_keys(keys, "release")
+        with self._mutex:
+            self._leases.release(keys)
+
+    def _lease_seconds(self, lease_s: float | None) -> float:
+        if lease_s is None:
+            return self._config.lookup_lease_s
+        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 <= lease_s < float("inf"):
+            raise InvalidArgument(f"lease_s must be a finite number of seconds >= 0; got {lease_s!r}")
+        return float(lease_s)
 
     def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
         """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
@@ -751,10 +850,20 @@ class BucketStore:
         if not self._policy.evicts or not self._limits.admit(need):
             raise CapacityExceeded(self._capacity_message(need))
         with self._mutex:
-            victims = self._policy.victims(self._index.buckets.values(), usage, self._limits)
+            victims = self._policy.victims(self._evictable_locked(), usage, self._limits)
         if victims is None:
             raise CapacityExceeded(self._capacity_message(need))
         self._evict(victims, on_evict)
+
+    def _evictable_locked(self) -> Iterable[Bucket]:
+        """The buckets eviction may choose (under ``_mutex``): those holding no
+        leased key. Expired leases are dropped here."""
+        leased = self._leases.live()
+        if not leased:
+            return self._index.buckets.values()
+        index = self._index
+        protected = {meta.bucket_id for meta in map(index.get, leased) if meta is not None}
+        return [bucket for bucket in index.buckets.values() if bucket.bucket_id not in protected]
 
     def _capacity_message(self, need: Usage) -> str:
         usage = self._usage()
@@ -764,6 +873,18 @@ class BucketStore:
             f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes, "
             f"{usage.keys}/{self._limits.keys or 'unlimited'} keys with eviction_policy={self._config.eviction_policy!r}"
             + self._unevictable_note()
+            + self._leased_note()
+        )
+
+    def _leased_note(self) -> str:
+        """How many keys lookups hold leased (their buckets cannot be evicted)."""
+        with self._mutex:
+            leased = len(self._leases.live())
+        if not leased:
+            return ""
+        return (
+            f"; {leased} key(s) are leased by lookups and their buckets are not evicted until they are loaded, "
+            f"released or their lease ends (lookup_lease_s={self._config.lookup_lease_s})"
         )
 
     def _unevictable_note(self) -> str:
@@ -798,6 +919,7 @@ class BucketStore:
             except BaseException:
                 self._restore(victims, records)
                 raise
+        self._notify_listeners(keys)
         with self._mutex:
             for bucket in victims:
                 self._policy.evicted(bucket)
@@ -807,6 +929,21 @@ class BucketStore:
         self._evicted[1] += len(keys)
         log.info("evicted %d bucket(s), %d key(s)", len(victims), len(keys))
         return keys
+
+    def add_eviction_listener(self, listener: Callback) -> None:
+        """Call ``listener(keys)`` with the keys of every eviction, foreground
+        or background, once they are out of the index and before their files
+        are deleted (the eviction is decided: an exception from the listener
+        is logged and changes nothing). It runs holding the writer lock, on
+        the thread that evicts: it must not call back into the store's writes."""
+        self._eviction_listeners.append(listener)
+
+    def _notify_listeners(self, keys: list[str]) -> None:
+        for listener in self._eviction_listeners:
+            try:
+                listener(list(keys))
+            except Exception:
+                log.exception("an eviction listener of %s failed; the eviction goes on", self._dir)
 
     def _restore(self, victims: list[Bucket], records: dict[int, list[tuple[str, ObjectMeta]]]) -> None:
         """Undo phase one of an eviction whose callback failed."""
@@ -840,14 +977,82 @@ class BucketStore:
             if self._limits.ratio(usage) <= high:
                 return []
             with self._mutex:
-                victims = self._policy.victims(self._index.buckets.values(), usage, self._limits.scaled(low))
+                victims = self._policy.victims(self._evictable_locked(), usage, self._limits.scaled(low))
             if victims is None:
                 raise CapacityExceeded(
                     f"evicting every bucket would not bring usage to {low} of the limits, so nothing was evicted: "
                     f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
-                    f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes" + self._unevictable_note()
+                    f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes"
+                    + self._unevictable_note()
+                    + self._leased_note()
                 )
             return self._evict(victims, on_evict)
+
+    # -- background eviction ------------------------------------------------
+    def _start_background_eviction(self) -> None:
+        """Start the evictor of a writer that has a policy, a limit and
+        ``background_eviction`` on (at the end of :meth:`open`)."""
+        config = self._config
+        if config.readonly or not config.background_eviction or not self._policy.evicts or self._limits == Limits():
+            return
+        self._evictor = BackgroundEvictor(self._background_pass, self._background_failed, name=f"kvbucket-evict {self._dir}")
+        self._evictor.start()
+        self._evictor.wake()  # a store opened above its high watermark comes down at once
+
+    def _background_pass(self, first: bool) -> bool:
+        """One pass of the background evictor: evict up to
+        :data:`BACKGROUND_EVICTION_BATCH` of the buckets that bring usage to
+        ``eviction_low_watermark``; return whether more remain to evict. A
+        run starts only when usage is above ``eviction_high_watermark`` of a
+        limit (the ``first`` pass checks), and its later passes go on to low.
+
+        The first pass of a run that finds usage above the high watermark
+        re-measures the directory first (as :meth:`evict_to_watermark`
+        does). When even evicting every bucket that is not leased would not
+        reach the low watermark (leases, or bytes that are not buckets), the
+        pass evicts nothing: a write that does not fit still evicts (or
+        fails) in the foreground.
+        """
+        high, low = self._config.eviction_high_watermark, self._config.eviction_low_watermark
+        with self._writer:
+            if self._closed:
+                return False
+            self._check_writable()
+            if first and self._limits.physical and self._limits.ratio(self._usage()) > high:
+                self._reconcile_physical()
+            usage = self._usage()
+            if first and self._limits.ratio(usage) <= high:  # later passes of a run go on down to low
+                self._evictor_error = None
+                return False
+            with self._mutex:
+                victims = self._policy.victims(self._evictable_locked(), usage, self._limits.scaled(low))
+            if victims is None:
+                log.debug("background eviction of %s cannot reach the low watermark: nothing evicted", self._dir)
+                return False
+            if not victims:
+                self._evictor_error = None
+                return False
+            self._evict(victims[:BACKGROUND_EVICTION_BATCH], None)
+            self._evictor_error = None
+            return len(victims) > BACKGROUND_EVICTION_BATCH
+
+    def _background_failed(self, error: Exception) -> None:
+        """A background run failed: log it, count it, keep it for :meth:`stats`.
+        Buckets whose deletion failed stay counted as usage and the next write
+        retries their deletion first (failing while it cannot), as after a
+        failed foreground eviction."""
+        self._evictor_errors += 1
+        self._evictor_error = f"{type(error).__name__}: {error}"
+        log.error("background eviction in %s failed: %s", self._dir, error, exc_info=error)
+
+    def wait_for_eviction(self, timeout: float | None = None) -> bool:
+        """Wait until the background evictor is idle: no pass running and no
+        commit left unhandled. True at once without an evictor; False when
+        ``timeout`` seconds passed first. Once it returns True, usage is at or
+        below ``eviction_high_watermark`` unless leases or bytes that are not
+        buckets hold it up (or a run failed: see :meth:`stats`)."""
+        evictor = self._evictor
+        return True if evictor is None else evictor.wait_idle(timeout)
 
     def compact(self, min_dead_ratio: float = 0.5) -> int:
         """Rewrite the live objects of buckets at least ``min_dead_ratio`` dead
@@ -953,6 +1158,9 @@ class BucketStore:
                     foreign_bytes=self._measured.foreign,
                     unmeasurable=tuple(self._measured.unmeasurable),
                     limits_known=self._limits_known,
+                    leased_keys=len(self._leases.live()),
+                    background_eviction_errors=self._evictor_errors,
+                    background_eviction_error=self._evictor_error,
                 )
 
     def counters(self) -> CounterSnapshot:

@@ -16,11 +16,13 @@ A workload is a list of JSON-able operations (dicts):
 * ``{"op": "delete_bucket_of", "key": k}``: ``delete_bucket`` of the bucket
   that holds ``k`` now (skipped when ``k`` is gone);
 * ``{"op": "compact", "ratio": r}``: ``compact(min_dead_ratio=r)``;
-* ``{"op": "evict", "high": h, "low": l}``: ``evict_to_watermark``.
+* ``{"op": "evict", "high": h, "low": l}``: ``evict_to_watermark``;
+* ``{"op": "settle"}``: ``wait_for_eviction`` (the background evictor is idle).
 
 :func:`run_ops` executes it and emits events: ``begin``/``done`` around each
 operation (``done`` only after the call returned: the acknowledgement),
-``evict`` from inside ``on_evict``. The kill-9 child writes them to a file;
+``evict`` from inside ``on_evict`` and from a store eviction listener (which
+also sees the background evictor's evictions). The kill-9 child writes them to a file;
 the power-loss recorder puts them in its log. :func:`expectation` turns the
 events seen before a crash into what must, may and must not be in the store.
 """
@@ -34,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -157,6 +160,7 @@ def ops_need(ops: list[dict]) -> set[str]:
             "batch_remove": {"batch_remove"},
             "compact": {"compact"},
             "evict": {"evict_to_watermark"},
+            "settle": {"wait_for_eviction"},
         }.get(op["op"], set())
     return need
 
@@ -166,9 +170,30 @@ class WrongBytes(AssertionError):
 
 
 def run_ops(store: BucketStore, ops: list[dict], emit: Emit, start: int = 0) -> None:
+    """Run ``ops`` from ``start``, emitting their events (evictions through
+    :func:`report_evictions`)."""
     evict_kw = offload_takes_on_evict()
+    current = report_evictions(store, emit)
     for i, op in enumerate(ops[start:], start):
+        current[0] = i
         run_op(store, i, op, emit, evict_kw)
+
+
+def report_evictions(store: BucketStore, emit: Emit) -> list[int]:
+    """Emit every eviction of ``store``, the background evictor's too, as
+    ``{"ev": "evict", "after": i, "keys": [...], "bg": bool}`` from a store
+    listener: ``i`` is the operation running (or last run) when the keys
+    left the index, which the caller keeps in the returned one-item list;
+    ``bg`` says whether the evictor thread took them."""
+    current = [0]
+    if hasattr(store, "add_eviction_listener"):
+
+        def evicted(keys: list[str]) -> None:
+            background = threading.current_thread().name.startswith("kvbucket-evict")
+            emit({"ev": "evict", "after": current[0], "keys": sorted(keys), "bg": background})
+
+        store.add_eviction_listener(evicted)
+    return current
 
 
 def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | None = None) -> Any:
@@ -218,6 +243,10 @@ def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | No
     elif kind == "evict":
         emit({"ev": "begin", "i": i})
         result = sorted(store.evict_to_watermark(high=op["high"], low=op["low"], on_evict=on_evict))
+    elif kind == "settle":
+        emit({"ev": "begin", "i": i})
+        store.wait_for_eviction()
+        result = None
     else:
         raise ValueError(kind)
     emit({"ev": "done", "i": i, "result": result})
@@ -255,10 +284,14 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
         if e.get("ev") == "begin":
             entry = begun.setdefault(e["i"], {"keys": []})
             entry["keys"] = sorted(set(entry["keys"]) | set(e.get("keys", [])))
-    evicted: dict[int, list[str]] = {}
+    evicted: dict[int, list[str]] = {}  # on_evict of operation i: before its own effect
+    evicted_after: dict[int, list[str]] = {}  # store listener: during or after operation i
     for e in events:
         if e.get("ev") == "evict":
-            evicted.setdefault(e["i"], []).extend(e["keys"])
+            if "after" in e:
+                evicted_after.setdefault(e["after"], []).extend(e["keys"])
+            else:
+                evicted.setdefault(e["i"], []).extend(e["keys"])
     exp = Expectation(acked=len(done))
     state: dict[str, str] = {}
     for i, op in enumerate(ops):
@@ -296,6 +329,9 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
             if op["op"] == "offload":
                 for k in keys:
                     state.setdefault(k, "gone")
+        for k in evicted_after.get(i, []):
+            if state.get(k) == "live":
+                state[k] = "maybe"
     for k, s in state.items():
         getattr(exp, s).add(k)
     return exp

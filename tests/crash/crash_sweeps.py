@@ -229,7 +229,13 @@ def fault_run(
     error is never swallowed by a write or removal; the operation succeeds
     when retried; everything acknowledged reads back.
     Returns (failures, the FaultFS, names of the operations that raised).
+
+    The store runs without background eviction unless ``config`` asks for
+    it: a fault is charged to the operation that was running, and the
+    evictor's thread would take some of them (its failures are logged and
+    counted instead; tests/test_background_eviction.py checks that).
     """
+    config = {"background_eviction": False, **config}
     fail: list[str] = []
     raised: list[str] = []
     if os.path.exists(directory):
@@ -257,8 +263,10 @@ def fault_run(
         except Exception as exc:  # noqa: BLE001
             fail.append(f"open() after a failed open() raised {exc!r}")
             return fail, fs, raised
+    current = H.report_evictions(store, events.append)
     try:
         for i, op in enumerate(ops):
+            current[0] = i
             before = len(fs.fired)
             try:
                 H.run_op(store, i, op, events.append)

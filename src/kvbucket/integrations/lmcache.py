@@ -20,8 +20,10 @@ What it does, in LMCache's terms:
 * **lookup-and-lock** and **load** tasks run on a small reader pool; their
   results are one-shot bitmaps, signalled on their own event fds. A lock
   keeps a key from LMCache-driven :meth:`~KvBucketL2Adapter.delete` until
-  unlocked; kvbucket's own capacity eviction removes whole buckets and a
-  load of a key evicted meanwhile reports a miss (loads may fail by contract).
+  unlocked, and leases it in kvbucket (``lookup_lease_s``): kvbucket's own
+  eviction (foreground or background) skips its bucket until the key is
+  loaded, unlocked or the lease ends. A load after that may still miss
+  (loads may fail by contract).
 * **usage**: every object on disk is counted, also after a restart; the
   object index is rebuilt from the store at start-up, seeds the byte
   accounting of ``get_usage()`` and is replayed to each registered listener
@@ -237,6 +239,7 @@ class KvBucketL2Adapter(_AdapterBase):
         self._done_lookups: dict[int, Any] = {}
         self._done_loads: dict[int, Any] = {}
         self._closed = False
+        self._store.add_eviction_listener(self._on_evicted)  # background evictions too
         self._restore()
         self._store_fd, self._lookup_fd, self._load_fd = _EventFd(), _EventFd(), _EventFd()
         self._queue: queue.Queue[_StoreTask | None] = queue.Queue()
@@ -247,16 +250,23 @@ class KvBucketL2Adapter(_AdapterBase):
 
     def _restore(self) -> None:
         """Index what the store already holds and seed the byte accounting."""
-        keys, sizes = [], []
+        found: dict[str, tuple[Any, int]] = {}
         for batch in self._store.scan_meta():
             for text, meta in batch:
                 key = decode_key(text)
                 if key is None:
                     logger.warning("kvbucket L2: ignoring key %r, not written by this adapter", text)
                     continue
-                self._objects[text] = (key, meta.size)
-                keys.append(key)
-                sizes.append(meta.size)
+                found[text] = (key, meta.size)
+        # An eviction listener runs after its keys left the store's index and
+        # takes self._lock: a key still stored here is forgotten after this.
+        with self._lock:
+            texts = list(found)
+            for text, stored in zip(texts, self._store.batch_exists(texts) if texts else ()):
+                if stored:
+                    self._objects[text] = found[text]
+            keys = [key for key, _ in self._objects.values()]
+            sizes = [size for _, size in self._objects.values()]
         if keys:
             self._notify_keys_stored(keys, sizes)
 
@@ -327,7 +337,7 @@ class KvBucketL2Adapter(_AdapterBase):
         config = self._store.config
         for batch in split_batches(items, config.bucket_size_limit, config.bucket_keys_limit):
             try:
-                self._store.batch_offload({k: v for k, v, _ in batch}, on_evict=self._on_evicted, on_duplicate="skip")
+                self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
             except _ERRORS as exc:
                 logger.warning("kvbucket L2: storing %d objects (first %r) failed: %s", len(batch), batch[0][0], exc)
                 failed.update(owner[k][0] for k, _, _ in batch)
@@ -372,7 +382,7 @@ class KvBucketL2Adapter(_AdapterBase):
         self._notify_keys_stored([e[0] for e in entries], [e[2] for e in entries])
 
     def _on_evicted(self, texts: list[str]) -> None:
-        """kvbucket chose these keys' buckets for eviction: account for them."""
+        """kvbucket evicted these keys' buckets (to make room, or in the background): account for them."""
         self._forget(texts)
 
     def _forget(self, texts: Iterable[str]) -> None:
@@ -396,7 +406,7 @@ class KvBucketL2Adapter(_AdapterBase):
     def _lookup(self, keys: list[Any]) -> Any:
         bitmap = Bitmap(len(keys))
         texts = [encode_key(k) for k in keys]
-        flags = self._store.batch_exists(texts)
+        flags = self._store.lookup(texts)  # hits are leased against kvbucket's own eviction too
         with self._lock:
             for i, (text, hit) in enumerate(zip(texts, flags)):
                 if hit:
@@ -410,7 +420,8 @@ class KvBucketL2Adapter(_AdapterBase):
             return self._done_lookups.pop(task_id, None)
 
     def submit_unlock(self, keys: list[Any]) -> None:
-        """Release one lock per key (never fails)."""
+        """Release one lock per key (never fails); a key's last lock ends its lease."""
+        unlocked = []
         with self._lock:
             for key in keys:
                 try:
@@ -419,8 +430,14 @@ class KvBucketL2Adapter(_AdapterBase):
                     continue
                 if self._locks[text] <= 1:
                     self._locks.pop(text, None)
+                    unlocked.append(text)
                 else:
                     self._locks[text] -= 1
+        if unlocked:
+            try:
+                self._store.release(unlocked)
+            except _ERRORS as exc:
+                logger.warning("kvbucket L2: releasing the leases of %d keys failed: %s", len(unlocked), exc)
 
     # ------------------------------------------------------------------ load
 

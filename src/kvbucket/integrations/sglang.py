@@ -287,13 +287,30 @@ class KvBucketHiCacheStorage(_Base):
     # ------------------------------------------------------------- existence
 
     def exists(self, key: str) -> bool:
-        """Whether the page ``key`` is stored."""
-        return self._exists_flags([key])[0]
+        """Whether the page ``key`` is stored (a hit is leased, as by :meth:`batch_exists`)."""
+        return self._lookup_flags([key])[0]
 
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
-        """How many of ``keys``, from the first, are stored (the hit prefix)."""
-        flags = self._exists_flags(keys)
+        """How many of ``keys``, from the first, are stored (the hit prefix).
+
+        The prefix is leased (``lookup_lease_s``): eviction keeps its pages
+        until they are loaded or the lease ends, so the prefetch that follows
+        finds them."""
+        flags = self._lookup_flags(keys)
         return next((i for i, ok in enumerate(flags) if not ok), len(flags))
+
+    def _lookup_flags(self, keys: Sequence[str]) -> list[bool]:
+        """:meth:`_exists_flags` for an engine lookup: the found prefix is leased."""
+        if not keys:
+            return []
+        try:
+            store = self._read_store()
+            if store is None:
+                return [False] * len(keys)
+            return list(store.lookup(self._keys(keys), prefix=True))
+        except _READ_ERRORS as exc:
+            logger.warning("kvbucket: lookup of %d pages (first %r) failed: %s", len(keys), keys[0], exc)
+            return [False] * len(keys)
 
     def _exists_flags(self, keys: Sequence[str]) -> list[bool]:
         if not keys:

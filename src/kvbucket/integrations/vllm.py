@@ -309,11 +309,14 @@ class _KvBucketTier:
 
     # -- lookups ------------------------------------------------------------
     def lookup(self, key: bytes, req_context: Any) -> Any:
-        """HIT when stored, RETRY while a store of it is in flight, else MISS (never blocks on I/O)."""
+        """HIT when stored, RETRY while a store of it is in flight, else MISS (never blocks on I/O).
+
+        A HIT leases the chunk (``lookup_lease_s``): eviction keeps it until
+        it is loaded or the lease ends, so the load that follows finds it."""
         name = _store_key(key)
         if self._queue.is_staged(name):
             return self._api.LookupResult.RETRY
-        return self._api.LookupResult.HIT if self.store.exists(name) else self._api.LookupResult.MISS
+        return self._api.LookupResult.HIT if self.store.lookup([name])[0] else self._api.LookupResult.MISS
 
     # -- jobs ----------------------------------------------------------------
     def submit_store(self, job_metadata: Any) -> None:

@@ -183,20 +183,28 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
 def open_store(capacity_bytes: int, options: ReplayOptions) -> Iterator[tuple[BucketStore, CountingFileSystem]]:
     """A fresh store of ``capacity_bytes`` (``max_total_size``) and its counting file system.
 
-    Time-based flushes are off (``group_max_delay_s=0``): the replay does not
-    run in trace time. A simulated store skips checksum verification (its
+    Time-based flushes are off (``group_max_delay_s=0``) and lookup leases
+    end only when their keys are loaded (the lease clock stands still): the
+    replay does not run in trace time. Background eviction is off by
+    default: its timing would make replays differ; eviction happens as
+    writes need room. A simulated store skips checksum verification (its
     data files read as zeros).
     """
-    fields: dict[str, Any] = {"max_total_size": capacity_bytes, "group_max_delay_s": 0, **options.store_fields}
+    fields: dict[str, Any] = {"max_total_size": capacity_bytes, "group_max_delay_s": 0, "background_eviction": False, **options.store_fields}
     if options.simulate:
         fs: CountingFileSystem = CountingSimulatedFileSystem(SIMULATED_ROOT)
-        with BucketStore.open(os.path.join(SIMULATED_ROOT, "store"), filesystem=fs, verify_checksums=False, **fields) as store:
+        with BucketStore.open(os.path.join(SIMULATED_ROOT, "store"), filesystem=fs, clock=_still, verify_checksums=False, **fields) as store:
             yield store, fs
         return
     with tempfile.TemporaryDirectory(prefix="kvbucket-replay-", dir=options.directory) as scratch:
         fs = CountingFileSystem()
-        with BucketStore.open(os.path.join(scratch, "store"), filesystem=fs, **fields) as store:
+        with BucketStore.open(os.path.join(scratch, "store"), filesystem=fs, clock=_still, **fields) as store:
             yield store, fs
+
+
+def _still() -> float:
+    """The replay's lease clock: it never moves, so no lease expires."""
+    return 0.0
 
 
 def _result_json(result: CapacityResult, duration_s: float) -> dict[str, Any]:

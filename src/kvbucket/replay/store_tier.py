@@ -16,6 +16,12 @@ Lookups between the two see the staged keys (from the queue) and the store
 before the eviction, whatever the thread timing. Time-based flushes of
 partial buckets are disabled (they depend on the wall clock): buckets are
 cut by ``bucket_keys_limit`` / ``bucket_size_limit``, as under sustained load.
+
+Lookups lease what they find (:meth:`OffloadQueue.lookup`), as the engine
+adapters do, so a write-back landing between a lookup and its load evicts
+around the found prefix. A write-back that cannot fit because leased buckets
+fill the store is declined (:class:`~kvbucket.errors.CapacityExceeded`), as
+a full tier declines a write in an engine: it is not an error of the replay.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import CapacityExceeded
 from ..pipeline import OffloadQueue
 from ..store import BucketStore
 
@@ -56,7 +63,7 @@ class KvBucketTier:
         """See :class:`~.engine_model.Tier`."""
         if not keys:
             return 0
-        return _leading(self._queue.batch_exists(keys))
+        return _leading(self._queue.lookup(keys, prefix=True))
 
     def load(self, keys: Sequence[str]) -> int:
         """See :class:`~.engine_model.Tier`."""
@@ -106,7 +113,7 @@ class KvBucketTier:
         return self._queue.stats().staged_keys == len(self._store.pending_group())
 
     def _resolved(self, key: str, error: BaseException | None) -> None:
-        if error is not None:
+        if error is not None and not isinstance(error, CapacityExceeded):
             self._errors.append(error)
         with self._changed:
             self._changed.notify_all()
