@@ -110,7 +110,7 @@ def from_each_source(tmp_path: Path, name: str, text: str) -> dict[str, Any]:
         ("verify_checksums", "off", False),
         ("quarantine", "Yes", True),
         ("eviction_policy", "FIFO", "fifo"),
-        ("eviction_high_watermark", "0.85", 0.85),
+        ("eviction_high_watermark", "0.99", 0.99),
         ("group_max_delay_s", "0.5", 0.5),
     ],
 )

@@ -189,7 +189,7 @@ def test_kvbucket_lookups_lease_what_they_find_so_nothing_found_is_gone() -> Non
     # R3's lookup leased 1 and 2, so the write-back is declined (the store
     # holds one bucket) instead of evicting them.
     trace = trace_of([1, 2], [3, 4], [1, 2])
-    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2})
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2, "background_eviction": False})
     result = replay(trace, [2], options).results[0]
     assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 2, 0)
     assert result.lru.found_then_gone == 2
@@ -200,11 +200,24 @@ def test_a_write_back_evicts_around_the_found_prefix() -> None:
     # write-back of 5 and 6 lands and needs a bucket's room: it evicts {3, 4},
     # the only bucket no lookup leased, and R4 loads what it found.
     trace = trace_of([1, 2], [3, 4], [5, 6], [1, 2])
-    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2})
+    options = ReplayOptions(simulate=True, overlap=True, store_fields={"bucket_keys_limit": 2, "background_eviction": False})
     result = replay(trace, [4], options).results[0]
     assert (result.kvbucket.found, result.kvbucket.hits, result.kvbucket.found_then_gone) == (2, 2, 0)
     assert result.evicted_buckets == 1
     assert result.lru.found_then_gone == 2
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_background_eviction_is_replayed_in_step(background: bool) -> None:
+    # Two buckets fill the 4-block store: the evictor (replayed after each
+    # write-back) takes usage from above the high watermark to the low one,
+    # evicting the older bucket, so the third request misses what it would
+    # hit; its write-back fills the store again and the evictor takes {3, 4}.
+    trace = trace_of([1, 2], [3, 4], [1, 2])
+    options = ReplayOptions(simulate=True, store_fields={"bucket_keys_limit": 2, "eviction_policy": "fifo", "background_eviction": background})
+    result = replay(trace, [4], options).results[0]
+    assert result.kvbucket.hits == (0 if background else 2)
+    assert result.evicted_buckets == (2 if background else 0)
 
 
 def test_no_found_then_gone_blocks_with_overlap_at_any_capacity() -> None:

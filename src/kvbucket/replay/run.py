@@ -160,7 +160,7 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     """kvbucket, LRU and Belady at one capacity (in blocks)."""
     start = time.perf_counter()
     with open_store(capacity * options.object_size, options) as (store, fs):
-        tier = KvBucketTier(store, options.object_size, options.bucket_per_batch)
+        tier = KvBucketTier(store, options.object_size, options.bucket_per_batch, background_eviction(options))
         try:
             counts = replay_tier(tier, requests, options.overlap)
             evicted = store.stats().evicted_buckets
@@ -179,18 +179,24 @@ def replay_capacity(requests: Sequence[TierRequest], capacity: int, options: Rep
     )
 
 
+def background_eviction(options: ReplayOptions) -> bool:
+    """Whether the replayed configuration evicts in the background (the
+    tier then evicts to the watermarks in step; see :mod:`.store_tier`)."""
+    return BucketConfig(path=SIMULATED_ROOT, **options.store_fields).validated().background_eviction
+
+
 @contextlib.contextmanager
 def open_store(capacity_bytes: int, options: ReplayOptions) -> Iterator[tuple[BucketStore, CountingFileSystem]]:
     """A fresh store of ``capacity_bytes`` (``max_total_size``) and its counting file system.
 
     Time-based flushes are off (``group_max_delay_s=0``) and lookup leases
     end only when their keys are loaded (the lease clock stands still): the
-    replay does not run in trace time. Background eviction is off by
-    default: its timing would make replays differ; eviction happens as
-    writes need room. A simulated store skips checksum verification (its
+    replay does not run in trace time. The background evictor thread is
+    off (its timing would make replays differ): the tier evicts to the
+    watermarks in step instead. A simulated store skips checksum verification (its
     data files read as zeros).
     """
-    fields: dict[str, Any] = {"max_total_size": capacity_bytes, "group_max_delay_s": 0, "background_eviction": False, **options.store_fields}
+    fields: dict[str, Any] = {"max_total_size": capacity_bytes, "group_max_delay_s": 0, **options.store_fields, "background_eviction": False}
     if options.simulate:
         fs: CountingFileSystem = CountingSimulatedFileSystem(SIMULATED_ROOT)
         with BucketStore.open(os.path.join(SIMULATED_ROOT, "store"), filesystem=fs, clock=_still, verify_checksums=False, **fields) as store:

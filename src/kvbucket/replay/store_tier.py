@@ -22,6 +22,12 @@ adapters do, so a write-back landing between a lookup and its load evicts
 around the found prefix. A write-back that cannot fit because leased buckets
 fill the store is declined (:class:`~kvbucket.errors.CapacityExceeded`), as
 a full tier declines a write in an engine: it is not an error of the replay.
+
+The store's background evictor runs on its own clock, so a replay does its
+work in step instead: with ``background_eviction``, each landed write-back
+is followed by :meth:`BucketStore.evict_to_watermark`, which is what the
+evictor does once woken above the high watermark (it too evicts nothing
+when leases keep the low watermark out of reach).
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ class KvBucketTier:
     """A :class:`~kvbucket.BucketStore` behind an :class:`~kvbucket.OffloadQueue`,
     as a :class:`~.engine_model.Tier`. Objects are ``object_size`` zero bytes."""
 
-    def __init__(self, store: BucketStore, object_size: int, bucket_per_batch: bool = True) -> None:
+    def __init__(self, store: BucketStore, object_size: int, bucket_per_batch: bool = True, background_eviction: bool = False) -> None:
         self._store = store
+        self._background_eviction = background_eviction
         self._changed = threading.Condition()
         self._errors: list[BaseException] = []
         self._gate = _Gate(self._changed)
@@ -90,6 +97,11 @@ class KvBucketTier:
                 self._changed.wait()
             self._gate.open = False
         self._raise_errors()
+        if self._background_eviction:
+            try:
+                self._store.evict_to_watermark()
+            except CapacityExceeded:
+                pass  # leased buckets keep the low watermark out of reach: the evictor evicts nothing either
 
     def close(self) -> None:
         """Write what the grouper still holds, stop the queue, close the store."""
