@@ -30,10 +30,11 @@ import os
 import random
 import shlex
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,11 +44,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket import bench as kb  # noqa: E402
-
 import metadata  # noqa: E402
 import peers as peer_mod  # noqa: E402
 import report  # noqa: E402
+from kvbucket import bench as kb  # noqa: E402
 
 MiB = 1 << 20
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}

@@ -12,8 +12,8 @@ from kvbucket import BucketStore
 from kvbucket.checksum import crc32c
 from kvbucket.errors import InvalidArgument
 from kvbucket.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
-from kvbucket.lockfile import StoreLock
 from kvbucket.fs import FileSystem
+from kvbucket.lockfile import StoreLock
 from kvbucket.recovery import scan_directory
 from storeutil import our_files, snapshot, value_for
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from standins import sglang_standin as sg
-from storeutil import FailingStore
 
 from kvbucket.errors import InvalidArgument
+from standins import sglang_standin as sg
+from storeutil import FailingStore
 
 HASHES = [f"{i:064x}" for i in range(1, 9)]
 

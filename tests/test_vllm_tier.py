@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from standins import vllm_standin as vs
 
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
 from kvbucket.integrations import vllm as tier_module
+from standins import vllm_standin as vs
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16

@@ -881,7 +881,8 @@ def format_evidence(path: str | os.PathLike[str], fs: FileSystem | None = None) 
     """Read (never write) what tells the engines apart in ``path``: the
     ``LOCK`` and every meta, stopping early only once both engines' evidence
     is found."""
-    from .format import META_MAGIC, parse_name as kv_name
+    from .format import META_MAGIC
+    from .format import parse_name as kv_name
     from .lockfile import lock_identifies_store
 
     fs = fs or FileSystem()

@@ -58,13 +58,13 @@ from .eviction import Limits, Usage, make_policy
 from .evictor import BackgroundEvictor
 from .format import (
     ALIGNMENT,
-    MAX_BUCKET_ID,
-    check_key,
     HEADER_SIZE,
+    MAX_BUCKET_ID,
     RECORD_SIZE,
     BucketMeta,
     MetaRecord,
     aligned_layout,
+    check_key,
     data_name,
     packed_layout,
 )

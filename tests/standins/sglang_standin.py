@@ -22,7 +22,7 @@ import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +42,14 @@ class HiCacheStorageConfig:
     is_mla_model: bool
     enable_storage_metrics: bool
     is_page_first_layout: bool
-    model_name: Optional[str]
-    tp_lcm_size: Optional[int] = None
+    model_name: str | None
+    tp_lcm_size: int | None = None
     should_split_heads: bool = False
     dp_rank: int = 0
-    extra_config: Optional[dict] = None
+    extra_config: dict | None = None
     dcp_size: int = 1
     dcp_rank: int = 0
-    logical_page_size: Optional[int] = None
+    logical_page_size: int | None = None
 
     @property
     def is_storage_writer(self) -> bool:
@@ -58,8 +58,8 @@ class HiCacheStorageConfig:
 
 @dataclass
 class HiCacheStorageExtraInfo:
-    prefix_keys: Optional[List[str]] = None
-    extra_info: Optional[dict] = None
+    prefix_keys: list[str] | None = None
+    extra_info: dict | None = None
 
 
 class HiCacheStorage(ABC):
@@ -76,33 +76,33 @@ class HiCacheStorage(ABC):
     def on_host_pools_registered(self) -> None:
         pass
 
-    def batch_get_v1(self, keys: List[str], host_indices: Any, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(self, keys: list[str], host_indices: Any, extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         pass
 
-    def batch_set_v1(self, keys: List[str], host_indices: Any, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        pass
-
-    @abstractmethod
-    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> Any:
+    def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         pass
 
     @abstractmethod
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> Any:
+    def get(self, key: str, target_location: Any | None = None, target_sizes: Any | None = None) -> Any:
         pass
 
     @abstractmethod
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def batch_get(self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None) -> Any:
         pass
 
     @abstractmethod
-    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def set(self, key: str, value: Any | None = None, target_location: Any | None = None, target_sizes: Any | None = None) -> bool:
+        pass
+
+    @abstractmethod
+    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None, target_sizes: Any | None = None) -> bool:
         pass
 
     @abstractmethod
     def exists(self, key: str) -> bool:
         pass
 
-    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         for i, key in enumerate(keys):
             if not self.exists(key):
                 return i

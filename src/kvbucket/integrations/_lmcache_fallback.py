@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 from abc import ABC
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "AdapterUsage",

@@ -63,8 +63,8 @@ try:  # the real classes when LMCache is installed
     from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase as _ConfigBase
 except ImportError:  # pragma: no cover - exercised when LMCache is absent
     from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey  # type: ignore[assignment]
-    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
     from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
+    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
 try:  # key listing arrived after lmcache 0.5.6
     from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage
 except ImportError:  # pragma: no cover - an LMCache without it, or none
@@ -309,7 +309,7 @@ class KvBucketL2Adapter(_AdapterBase):
             tasks, stop = self._drain([task])
             try:
                 self._run_store_tasks(tasks)
-            except Exception:  # noqa: BLE001 - report the tasks failed, keep the thread alive
+            except Exception:  # report the tasks failed, keep the thread alive
                 logger.exception("kvbucket L2: store tasks %s failed", [t.task_id for t in tasks])
                 self._fail(tasks)
             if stop:
