@@ -106,15 +106,9 @@ def step_raw(ctx: Context, engine: str, mode: str) -> dict[str, float]:
     path = os.path.join(ctx.work, "raw.dat")
     try:
         kb.make_cold()
-        if engine == "fio":
-            w = kb.fio_write(path, ctx.wl, direct)
-        else:
-            w = kb.py_write(path, ctx.wl, ctx.source, direct)
+        w = kb.fio_write(path, ctx.wl, direct) if engine == "fio" else kb.py_write(path, ctx.wl, ctx.source, direct)
         kb.make_cold([path])
-        if engine == "fio":
-            r = kb.fio_read(path, ctx.wl, direct)
-        else:
-            r = kb.py_read(path, ctx.wl, ctx.dests, direct, ctx.pool)
+        r = kb.fio_read(path, ctx.wl, direct) if engine == "fio" else kb.py_read(path, ctx.wl, ctx.dests, direct, ctx.pool)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -180,13 +174,10 @@ def systems(with_kv: bool, fio: bool, peer_names: list[str]) -> list[tuple[str, 
     """Every (label, step) measured for one object size, in run order."""
     out: list[tuple[str, Callable[[Context], dict]]] = []
     for engine in (["fio"] if fio else []) + ["python"]:
-        for mode in ("buffered", "direct"):
-            out.append((f"raw {engine} {mode}", lambda c, e=engine, m=mode: step_raw(c, e, m)))
+        out.extend((f"raw {engine} {mode}", lambda c, e=engine, m=mode: step_raw(c, e, m)) for mode in ("buffered", "direct"))
     if with_kv:
-        for durability, mode in KV_VARIANTS:
-            out.append((f"kvbucket {durability} {mode}", lambda c, d=durability, m=mode: step_kv(c, d, m)))
-    for name in peer_names:
-        out.append((name, lambda c, n=name: step_peer(c, n)))
+        out.extend((f"kvbucket {durability} {mode}", lambda c, d=durability, m=mode: step_kv(c, d, m)) for durability, mode in KV_VARIANTS)
+    out.extend((name, lambda c, n=name: step_peer(c, n)) for name in peer_names)
     return out
 
 

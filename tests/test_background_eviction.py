@@ -44,7 +44,8 @@ def test_a_store_opened_above_high_comes_down_at_open(store_dir: Path) -> None:
 
 def test_write_storm_stays_within_the_limit_and_ends_at_or_below_high(store_dir: Path) -> None:
     limit, size, writers, per_writer = 100_000, 1000, 4, 24  # 96 buckets: 0.96 of the limit without eviction
-    with BucketStore.open(store_dir, eviction_policy="lru", max_total_size=limit, total_keys_limit=100, eviction_high_watermark=0.9, eviction_low_watermark=0.7) as store:
+    limits = {"max_total_size": limit, "total_keys_limit": 100, "eviction_high_watermark": 0.9, "eviction_low_watermark": 0.7}
+    with BucketStore.open(store_dir, eviction_policy="lru", **limits) as store:
         start = threading.Barrier(writers)
         over: list[int] = []
         errors: list[BaseException] = []
@@ -57,7 +58,7 @@ def test_write_storm_stays_within_the_limit_and_ends_at_or_below_high(store_dir:
                     used = store.stats().logical_bytes
                     if used > limit:
                         over.append(used)
-            except BaseException as exc:  # reported below
+            except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]

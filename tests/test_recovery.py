@@ -88,7 +88,7 @@ def test_foreign_files_are_never_touched(store_dir: Path) -> None:
     (store_dir / "8.meta").symlink_to(store_dir / "notes.txt")
     before = {k: v for k, v in snapshot(store_dir).items() if not k[0].isdigit() or k.startswith(("05", "99", "7.", "8."))}
     with reopen(store_dir) as store:
-        assert sorted(store.recovery_report.foreign_files) == sorted(foreign + ["7.bucket", "8.meta"])
+        assert sorted(store.recovery_report.foreign_files) == sorted([*foreign, "7.bucket", "8.meta"])
         assert store.recovery_report.removed_files == []
     after = snapshot(store_dir)
     assert all(after.get(name) == digest for name, digest in before.items())

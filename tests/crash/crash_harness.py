@@ -141,7 +141,7 @@ def lifecycle_workload(seed: int = 0, n: int = 10, tag: str = "L", evict: bool =
             ks = rng.sample(live, min(len(live), rng.randint(2, 3)))
             for k in ks:
                 live.remove(k)
-            ops.append({"op": "batch_remove", "keys": ks + [make_key("never-stored", 5)]})
+            ops.append({"op": "batch_remove", "keys": [*ks, make_key("never-stored", 5)]})
         elif r < 0.8:
             ops.append({"op": "delete_bucket_of", "key": rng.choice(live)})
         elif r < 0.92 or not evict:

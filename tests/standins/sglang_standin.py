@@ -154,7 +154,9 @@ class FakeHostPool:
     ``kv_buffer[size, layers, 1, dim]``, one buffer per page.
     """
 
-    def __init__(self, kind: str = "mha", size: int = 64, page_size: int = 4, layer_num: int = 2, head_num: int = 2, head_dim: int = 8, dtype: Any = np.float16) -> None:
+    def __init__(
+        self, kind: str = "mha", size: int = 64, page_size: int = 4, layer_num: int = 2, head_num: int = 2, head_dim: int = 8, dtype: Any = np.float16
+    ) -> None:
         self.kind, self.size, self.page_size = kind, size, page_size
         self.layer_num, self.head_num, self.head_dim = layer_num, head_num, head_dim
         self.dtype = np.dtype(dtype)
@@ -197,10 +199,7 @@ class FakeHostPool:
 
     def get_data_page(self, index: int, flat: bool = True) -> np.ndarray:
         index = int(index)
-        if self.kind == "mha":
-            page = self.kv_buffer[:, index : index + self.page_size]
-        else:
-            page = self.kv_buffer[index : index + self.page_size]
+        page = self.kv_buffer[:, index:index + self.page_size] if self.kind == "mha" else self.kv_buffer[index:index + self.page_size]
         return page.reshape(-1).copy() if flat else page.copy()
 
     def get_dummy_flat_data_page(self) -> np.ndarray:
@@ -214,7 +213,9 @@ class FakeHostPool:
             self.kv_buffer[index : index + self.page_size] = data_page.reshape(self.kv_buffer[index : index + self.page_size].shape)
 
 
-def make_config(root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, metrics: bool = False, model: str = "org/model-7b", **extra: Any) -> HiCacheStorageConfig:
+def make_config(
+    root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, metrics: bool = False, model: str = "org/model-7b", **extra: Any
+) -> HiCacheStorageConfig:
     """A storage config whose extra_config selects kvbucket through the dynamic path."""
     extra_config = {"backend_name": "kvbucket", "module_path": MODULE, "class_name": "KvBucketHiCacheStorage", "interface_v1": 1}
     if root is not None:
@@ -239,7 +240,9 @@ def installed() -> Iterator[types.ModuleType]:
             HiCacheStorage=HiCacheStorage, HiCacheStorageConfig=HiCacheStorageConfig, HiCacheStorageExtraInfo=HiCacheStorageExtraInfo,
         ),
         "sglang.srt.mem_cache.storage": module("sglang.srt.mem_cache.storage", StorageBackendFactory=StorageBackendFactory),
-        "sglang.srt.mem_cache.storage.backend_factory": module("sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory),
+        "sglang.srt.mem_cache.storage.backend_factory": module(
+            "sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory
+        ),
     }
     with imported_against(modules, MODULE) as adapter_module:
         yield adapter_module
