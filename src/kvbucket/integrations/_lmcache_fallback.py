@@ -121,11 +121,11 @@ class AdapterUsage:
         return self.total_bytes_used / self.total_capacity_bytes
 
 
-class L2AdapterConfigBase(ABC):
+class L2AdapterConfigBase(ABC):  # noqa: B024 - mirrors LMCache's ABC
     """Base of adapter configs (``from_dict`` / ``help``)."""
 
 
-class L2AdapterInterface(ABC):
+class L2AdapterInterface(ABC):  # noqa: B024 - mirrors LMCache's ABC
     """Accounting and listener part of LMCache's ``L2AdapterInterface``."""
 
     def __init__(self, max_capacity_bytes: int = 0) -> None:
