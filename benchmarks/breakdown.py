@@ -159,7 +159,6 @@ def profile_metadata(op: str, n: int, directory: str) -> int:
     import random
 
     import metadata
-
     from kvbucket import BucketStore
 
     path = tempfile.mkdtemp(prefix="profile-meta-", dir=directory)

@@ -106,7 +106,8 @@ def bump_costs() -> dict[str, float]:
     def exists() -> None:  # counting the hits of a batch and one bump
         counters.exists(flags.count(True), len(flags))
 
-    return {name: min(timeit.repeat(fn, number=100_000, repeat=5)) / 100_000 for name, fn in (("offload", offload), ("load", load), ("exists", exists))}
+    steps = (("offload", offload), ("load", load), ("exists", exists))
+    return {name: min(timeit.repeat(fn, number=100_000, repeat=5)) / 100_000 for name, fn in steps}
 
 
 def main() -> None:

@@ -68,7 +68,17 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket.replay import BeladyTier, LruTier, ReplayOptions, Trace, default_trace_path, parse_capacity, read_trace, replay, replay_tier, tier_requests  # noqa: E402
+from kvbucket.replay import (  # noqa: E402
+    BeladyTier,
+    LruTier,
+    ReplayOptions,
+    Trace,
+    default_trace_path,
+    parse_capacity,
+    read_trace,
+    replay_tier,
+    tier_requests,
+)
 from kvbucket.replay.engine_model import held_prefix  # noqa: E402
 from kvbucket.replay.run import open_store  # noqa: E402
 from kvbucket.replay.store_tier import KvBucketTier  # noqa: E402

@@ -159,7 +159,7 @@ def size_table(label: str, size: dict[str, Any]) -> list[str]:
     for name, m in size["summary"].items():
         lines.append(f"| {name} | {'yes' if name in DURABLE else 'no'} | {_cell(m.get('write'))} | {_x(m.get('write'))} "
                      f"| {_cell(m.get('read'))} | {_x(m.get('read'))} | {_cell(m.get('exists'), '{:,.0f}')} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def target_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -168,7 +168,7 @@ def target_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         met = "n/a" if r["met"] is None else ("**yes**" if r["met"] else "**no**")
         lines.append(f"| {r['target']} | {r['measured']} | {met} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def meta_tables(meta: dict[str, Any]) -> list[str]:
@@ -200,11 +200,11 @@ def meta_tables(meta: dict[str, Any]) -> list[str]:
 
 def text_tables(out: dict[str, Any]) -> str:
     """The tables as plain Markdown text (also printed at the end of a run)."""
-    lines: list[str] = ["## Targets", ""] + target_table(out["targets"])
+    lines: list[str] = ["## Targets", "", *target_table(out["targets"])]
     for label, size in out["sizes"].items():
         lines += size_table(label, size)
     if out.get("metadata"):
-        lines += ["## Metadata", ""] + meta_tables(out["metadata"])
+        lines += ["## Metadata", "", *meta_tables(out["metadata"])]
     return "\n".join(lines)
 
 

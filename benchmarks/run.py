@@ -30,10 +30,11 @@ import os
 import random
 import shlex
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,11 +44,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket import bench as kb  # noqa: E402
-
 import metadata  # noqa: E402
 import peers as peer_mod  # noqa: E402
 import report  # noqa: E402
+from kvbucket import bench as kb  # noqa: E402
 
 MiB = 1 << 20
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
@@ -106,15 +106,9 @@ def step_raw(ctx: Context, engine: str, mode: str) -> dict[str, float]:
     path = os.path.join(ctx.work, "raw.dat")
     try:
         kb.make_cold()
-        if engine == "fio":
-            w = kb.fio_write(path, ctx.wl, direct)
-        else:
-            w = kb.py_write(path, ctx.wl, ctx.source, direct)
+        w = kb.fio_write(path, ctx.wl, direct) if engine == "fio" else kb.py_write(path, ctx.wl, ctx.source, direct)
         kb.make_cold([path])
-        if engine == "fio":
-            r = kb.fio_read(path, ctx.wl, direct)
-        else:
-            r = kb.py_read(path, ctx.wl, ctx.dests, direct, ctx.pool)
+        r = kb.fio_read(path, ctx.wl, direct) if engine == "fio" else kb.py_read(path, ctx.wl, ctx.dests, direct, ctx.pool)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -180,13 +174,10 @@ def systems(with_kv: bool, fio: bool, peer_names: list[str]) -> list[tuple[str, 
     """Every (label, step) measured for one object size, in run order."""
     out: list[tuple[str, Callable[[Context], dict]]] = []
     for engine in (["fio"] if fio else []) + ["python"]:
-        for mode in ("buffered", "direct"):
-            out.append((f"raw {engine} {mode}", lambda c, e=engine, m=mode: step_raw(c, e, m)))
+        out.extend((f"raw {engine} {mode}", lambda c, e=engine, m=mode: step_raw(c, e, m)) for mode in ("buffered", "direct"))
     if with_kv:
-        for durability, mode in KV_VARIANTS:
-            out.append((f"kvbucket {durability} {mode}", lambda c, d=durability, m=mode: step_kv(c, d, m)))
-    for name in peer_names:
-        out.append((name, lambda c, n=name: step_peer(c, n)))
+        out.extend((f"kvbucket {durability} {mode}", lambda c, d=durability, m=mode: step_kv(c, d, m)) for durability, mode in KV_VARIANTS)
+    out.extend((name, lambda c, n=name: step_peer(c, n)) for name in peer_names)
     return out
 
 

@@ -141,7 +141,7 @@ class MooncakeDir:
     def mismatched_lists(self, bucket_id: int) -> None:
         """A meta with one key more than object metadatas."""
         b = self.buckets[bucket_id]
-        raw = bucket_metadata(b.data_size, b.keys + [b"default\x00extra"], b.objects)
+        raw = bucket_metadata(b.data_size, [*b.keys, b"default\x00extra"], b.objects)
         self.meta_path(bucket_id).write_bytes(raw)
 
     def truncate_data(self, bucket_id: int, length: int) -> None:

@@ -148,7 +148,7 @@ def test_context_manager_closes(store_dir: Path) -> None:
 
 
 def test_second_writer_in_the_same_process_is_told_so(store: BucketStore) -> None:
-    with pytest.raises(StoreLocked, match="this process already has a writer open on .*share that BucketStore") as caught:
+    with pytest.raises(StoreLocked, match=r"this process already has a writer open on .*share that BucketStore") as caught:
         BucketStore.open(store.path)
     assert "another" not in str(caught.value)
     store.close()

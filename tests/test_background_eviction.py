@@ -44,7 +44,8 @@ def test_a_store_opened_above_high_comes_down_at_open(store_dir: Path) -> None:
 
 def test_write_storm_stays_within_the_limit_and_ends_at_or_below_high(store_dir: Path) -> None:
     limit, size, writers, per_writer = 100_000, 1000, 4, 24  # 96 buckets: 0.96 of the limit without eviction
-    with BucketStore.open(store_dir, eviction_policy="lru", max_total_size=limit, total_keys_limit=100, eviction_high_watermark=0.9, eviction_low_watermark=0.7) as store:
+    limits = {"max_total_size": limit, "total_keys_limit": 100, "eviction_high_watermark": 0.9, "eviction_low_watermark": 0.7}
+    with BucketStore.open(store_dir, eviction_policy="lru", **limits) as store:
         start = threading.Barrier(writers)
         over: list[int] = []
         errors: list[BaseException] = []
@@ -57,7 +58,7 @@ def test_write_storm_stays_within_the_limit_and_ends_at_or_below_high(store_dir:
                     used = store.stats().logical_bytes
                     if used > limit:
                         over.append(used)
-            except BaseException as exc:  # reported below
+            except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
@@ -75,7 +76,8 @@ def test_write_storm_stays_within_the_limit_and_ends_at_or_below_high(store_dir:
 
 def test_every_limit_is_brought_down(store_dir: Path) -> None:
     # The keys limit is the one above high; the logical one is far below.
-    with BucketStore.open(store_dir, eviction_policy="fifo", max_total_size=10**9, total_keys_limit=20, eviction_high_watermark=0.9, eviction_low_watermark=0.5) as store:
+    limits = {"max_total_size": 10**9, "total_keys_limit": 20, "eviction_high_watermark": 0.9, "eviction_low_watermark": 0.5}
+    with BucketStore.open(store_dir, eviction_policy="fifo", **limits) as store:
         for i in range(19):
             put(store, f"k{i}", 10)
         assert store.wait_for_eviction(timeout=30)
@@ -83,7 +85,8 @@ def test_every_limit_is_brought_down(store_dir: Path) -> None:
 
 
 def test_physical_limit_is_brought_down(store_dir: Path) -> None:
-    with BucketStore.open(store_dir, eviction_policy="fifo", max_physical_bytes=400 * 1024, eviction_high_watermark=0.9, eviction_low_watermark=0.5) as store:
+    limits = {"max_physical_bytes": 400 * 1024, "eviction_high_watermark": 0.9, "eviction_low_watermark": 0.5}
+    with BucketStore.open(store_dir, eviction_policy="fifo", **limits) as store:
         for i in range(60):
             put(store, f"k{i}", 4096)
         assert store.wait_for_eviction(timeout=30)

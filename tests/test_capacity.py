@@ -88,7 +88,9 @@ def usage_of(store: BucketStore, kind: str) -> int:
 
 
 # -- policy strings --------------------------------------------------------------
-@pytest.mark.parametrize("text, policy", [("none", "none"), ("NONE", "none"), ("Fifo", "fifo"), ("FIFO", "fifo"), ("lru", "lru"), ("LrU", "lru"), ("2Q", "2q")])
+@pytest.mark.parametrize(
+    "text, policy", [("none", "none"), ("NONE", "none"), ("Fifo", "fifo"), ("FIFO", "fifo"), ("lru", "lru"), ("LrU", "lru"), ("2Q", "2q")]
+)
 def test_policy_is_parsed_case_insensitively(store_dir: Path, text: str, policy: str) -> None:
     assert BucketConfig(path=store_dir, eviction_policy=text).validated().eviction_policy == policy  # type: ignore[arg-type]
     with BucketStore.open(store_dir, eviction_policy=text, max_total_size=2000) as store:
@@ -451,7 +453,10 @@ def test_physical_limit_holds_when_the_lock_file_and_the_directory_grow(store_di
                 assert policy == "none"
                 break
             used = du(store_dir)
-            assert used <= limit, f"du {used} > max_physical_bytes {limit} after write {i} (LOCK {os.lstat(store_dir / 'LOCK').st_blocks * 512} bytes, directory {os.lstat(store_dir).st_blocks * 512})"
+            assert used <= limit, (
+                f"du {used} > max_physical_bytes {limit} after write {i} "
+                f"(LOCK {os.lstat(store_dir / 'LOCK').st_blocks * 512} bytes, directory {os.lstat(store_dir).st_blocks * 512})"
+            )
             if not removed and used > limit - 40_000:
                 store.remove(f"k{i}")  # deletes the newest bucket: the LOCK's mark is written
                 removed = True
@@ -553,7 +558,7 @@ def test_read_in_progress_on_a_victim_completes_with_correct_bytes(store_dir: Pa
         def reader() -> None:
             try:
                 result["value"] = store.batch_get(victim)[victim[0]]
-            except BaseException as exc:  # reported by the main thread
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 result["error"] = exc
 
         fs.arm()
@@ -571,7 +576,7 @@ def test_read_in_progress_on_a_victim_completes_with_correct_bytes(store_dir: Pa
         assert not thread.is_alive()
         assert "error" not in result, result.get("error")
         assert result["value"] == value_for(victim[0], 64 * KiB)
-        assert_readable(store, other + ["new/0"], 64 * KiB)
+        assert_readable(store, [*other, "new/0"], 64 * KiB)
 
 
 # -- evict_to_watermark -------------------------------------------------------------------
@@ -658,7 +663,7 @@ def test_watermark_failing_on_evict_changes_nothing(store_dir: Path) -> None:
         assert state(store) == before
         # the LRU order is undisturbed: b0 was read last, so b1..b5 go
         assert store.evict_to_watermark(high=0.9, low=0.5) == [k for keys in b[1:6] for k in keys]
-        assert_readable(store, [k for keys in [b[0]] + b[6:] for k in keys], 1000)
+        assert_readable(store, [k for keys in [b[0], *b[6:]] for k in keys], 1000)
 
 
 @pytest.mark.parametrize("high, low", [(0.5, 0.6), (0.0, 0.0), (1.5, 0.5), (0.9, -0.1)])
@@ -903,7 +908,8 @@ def test_physical_scope_store_counts_only_the_store_files(store_dir: Path) -> No
 @pytest.mark.parametrize("scope", ["directory", "store", "STORE"])
 def test_physical_scope_from_every_source(store_dir: Path, tmp_path: Path, scope: str) -> None:
     assert BucketConfig(path=store_dir, physical_scope=scope).validated().physical_scope == scope.lower()  # type: ignore[arg-type]
-    assert BucketConfig.from_env({"KVBUCKET_PATH": os.fspath(store_dir), "KVBUCKET_PHYSICAL_SCOPE": scope}).validated().physical_scope == scope.lower()
+    config = BucketConfig.from_env({"KVBUCKET_PATH": os.fspath(store_dir), "KVBUCKET_PHYSICAL_SCOPE": scope})
+    assert config.validated().physical_scope == scope.lower()
     toml = tmp_path / "kv.toml"
     toml.write_text(f'path = "{store_dir}"\nphysical_scope = "{scope}"\n')
     assert BucketConfig.from_file(toml).validated().physical_scope == scope.lower()

@@ -277,7 +277,7 @@ def test_keys_with_nul_and_backslash_round_trip_through_ls_and_get(tmp_path: Pat
     assert printed == ["caf\u00e9\\u200b", "tenant\\x00page\\\\1"]
     assert kvbucket("get", path, "-e", "tenant\\x00page\\\\1").stdout == b"nul"
     assert kvbucket("get", path, "--escaped", "caf\u00e9\\u200b").stdout == b"zwsp"
-    code, listing = run_json("ls", path)
+    _code, listing = run_json("ls", path)
     assert sorted(o["key"] for o in listing["objects"]) == ["caf\u00e9\u200b", "tenant\x00page\\1"]
 
 

@@ -76,11 +76,12 @@ def test_reads_stay_correct_under_writes_and_deletes(store_dir: Path) -> None:
     def guarded(target, *args) -> None:  # type: ignore[no-untyped-def]
         try:
             target(*args)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=guarded, args=(f, *a)) for f, a in [(writer, ()), (deleter, ()), (reader, (1,)), (reader, (2,)), (reader, (3,))]]
+    jobs = [(writer, ()), (deleter, ()), (reader, (1,)), (reader, (2,)), (reader, (3,))]
+    threads = [threading.Thread(target=guarded, args=(f, *a)) for f, a in jobs]
     for t in threads:
         t.start()
     for t in threads:
@@ -160,7 +161,7 @@ def test_readers_and_a_refresher_on_a_readonly_store(store_dir: Path) -> None:
     def guarded(target, *args) -> None:  # type: ignore[no-untyped-def]
         try:
             target(*args)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
         finally:
             if target is refresher or errors:
@@ -212,7 +213,7 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
     def load() -> None:
         try:
             store.batch_load(buffers)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
     def close() -> None:

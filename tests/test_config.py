@@ -59,7 +59,12 @@ def test_kvbucket_names_win_and_overrides_win_over_both() -> None:
 
 @pytest.mark.parametrize(
     "variable, text",
-    [("KVBUCKET_BUCKET_KEYS_LIMIT", "many"), ("MOONCAKE_OFFLOAD_BUCKET_SIZE_LIMIT_BYTES", "1.5G"), ("KVBUCKET_QUARANTINE", "perhaps"), ("KVBUCKET_EVICTION_HIGH_WATERMARK", "high")],
+    [
+        ("KVBUCKET_BUCKET_KEYS_LIMIT", "many"),
+        ("MOONCAKE_OFFLOAD_BUCKET_SIZE_LIMIT_BYTES", "1.5G"),
+        ("KVBUCKET_QUARANTINE", "perhaps"),
+        ("KVBUCKET_EVICTION_HIGH_WATERMARK", "high"),
+    ],
 )
 def test_malformed_env_names_the_variable(variable: str, text: str) -> None:
     with pytest.raises(InvalidArgument, match=variable):
@@ -144,7 +149,9 @@ def test_open_takes_sizes_with_units(tmp_path: Path) -> None:
         assert store.stats().max_physical_bytes == 200 << 30
 
 
-@pytest.mark.parametrize("fields", [{"bucket_size_limit": True}, {"max_total_size": 1.5}, {"bucket_keys_limit": "1k"}, {"group_max_delay_s": float("inf")}])
+@pytest.mark.parametrize(
+    "fields", [{"bucket_size_limit": True}, {"max_total_size": 1.5}, {"bucket_keys_limit": "1k"}, {"group_max_delay_s": float("inf")}]
+)
 def test_values_that_only_look_like_numbers_are_refused(fields: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument, match=next(iter(fields))):
         BucketConfig(path="/x", **fields).validated()  # type: ignore[arg-type]

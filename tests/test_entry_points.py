@@ -58,10 +58,9 @@ def test_demo_keeps_a_directory_it_was_given(tmp_path: Path, without_numpy: str)
 
 def test_demo_folder_is_removed_when_the_run_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tempfile.tempdir", os.fspath(tmp_path))
-    with pytest.raises(RuntimeError, match="step failed"):
-        with demo_directory(None) as directory:
-            Path(directory, "1.bucket").write_bytes(b"x" * 4096)
-            raise RuntimeError("step failed")
+    with pytest.raises(RuntimeError, match="step failed"), demo_directory(None) as directory:
+        Path(directory, "1.bucket").write_bytes(b"x" * 4096)
+        raise RuntimeError("step failed")
     assert os.listdir(tmp_path) == []
     with demo_directory(os.fspath(tmp_path / "given")) as directory:
         os.mkdir(directory)

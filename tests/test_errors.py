@@ -105,7 +105,10 @@ def test_bad_input_raises_typed_error_and_changes_nothing(filled: BucketStore, c
 
 
 def test_error_hierarchy() -> None:
-    for error in (KeyNotFound, KeyExists, SizeMismatch, CapacityExceeded, CorruptionError, StoreLocked, StoreClosed, InvalidArgument, ReadOnlyStore, StorageIOError):
+    for error in (
+        KeyNotFound, KeyExists, SizeMismatch, CapacityExceeded, CorruptionError,
+        StoreLocked, StoreClosed, InvalidArgument, ReadOnlyStore, StorageIOError,
+    ):
         assert issubclass(error, KvBucketError)
     assert issubclass(KeyNotFound, KeyError)
     assert issubclass(InvalidArgument, ValueError)
@@ -177,7 +180,10 @@ def test_every_error_class_is_exported_from_kvbucket() -> None:
     import kvbucket
     from kvbucket import errors
 
-    classes = {name for name, value in vars(errors).items() if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == errors.__name__}
+    classes = {
+        name for name, value in vars(errors).items()
+        if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == errors.__name__
+    }
     assert classes == set(errors.__all__)
     for name in classes:
         assert getattr(kvbucket, name) is getattr(errors, name)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from storeutil import value_for
 
 from kvbucket import BucketConfig, BucketStore
 from kvbucket.eviction import MAIN, POLICIES, PROBATION, EvictionPolicy, Limits, TwoQueue, Usage, make_policy
 from kvbucket.index import Bucket
+from storeutil import value_for
 
 SIZE = 100
 

@@ -81,7 +81,7 @@ def test_layouts() -> None:
         ("x.bucket", None),
         ("1.BUCKET", None),
         ("LOCK", None),
-        ("１.meta", None),
+        ("１.meta", None),  # noqa: RUF001 - a fullwidth digit is not a bucket id
         ("7.bucket\n", None),
     ],
 )

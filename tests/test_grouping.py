@@ -275,9 +275,7 @@ def test_grouper_properties(calls: list[Any], size_limit: int, keys_limit: int, 
         clock.advance(advance)
         stored.update(newly_stored)
         before = set(grouper.pending())
-        for key, size in sizes.items():
-            if key not in before and key not in stored:
-                offered[key] = size
+        offered.update({key: size for key, size in sizes.items() if key not in before and key not in stored})
         groups = grouper.add(sizes, stored.__contains__, flush)
         after = grouper.pending()
         flat = [k for g in groups for k in g]

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kvbucket.errors import InvalidArgument, StoreLocked
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
 from storeutil import FailingStore
-
-from kvbucket.errors import InvalidArgument, StoreLocked
 
 CHUNK = 64 * 1024
 

@@ -10,10 +10,6 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from standins import lmcache_standin as lm
-from standins import sglang_standin as sg
-from standins import vllm_standin as vs
-from test_cli import kvbucket
 
 from kvbucket import BucketStore, OffloadQueue
 from kvbucket.errors import CapacityExceeded, CorruptionError, InvalidArgument, KeyNotFound, StorageIOError
@@ -21,6 +17,10 @@ from kvbucket.format import data_name, meta_name
 from kvbucket.integrations import vllm as tier_module
 from kvbucket.integrations._common import metrics_endpoint
 from kvbucket.metrics import exposition, serve_metrics
+from standins import lmcache_standin as lm
+from standins import sglang_standin as sg
+from standins import vllm_standin as vs
+from test_cli import kvbucket
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

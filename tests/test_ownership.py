@@ -15,8 +15,8 @@ import pytest
 from kvbucket import BucketStore
 from kvbucket.errors import CapacityExceeded, ForeignDirectory, ForeignEntry, MooncakeDirectory
 from kvbucket.format import MAX_BUCKET_ID
-from kvbucket.lockfile import StoreLock
 from kvbucket.fs import FileSystem
+from kvbucket.lockfile import StoreLock
 from mooncake_writer import MooncakeDir, tree_digest
 from storeutil import snapshot
 
@@ -217,9 +217,8 @@ def test_a_huge_high_water_mark_in_lock_does_not_brick_the_store(store_dir: Path
 def test_ids_used_up_raise_a_typed_error(store_dir: Path) -> None:
     store_dir.mkdir()
     (store_dir / f"{MAX_BUCKET_ID}.bucket").mkdir()  # the largest id that is ours
-    with BucketStore.open(store_dir) as store:
-        with pytest.raises(CapacityExceeded, match="highest ids"):
-            store.batch_offload({"a": b"1"})
+    with BucketStore.open(store_dir) as store, pytest.raises(CapacityExceeded, match="highest ids"):
+        store.batch_offload({"a": b"1"})
 
 
 # -- the identity survives a power cut in relaxed durability ------------------------------

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storeutil import value_for
 
 from kvbucket import BucketStore
 from kvbucket.errors import CapacityExceeded, InvalidArgument, KvBucketError, SizeMismatch, StoreClosed
 from kvbucket.format import FileKind, parse_name
 from kvbucket.fs import FileSystem
 from kvbucket.pipeline import OffloadQueue
+from storeutil import value_for
 
 SIZE = 4096
 
@@ -136,11 +136,10 @@ def test_full_buckets_are_written_without_flush(store: BucketStore) -> None:
 
 
 def test_partial_bucket_is_written_after_the_delay(tmp_path: Path) -> None:
-    with BucketStore.open(tmp_path / "s", durability="relaxed", group_max_delay_s=0.01) as store:
-        with OffloadQueue(store) as queue:
-            future = queue.put("lonely", value_for("lonely", SIZE))
-            assert future.result(timeout=60) is None  # no flush: the deadline wrote it
-            assert store.exists("lonely")
+    with BucketStore.open(tmp_path / "s", durability="relaxed", group_max_delay_s=0.01) as store, OffloadQueue(store) as queue:
+        future = queue.put("lonely", value_for("lonely", SIZE))
+        assert future.result(timeout=60) is None  # no flush: the deadline wrote it
+        assert store.exists("lonely")
 
 
 def test_many_producers_every_key_stored_once(store: BucketStore) -> None:

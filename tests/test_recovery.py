@@ -12,8 +12,8 @@ from kvbucket import BucketStore
 from kvbucket.checksum import crc32c
 from kvbucket.errors import InvalidArgument
 from kvbucket.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
-from kvbucket.lockfile import StoreLock
 from kvbucket.fs import FileSystem
+from kvbucket.lockfile import StoreLock
 from kvbucket.recovery import scan_directory
 from storeutil import our_files, snapshot, value_for
 
@@ -88,7 +88,7 @@ def test_foreign_files_are_never_touched(store_dir: Path) -> None:
     (store_dir / "8.meta").symlink_to(store_dir / "notes.txt")
     before = {k: v for k, v in snapshot(store_dir).items() if not k[0].isdigit() or k.startswith(("05", "99", "7.", "8."))}
     with reopen(store_dir) as store:
-        assert sorted(store.recovery_report.foreign_files) == sorted(foreign + ["7.bucket", "8.meta"])
+        assert sorted(store.recovery_report.foreign_files) == sorted([*foreign, "7.bucket", "8.meta"])
         assert store.recovery_report.removed_files == []
     after = snapshot(store_dir)
     assert all(after.get(name) == digest for name, digest in before.items())

@@ -3,6 +3,7 @@ accounting, compaction, and eviction's preference for dead space."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,8 @@ def bucket_files_bytes(directory: Path, bucket_id: int) -> int:
     """Allocated bytes of one bucket's two files (0 for a missing file)."""
     total = 0
     for name in (f"{bucket_id}.bucket", f"{bucket_id}.meta"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             total += os.lstat(directory / name).st_blocks * 512
-        except FileNotFoundError:
-            pass
     return total
 
 
@@ -66,7 +65,7 @@ def test_remove_unknown_key_raises_key_not_found(store: BucketStore) -> None:
 
 def test_batch_remove_reports_false_for_unknown_keys(store: BucketStore) -> None:
     _, a = put(store, "a", [10, 20, 30])
-    _, b = put(store, "b", [40])
+    put(store, "b", [40])
     assert store.batch_remove(["a/1", "ghost", "b/0", "a/1-not", "zzz"]) == [True, False, True, False, False]
     assert store.batch_exists(["a/0", "a/1", "a/2", "b/0"]) == [True, False, True, False]
     assert store.batch_remove([]) == []
@@ -96,7 +95,7 @@ def test_removed_keys_stay_removed_after_reopen(store_dir: Path, durability: str
     with BucketStore.open(store_dir, durability=durability) as store:
         _, a = put(store, "a", [100, 200, 300, 400])
         _, b = put(store, "b", [500, 600])
-        _, c = put(store, "c", [700])
+        put(store, "c", [700])
         store.remove("a/1")
         assert store.batch_remove(["a/3", "b/0", "c/0"]) == [True, True, True]
         expected = {"a/0": a["a/0"], "a/2": a["a/2"], "b/1": b["b/1"]}
@@ -179,7 +178,9 @@ def test_compaction_keeps_every_live_object_byte_exact(store_dir: Path, io_mode:
         untouched, d = put(store, "d", [3 * KiB, 33])
         store.batch_remove(["a/0", "a/1", "a/2", "b/0", "c/0"])
         expected = {k: v for k, v in {**a, **b, **c, **d}.items() if k not in ("a/0", "a/1", "a/2", "b/0", "c/0")}
-        kept_files = {name: (store_dir / name).read_bytes() for name in os.listdir(store_dir) if name.split(".")[0] in (str(little_dead), str(untouched))}
+        kept_files = {
+            name: (store_dir / name).read_bytes() for name in os.listdir(store_dir) if name.split(".")[0] in (str(little_dead), str(untouched))
+        }
         old_bytes = bucket_files_bytes(store_dir, mostly_dead) + bucket_files_bytes(store_dir, half_dead)
         dead_c = store.stats().dead_bytes - footprint(8 * KiB, io_mode) * 3 - footprint(6 * KiB + 1, io_mode)
         ids_before = set(store.bucket_ids())

@@ -349,8 +349,11 @@ def test_replay_command_reports_json(tmp_path: Path) -> None:
 
 def test_replay_command_takes_the_eviction_policy(tmp_path: Path) -> None:
     path = tmp_path / "trace.jsonl"
-    path.write_text("".join(json.dumps({"timestamp": i, "input_length": 1, "output_length": 1, "hash_ids": [i % 5, 100 + i]}) + "\n" for i in range(600)))
-    runs = {policy: kvbucket("replay", path, "--capacity-blocks", "520", "--simulate", "--eviction-policy", policy, "--json") for policy in ("2q", "FIFO")}
+    requests = (json.dumps({"timestamp": i, "input_length": 1, "output_length": 1, "hash_ids": [i % 5, 100 + i]}) for i in range(600))
+    path.write_text("".join(request + "\n" for request in requests))
+    runs = {
+        policy: kvbucket("replay", path, "--capacity-blocks", "520", "--simulate", "--eviction-policy", policy, "--json") for policy in ("2q", "FIFO")
+    }
     reports = {policy: json.loads(proc.stdout) for policy, proc in runs.items() if proc.returncode == 0}
     assert [report["eviction_policy"] for report in reports.values()] == ["2q", "fifo"]
     hits = {policy: report["capacities"][0]["kvbucket"]["hits"] for policy, report in reports.items()}

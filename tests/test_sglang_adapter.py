@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from standins import sglang_standin as sg
-from storeutil import FailingStore
 
 from kvbucket.errors import InvalidArgument
+from standins import sglang_standin as sg
+from storeutil import FailingStore
 
 HASHES = [f"{i:064x}" for i in range(1, 9)]
 
@@ -273,7 +273,9 @@ def test_batch_exists_leases_the_found_prefix_until_it_is_loaded(opened: list[An
 
 
 def test_watermark_settings_reach_the_store(opened: list[Any], tmp_path: Path) -> None:
-    config = sg.make_config(tmp_path, max_size="3M", eviction_high_watermark="0.7", eviction_low_watermark=0.4, background_eviction="off", lookup_lease_s=2)
+    config = sg.make_config(
+        tmp_path, max_size="3M", eviction_high_watermark="0.7", eviction_low_watermark=0.4, background_eviction="off", lookup_lease_s=2
+    )
     backend = attach(opened, config, sg.FakeHostPool())
     store_config = backend._store.config
     assert (store_config.eviction_high_watermark, store_config.eviction_low_watermark) == (0.7, 0.4)

@@ -149,7 +149,7 @@ def test_soak(tmp_path: Path) -> None:
             try:
                 while running():
                     body(rng)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - surfaced by the main thread
                 errors.append(exc)
                 stop.set()
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from standins import vllm_standin as vs
 
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
 from kvbucket.integrations import vllm as tier_module
+from standins import vllm_standin as vs
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16
@@ -140,7 +140,7 @@ def test_two_ranks_side_by_side(tmp_path: Path) -> None:
     try:
         keys = [vs.key(i) for i in range(4)]  # the same block hashes on both ranks
         expected = [fill_random(memories[rank], range(0, 4), seed=10 + rank) for rank in range(2)]
-        for rank, tier in enumerate(tiers):
+        for tier in tiers:
             tier.submit_store(vs.make_job(1, keys, [0, 1, 2, 3]))
         assert [[r.success for r in vs.drain(tier)] for tier in tiers] == [[True], [True]]
         for rank, tier in enumerate(tiers):

@@ -10,8 +10,8 @@ from . import errors as _errors
 from .config import BucketConfig
 from .errors import *  # noqa: F403 - every public error, so `from kvbucket import KeyNotFound` works
 from .index import ObjectMeta
-from .recovery import RecoveryReport
 from .pipeline import OffloadQueue
+from .recovery import RecoveryReport
 from .store import BucketStore, StoreStats
 
 __all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", *_errors.__all__]

@@ -35,22 +35,17 @@ def lookup_keys(keys: object, method: str) -> Sequence[str]:
     """``keys`` as a list or tuple of ``str`` (the hot path of ``batch_exists``
     and ``batch_query``: one pass over the key types at C speed; a key is
     checked one by one only when some key is not exactly a ``str``)."""
-    _check_collection(keys, method)
-    if not isinstance(keys, (list, tuple)):
-        keys = list(keys)  # type: ignore[call-overload]
-    if set(map(type, keys)) - {str}:
-        for key in keys:
+    collection = _check_collection(keys, method)
+    checked = collection if isinstance(collection, (list, tuple)) else list(collection)
+    if set(map(type, checked)) - {str}:
+        for key in checked:
             check_lookup_key(key)
-    return keys  # type: ignore[return-value]
+    return checked  # type: ignore[return-value]  # every key is a str: checked above
 
 
 def key_list(keys: object, method: str) -> list[str]:
     """``keys`` as a list, each one passing :func:`~kvbucket.format.check_key`."""
-    _check_collection(keys, method)
-    checked = list(keys)  # type: ignore[call-overload]
-    for key in checked:
-        check_key(key)
-    return checked
+    return [check_key(key) for key in _check_collection(keys, method)]
 
 
 def key_mapping(mapping: object, method: str) -> Mapping[str, Any]:
@@ -76,8 +71,10 @@ def key_value_pairs(objects: object, method: str) -> Iterator[tuple[Any, Any]]:
         yield item
 
 
-def _check_collection(keys: object, method: str) -> None:
+def _check_collection(keys: object, method: str) -> Iterable[object]:
+    """``keys``, once it is a collection of keys (not one key)."""
     if isinstance(keys, _ONE_VALUE):
         raise InvalidArgument(f"{method} takes a collection of keys, not one {type(keys).__name__} ({keys!r:.60}); pass [key]")
     if not isinstance(keys, Iterable):
         raise InvalidArgument(f"{method} takes a collection (for example a list) of str keys; got {type(keys).__name__} {keys!r:.60}")
+    return keys

@@ -198,7 +198,7 @@ def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     """``median(a) / median(b)``, or None when either is missing."""
     if not a or not b or not a.get("median") or not b.get("median"):
         return None
-    return a["median"] / b["median"]
+    return float(a["median"] / b["median"])
 
 
 def mib_s(nbytes: int, seconds: float) -> float:
@@ -272,7 +272,8 @@ def _fio(args: list[str]) -> dict[str, Any]:
     if out.returncode != 0:
         raise RuntimeError(f"fio failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr.strip()}")
     text = out.stdout[out.stdout.find("{") :]
-    return json.loads(text)["jobs"][0]
+    job: dict[str, Any] = json.loads(text)["jobs"][0]
+    return job
 
 
 def fio_write_args(path: str, wl: Workload, direct: bool) -> list[str]:
@@ -317,13 +318,13 @@ def fio_read_args(path: str, wl: Workload, direct: bool) -> list[str]:
 def fio_write(path: str, wl: Workload, direct: bool) -> float:
     """Raw sequential write by fio; returns MiB/s (fio's own runtime, syncs included)."""
     job = _fio(fio_write_args(path, wl, direct))["write"]
-    return job["io_bytes"] / MiB / max(job["runtime"] / 1000.0, 1e-9)
+    return float(job["io_bytes"] / MiB / max(job["runtime"] / 1000.0, 1e-9))
 
 
 def fio_read(path: str, wl: Workload, direct: bool) -> float:
     """Raw random read by fio of the file ``path``; returns MiB/s."""
     job = _fio(fio_read_args(path, wl, direct))["read"]
-    return job["io_bytes"] / MiB / max(job["runtime"] / 1000.0, 1e-9)
+    return float(job["io_bytes"] / MiB / max(job["runtime"] / 1000.0, 1e-9))
 
 
 # --------------------------------------------------------------------------
@@ -635,10 +636,10 @@ def _result(wl: Workload, modes: list[str], engine: str, fio: str | None, cold: 
 def _version() -> str:
     """The installed kvbucket version, or ``"dev"``."""
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         return version("kvbucket")
-    except Exception:  # not installed (running from a checkout)
+    except PackageNotFoundError:  # not installed (running from a checkout)
         return "dev"
 
 

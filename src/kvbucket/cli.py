@@ -30,6 +30,7 @@ Conventions (the contract operators script against):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -77,8 +78,8 @@ class Failure(Exception):
 def _configure_logging(ctx: click.Context, _param: click.Parameter, count: int) -> None:
     """``-v`` = INFO, ``-vv`` = DEBUG, to stderr; otherwise kvbucket logs nothing."""
     logger = logging.getLogger("kvbucket")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
     if not count:
         count = ctx.meta.get("kvbucket.verbosity", 0)
     ctx.meta["kvbucket.verbosity"] = count
@@ -172,7 +173,7 @@ def _emit(as_json: bool, payload: Any, text: Callable[[], str]) -> None:
         click.echo(text())
 
 
-def _bar(as_json: bool, **kwargs: Any) -> tqdm:
+def _bar(as_json: bool, **kwargs: Any) -> tqdm[Any]:
     """A progress bar on stderr; disabled with ``--json`` or when stderr is not a terminal."""
     return tqdm(file=sys.stderr, disable=as_json or not sys.stderr.isatty(), leave=False, **kwargs)
 
@@ -332,10 +333,10 @@ def _plain(obj: Any) -> Any:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         return version("kvbucket")
-    except Exception:  # running from a checkout
+    except PackageNotFoundError:  # running from a checkout
         return "dev"
 
 
@@ -559,10 +560,8 @@ def _mooncake_stats(path: Path, as_json: bool) -> dict[str, Any]:
     physical = 0
     for bucket in scan.buckets:
         for identity in (bucket.data, bucket.meta_file):
-            try:
+            with contextlib.suppress(OSError):
                 physical += os.lstat(path / identity.name).st_blocks * 512
-            except OSError:
-                pass
     return {
         "path": os.fspath(path),
         "format": "mooncake",
@@ -634,7 +633,8 @@ def _mooncake_rows(path: Path, bucket_id: int | None) -> Iterator[dict[str, Any]
 @click.argument("directory")
 @click.argument("key")
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write the value to this file instead of stdout ('-': stdout)."
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    help="Write the value to this file instead of stdout ('-': stdout)."
 )
 @click.option("-e", "--escaped", is_flag=True, help="KEY uses ls's escapes (\\\\, \\xNN, \\uNNNN).")
 @_format_option
@@ -758,12 +758,13 @@ def _import_text(report: mooncake.ImportReport) -> str:
     ]
     if report.skipped_buckets:
         lines.append(f"skipped {len(report.skipped_buckets)} broken source bucket(s):")
-        for f in report.skipped_buckets:
-            lines.append(f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {mooncake.PROBLEM_KINDS[f.kind]}: {f.detail}")
+        lines.extend(
+            f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {mooncake.PROBLEM_KINDS[f.kind]}: {f.detail}"
+            for f in report.skipped_buckets
+        )
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)} object(s):")
-        for s in report.skipped:
-            lines.append(f"  {escape_key(s.key)!r} (bucket {s.bucket}): {s.reason}")
+        lines.extend(f"  {escape_key(s.key)!r} (bucket {s.bucket}): {s.reason}" for s in report.skipped)
     lines.append("complete." if report.complete else "incomplete: see the skipped entries above.")
     return "\n".join(lines)
 

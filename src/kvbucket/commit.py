@@ -17,6 +17,7 @@ Every function here cleans up what it created when it fails, then re-raises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from array import array
@@ -39,7 +40,7 @@ def write_bucket(
     *,
     direct: bool,
     durable: bool,
-    checksums: Callable[[], array] | None = None,
+    checksums: Callable[[], array[int]] | None = None,
 ) -> int:
     """Write a new bucket's data file and meta; return their allocated bytes.
 
@@ -103,10 +104,8 @@ def delete_bucket_files(fs: FileSystem, directory: str, bucket_id: int, *, durab
 
 def unlink_if_present(fs: FileSystem, path: str) -> None:
     """Unlink ``path``; a file that is already gone is fine."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _discard(fs: FileSystem, directory: str, bucket_id: int) -> None:

@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -171,10 +172,10 @@ class BucketConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> BucketConfig:
         """Read a TOML file whose top-level keys (or ``[kvbucket]`` table) are field names."""
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        else:
+            import tomli as tomllib
         try:
             with open(path, "rb") as f:
                 document = tomllib.load(f)

@@ -15,6 +15,7 @@ copy into one staging buffer with the write of the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Sequence
@@ -151,10 +152,8 @@ class _DirectWriter:
     def abort(self) -> None:
         """After an error: wait for a write still in flight (the caller closes
         the descriptor next); the error already propagating wins over its."""
-        try:
+        with contextlib.suppress(BaseException):
             self._wait()
-        except BaseException:
-            pass
 
     def release(self) -> None:
         """Stop the write thread and give the staging buffers back."""
@@ -383,7 +382,7 @@ class _DirectReader:
                 position, view, address = staged[i]
                 lo, hi = max(position, begin), min(position + len(view), end)
                 if hi > lo:
-                    source = stage_offset + lo - begin  # type: ignore[union-attr]
+                    source = stage_offset + lo - begin
                     copy_out(
                         view[lo - position :],
                         None if address is None else address + lo - position,

@@ -182,7 +182,9 @@ def run(directory: str, page: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m kvbucket.demo``."""
     parser = argparse.ArgumentParser(prog="python -m kvbucket.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("directory", nargs="?", help="store directory, kept afterwards (default: a new folder under the temp dir, removed afterwards)")
+    parser.add_argument(
+        "directory", nargs="?", help="store directory, kept afterwards (default: a new folder under the temp dir, removed afterwards)"
+    )
     parser.add_argument("--page-kib", type=int, default=DEFAULT_PAGE_KIB, help="KV page size in KiB (default: %(default)s)")
     parser.add_argument("--writer", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ class BackgroundEvictor:
                 first = True
                 while not self._stopping and self._step(first):
                     first = False
-            except Exception as exc:  # reported, not lost; the next wake-up retries
+            except Exception as exc:  # noqa: BLE001 - reported, not lost; the next wake-up retries
                 self._on_error(exc)
             finally:
                 with self._changed:

@@ -109,21 +109,22 @@ def parse_name(name: str) -> tuple[int, FileKind] | None:
     return bucket_id, _KIND_BY_SUFFIX[match.group(2)]
 
 
-def check_key(key: object) -> None:
-    """Raise :class:`InvalidArgument` unless ``key`` is a non-empty ``str`` of
-    at most :data:`MAX_KEY_BYTES` UTF-8 bytes (any character, NUL included)."""
+def check_key(key: object) -> str:
+    """``key``, once it is a non-empty ``str`` of at most :data:`MAX_KEY_BYTES`
+    UTF-8 bytes (any character, NUL included); else :class:`InvalidArgument`."""
     if not isinstance(key, str):
         raise InvalidArgument(f"keys must be str; got {type(key).__name__} {key!r}")
     if not key:
         raise InvalidArgument("keys must be non-empty")
     if key.isascii() and len(key) <= MAX_KEY_BYTES:
-        return
+        return key
     try:
         encoded = len(key.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise InvalidArgument(f"key {key[:40]!r} is not valid UTF-8 text") from exc
     if encoded > MAX_KEY_BYTES:
         raise InvalidArgument(f"key {key[:40]!r}... is {encoded} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
+    return key
 
 
 def data_name(bucket_id: int) -> str:
@@ -178,7 +179,7 @@ class BucketMeta:
 
     @classmethod
     def from_columns(
-        cls, bucket_id: int, data_length: int, aligned: bool, keys: list[str], offsets: array, sizes: array, crcs: array
+        cls, bucket_id: int, data_length: int, aligned: bool, keys: list[str], offsets: array[int], sizes: array[int], crcs: array[int]
     ) -> BucketMeta:
         meta = cls(bucket_id, data_length, aligned)
         meta.keys, meta.offsets, meta.sizes, meta.crcs = keys, offsets, sizes, crcs
@@ -305,10 +306,7 @@ def _check_layout(meta: BucketMeta) -> None:
     if not meta.keys:
         return
     offsets, sizes = meta.offsets, meta.sizes
-    if meta.aligned:
-        ends = [offset + footprint(size, True) for offset, size in zip(offsets, sizes)]
-    else:
-        ends = list(map(add, offsets, sizes))
+    ends = [offset + footprint(size, True) for offset, size in zip(offsets, sizes)] if meta.aligned else list(map(add, offsets, sizes))
     if ends[-1] > meta.data_length or not all(map(le, ends, offsets[1:])):
         raise CorruptionError(
             f"meta of bucket {meta.bucket_id} has objects out of order, overlapping or past the end of its data file"
@@ -317,7 +315,7 @@ def _check_layout(meta: BucketMeta) -> None:
         raise CorruptionError(f"meta of bucket {meta.bucket_id} lists a key twice")
 
 
-def _split_keys(blob: bytes, lengths: array, bucket_id: int) -> list[str]:
+def _split_keys(blob: bytes, lengths: array[int], bucket_id: int) -> list[str]:
     """Cut the key blob at the recorded byte lengths."""
     if not lengths:
         if blob:
@@ -338,7 +336,7 @@ def _split_keys(blob: bytes, lengths: array, bucket_id: int) -> list[str]:
         raise CorruptionError(f"meta of bucket {bucket_id} has a key that is not UTF-8") from exc
 
 
-def _le(column: array) -> bytes:
+def _le(column: array[int]) -> bytes:
     """A column's bytes in little-endian order."""
     if not _BIG_ENDIAN:
         return column.tobytes()

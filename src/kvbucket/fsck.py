@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import mooncake
@@ -106,7 +107,7 @@ class ProgressBar(Protocol):
 
     def __enter__(self) -> ProgressBar: ...
 
-    def __exit__(self, *exc_info: object) -> object: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /) -> object: ...
 
     def update(self, n: int = 1) -> object: ...
 

@@ -75,7 +75,7 @@ class OffloadGrouper:
         """Cut ``{key: size}`` into buckets on its own, the partial rest
         included, leaving the pool alone; stored keys are dropped."""
         groups, rest = cut_buckets({k: s for k, s in sizes.items() if not is_stored(k)}, self._size_limit, self._keys_limit)
-        return groups + [rest] if rest else groups
+        return [*groups, rest] if rest else groups
 
     def _fill(self) -> list[list[str]]:
         """Cut full buckets off the front of the pool; keep the partial rest."""

@@ -134,7 +134,12 @@ class Index:
             self.drop_keys(moved)
         self.buckets[bucket.bucket_id] = bucket
         slots = self._allocate(len(keys))
-        columns = ((self._bucket, array("q", [bucket.bucket_id]) * len(keys)), (self._offset, meta.offsets), (self._size, meta.sizes), (self._crc, meta.crcs))
+        columns = (
+            (self._bucket, array("q", [bucket.bucket_id]) * len(keys)),
+            (self._offset, meta.offsets),
+            (self._size, meta.sizes),
+            (self._crc, meta.crcs),
+        )
         for column, values in columns:
             if isinstance(slots, range):  # fresh slots are contiguous: one slice assignment
                 column[slots.start : slots.stop] = values

@@ -231,7 +231,8 @@ def _slot_value(raw: bytes) -> int | None:
     the range ids are handed out from."""
     if len(raw) != _SLOT.size:
         return None
-    magic, value, stored_crc = _SLOT.unpack(raw)
+    slot: tuple[bytes, int, int] = _SLOT.unpack(raw)
+    magic, value, stored_crc = slot
     if magic != _MAGIC or crc32c(raw[:-4]) != stored_crc or value > MAX_BUCKET_ID:
         return None
     return value

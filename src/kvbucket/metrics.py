@@ -89,7 +89,9 @@ def _io_families(label: str, counters: Any) -> Iterator[Metric]:
     yield _counter("kvbucket_written_objects", "Objects committed (offloads and compaction).", label, counters.written_objects)
     yield _counter("kvbucket_written_bytes", "Value bytes committed (offloads and compaction).", label, counters.written_bytes)
     yield _histogram("kvbucket_read_latency_seconds", "Seconds per successful batch_load/batch_get call.", label, counters.read_latency)
-    yield _histogram("kvbucket_write_latency_seconds", "Seconds per committed batch_offload call, lock wait and eviction included.", label, counters.write_latency)
+    yield _histogram(
+        "kvbucket_write_latency_seconds", "Seconds per committed batch_offload call, lock wait and eviction included.", label, counters.write_latency
+    )
     yield _counter("kvbucket_checksum_failures", "Objects whose bytes failed their CRC32C on read (not returned).", label, counters.checksum_failures)
     yield _counter("kvbucket_truncated_reads", "Objects whose data file ended before the object (not returned).", label, counters.truncated_reads)
 
@@ -108,7 +110,9 @@ def _usage_families(label: str, stats: Any) -> Iterator[Metric]:
     yield _gauge("kvbucket_usage_ratio", "The highest usage relative to its limit (0 when unlimited).", label, stats.usage_ratio)
     yield _gauge("kvbucket_buckets", "Buckets in the store.", label, stats.buckets)
     yield _gauge("kvbucket_dead_bytes", "Bytes of data files no live object uses (compaction reclaims them).", label, stats.dead_bytes)
-    yield _gauge("kvbucket_foreign_bytes", "Allocated bytes of entries that are not the store's, counted in physical usage.", label, stats.foreign_bytes)
+    yield _gauge(
+        "kvbucket_foreign_bytes", "Allocated bytes of entries that are not the store's, counted in physical usage.", label, stats.foreign_bytes
+    )
     yield _gauge("kvbucket_pending_deletions", "Buckets out of the index whose files an I/O error kept on disk.", label, stats.pending_deletions)
     yield _counter("kvbucket_evicted_buckets", "Buckets evicted since open.", label, stats.evicted_buckets)
     yield _counter("kvbucket_evicted_keys", "Objects evicted since open.", label, stats.evicted_keys)

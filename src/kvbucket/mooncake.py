@@ -45,10 +45,14 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import CorruptionError, InvalidArgument
 from .fs import FileSystem
 from .quarantine import move_to_quarantine, quarantine_folder
+
+if TYPE_CHECKING:
+    from .config import BucketConfig
 
 __all__ = [
     "MooncakeMetaError",
@@ -228,7 +232,7 @@ def decode_meta(raw: bytes) -> BucketMetadata:
             data_size = _as_int64(value)  # type: ignore[arg-type]
         elif number == 2:
             _expect(number, wire, _LENGTH)
-            keys.append(bytes(value))  # type: ignore[arg-type]
+            keys.append(bytes(value))
         elif number == 3:
             _expect(number, wire, _LENGTH)
             metadatas.append(_decode_object(value))  # type: ignore[arg-type]
@@ -750,14 +754,25 @@ def _batches(items: list[tuple[str, memoryview]], max_keys: int, max_bytes: int)
         yield batch
 
 
+class ImportTarget(Protocol):
+    """The store calls :func:`import_mooncake` makes; a :class:`~kvbucket.BucketStore` has them all."""
+
+    @property
+    def config(self) -> BucketConfig: ...
+
+    def batch_offload(self, objects: dict[str, memoryview]) -> int | None: ...
+
+    def batch_exists(self, keys: Iterable[str]) -> list[bool]: ...
+
+
 def import_mooncake(
     source: str | os.PathLike[str],
-    store: object,
+    store: ImportTarget,
     *,
     keep_tenant: bool = False,
     fs: FileSystem | None = None,
     scan: MooncakeScan | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> ImportReport:
     """Copy every valid object of the Mooncake directory ``source`` into ``store``
     (an open, writable :class:`~kvbucket.BucketStore`).
@@ -772,14 +787,14 @@ def import_mooncake(
     fs = fs or FileSystem()
     root = Path(source)
     scan = scan if scan is not None else scan_mooncake(root, fs)
-    config = store.config  # type: ignore[attr-defined]
+    config = store.config
     report = ImportReport(root, Path(config.path), skipped_buckets=list(scan.findings))
     seen: set[str] = set()
     for bucket in scan.buckets:
         data = read_bucket(root, bucket, fs)
         fresh = _select_new(bucket, data, keep_tenant, seen, store, report)
         for batch in _batches(fresh, config.bucket_keys_limit, config.bucket_size_limit):
-            store.batch_offload(dict(batch))  # type: ignore[attr-defined]
+            store.batch_offload(dict(batch))
             report.buckets_written += 1
             report.imported += len(batch)
             report.imported_bytes += sum(len(v) for _, v in batch)
@@ -789,7 +804,7 @@ def import_mooncake(
 
 
 def _select_new(
-    bucket: MooncakeBucket, data: bytearray, keep_tenant: bool, seen: set[str], store: object, report: ImportReport
+    bucket: MooncakeBucket, data: bytearray, keep_tenant: bool, seen: set[str], store: ImportTarget, report: ImportReport
 ) -> list[tuple[str, memoryview]]:
     """The objects of one source bucket to import; record the others in ``report``."""
     candidates: list[tuple[bytes, str, memoryview]] = []
@@ -806,7 +821,7 @@ def _select_new(
         candidates.append((raw, key, value))
     if not candidates:
         return []
-    exists = store.batch_exists([key for _, key, _ in candidates])  # type: ignore[attr-defined]
+    exists = store.batch_exists([key for _, key, _ in candidates])
     fresh = []
     for (raw, key, value), present in zip(candidates, exists):
         if present:
@@ -881,7 +896,8 @@ def format_evidence(path: str | os.PathLike[str], fs: FileSystem | None = None) 
     """Read (never write) what tells the engines apart in ``path``: the
     ``LOCK`` and every meta, stopping early only once both engines' evidence
     is found."""
-    from .format import META_MAGIC, parse_name as kv_name
+    from .format import META_MAGIC
+    from .format import parse_name as kv_name
     from .lockfile import lock_identifies_store
 
     fs = fs or FileSystem()

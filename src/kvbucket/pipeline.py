@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
 from .buffers import Buffer, value_views, writable_view
@@ -92,6 +92,32 @@ Callback = Callable[[str, "BaseException | None"], Any]
 """``callback(key, error)``: ``error`` is ``None`` when ``key`` is stored."""
 
 Backpressure = Literal["block", "reject"]
+
+
+class QueueStore(Protocol):
+    """The store calls an :class:`OffloadQueue` makes; a :class:`~kvbucket.BucketStore` has them all."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def batch_exists(self, keys: Iterable[str]) -> list[bool]: ...
+
+    def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]: ...
+
+    def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None: ...
+
+    def release(self, keys: Iterable[str]) -> None: ...
+
+    def batch_load(self, destinations: Mapping[str, Buffer]) -> None: ...
+
+    def batch_offload(
+        self, objects: Mapping[str, list[memoryview]], *, on_evict: Callable[[list[str]], object] | None, on_duplicate: str
+    ) -> int | None: ...
+
+    def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]: ...
+
+    def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]: ...
+
+    def pending_group(self) -> list[str]: ...
 
 _DEFAULT_DELAY_S = 5.0
 
@@ -172,7 +198,7 @@ class OffloadQueue:
 
     def __init__(
         self,
-        store: Any,
+        store: QueueStore,
         *,
         max_staged_bytes: int = 1 << 30,
         backpressure: Backpressure = "block",
@@ -652,7 +678,7 @@ class OffloadQueue:
         objects = {entry.key: entry.views for entry in entries}
         try:
             self._store.batch_offload(objects, on_evict=self._on_evict, on_duplicate="skip")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to every entry's future
             self._finish(entries, exc)
         else:
             self._finish(entries, None)
@@ -724,7 +750,7 @@ def _copy_out(entry: _Entry, dest: memoryview) -> None:
         offset += view.nbytes
 
 
-def _store_delay(store: Any) -> float:
+def _store_delay(store: QueueStore) -> float:
     config = getattr(store, "config", None)
     delay = getattr(config, "group_max_delay_s", _DEFAULT_DELAY_S)
     return float(delay) if isinstance(delay, (int, float)) else _DEFAULT_DELAY_S

@@ -233,8 +233,8 @@ class SimulatedFileSystem(FileSystem):
         blocks = -(-size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
         seconds = mtime // 1_000_000_000
         return os.stat_result(
-            (mode, inode, 0, 1, 0, 0, size, seconds, seconds, seconds)
-            + (mtime / 1e9, mtime / 1e9, mtime / 1e9, mtime, mtime, mtime, BLOCK_SIZE, blocks, 0)
+            (mode, inode, 0, 1, 0, 0, size, seconds, seconds, seconds,
+             mtime / 1e9, mtime / 1e9, mtime / 1e9, mtime, mtime, mtime, BLOCK_SIZE, blocks, 0)
         )
 
 

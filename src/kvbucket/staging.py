@@ -12,6 +12,7 @@ import ctypes
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 from .format import ALIGNMENT
 from .fs import WRITE_CHUNK
@@ -50,10 +51,12 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
+_get_buffer: Callable[..., int] | None  # PyObject_GetBuffer; None when not CPython
 try:
-    _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-    _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-    _get_buffer.restype = ctypes.c_int
+    _py_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+    _py_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    _py_get_buffer.restype = ctypes.c_int
+    _get_buffer = _py_get_buffer
     _release_buffer = ctypes.pythonapi.PyBuffer_Release
     _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
     _release_buffer.restype = None
@@ -74,7 +77,8 @@ def address_of(view: memoryview) -> int | None:
         info = _PyBuffer()
         _get_buffer(view, ctypes.byref(info), 0)  # PyBUF_SIMPLE
         try:
-            return info.buf
+            address: int | None = info.buf  # a c_void_p field: None when NULL
+            return address
         finally:
             _release_buffer(ctypes.byref(info))
     except (TypeError, ValueError, BufferError):

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
 from .buffers import Buffer, value_views, writable_views
@@ -58,13 +58,13 @@ from .eviction import Limits, Usage, make_policy
 from .evictor import BackgroundEvictor
 from .format import (
     ALIGNMENT,
-    MAX_BUCKET_ID,
-    check_key,
     HEADER_SIZE,
+    MAX_BUCKET_ID,
     RECORD_SIZE,
     BucketMeta,
     MetaRecord,
     aligned_layout,
+    check_key,
     data_name,
     packed_layout,
 )
@@ -86,6 +86,7 @@ BACKGROUND_EVICTION_BATCH = 8
 MAX_OPEN_DESCRIPTORS = 256
 """Read descriptors kept open across calls; older unpinned ones are closed."""
 
+_T = TypeVar("_T")
 Value = Buffer | Sequence[Buffer]
 Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
 Callback = Callable[[list[str]], object]
@@ -390,7 +391,9 @@ class BucketStore:
             checksums = self._executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
             physical = self._io(
                 f"writing bucket {bucket_id}",
-                lambda: write_bucket(self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable, checksums=checksums.result),
+                lambda: write_bucket(
+                    self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable, checksums=checksums.result
+                ),
             )
             bucket = self._commit(meta, physical, started)
             self._track_directory_growth()
@@ -501,7 +504,7 @@ class BucketStore:
     def _pin(self, views: dict[str, list[memoryview]], op: str) -> list[_Read]:
         """Look up every key (counting hits and misses of ``op``) and pin its
         bucket, all under one lock hold; the read is in flight until :meth:`_unpin`."""
-        plan = []
+        plan: list[_Read] = []
         with self._mutex:
             self._check_open()
             nbytes = 0
@@ -1235,7 +1238,7 @@ class BucketStore:
     def _durable(self) -> bool:
         return self._config.durability == "strict"
 
-    def _io(self, what: str, operation: Callable[[], Any]) -> Any:
+    def _io(self, what: str, operation: Callable[[], _T]) -> _T:
         """Run ``operation``, turning an OSError into :class:`StorageIOError`."""
         try:
             return operation()

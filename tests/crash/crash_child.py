@@ -27,12 +27,11 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.abspath(os.path.join(HERE, "..", "..", "src")), HERE]
 
-import kvbucket.fs  # noqa: E402
-from kvbucket import BucketStore  # noqa: E402
-
-import crash_harness as H  # noqa: E402
 import crash_fs  # noqa: E402
+import crash_harness as H  # noqa: E402
+import kvbucket.fs  # noqa: E402
 from crash_fs import KillFS  # noqa: E402
+from kvbucket import BucketStore  # noqa: E402
 
 
 class Acks:

@@ -37,9 +37,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,7 @@ def lifecycle_workload(seed: int = 0, n: int = 10, tag: str = "L", evict: bool =
             ks = rng.sample(live, min(len(live), rng.randint(2, 3)))
             for k in ks:
                 live.remove(k)
-            ops.append({"op": "batch_remove", "keys": ks + [make_key("never-stored", 5)]})
+            ops.append({"op": "batch_remove", "keys": [*ks, make_key("never-stored", 5)]})
         elif r < 0.8:
             ops.append({"op": "delete_bucket_of", "key": rng.choice(live)})
         elif r < 0.92 or not evict:

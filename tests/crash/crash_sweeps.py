@@ -334,9 +334,7 @@ def _live_reads(store: BucketStore, exp: H.Expectation) -> list[str]:
             fail.append(f"acknowledged key {k!r} missing in the running store")
         elif store.batch_get([k])[k] != H.value_for(k):
             fail.append(f"wrong bytes for {k!r} in the running store")
-    for k in sorted(exp.gone):
-        if store.exists(k):
-            fail.append(f"removed or unwritten key {k!r} visible in the running store")
+    fail.extend(f"removed or unwritten key {k!r} visible in the running store" for k in sorted(exp.gone) if store.exists(k))
     return fail
 
 

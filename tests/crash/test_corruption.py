@@ -105,7 +105,7 @@ def test_truncated_meta_every_offset(tmp_path, template, crash_counts):
     for b in targets:
         size = os.path.getsize(os.path.join(path, f"{b}.meta"))
         for cut in range(size):
-            res = run_case(tmp_path, path, lambda w: os.truncate(os.path.join(w, f"{b}.meta"), cut), expect(buckets, gone={b}))
+            res = run_case(tmp_path, path, lambda w, b=b, cut=cut: os.truncate(os.path.join(w, f"{b}.meta"), cut), expect(buckets, gone={b}))
             cases += 1
             if res.failures:
                 failures.append((f"{b}.meta truncated to {cut} of {size} bytes", res.failures))
@@ -133,12 +133,12 @@ def test_truncated_or_extended_data_file(tmp_path, template, crash_counts):
         size = os.path.getsize(os.path.join(path, f"{b}.bucket"))
         cuts = sorted({0, 1, size // 2, size - 1} | (set(range(0, size, 512)) if H.FULL else set()))
         for cut in cuts:
-            res = run_case(tmp_path, path, lambda w: os.truncate(os.path.join(w, f"{b}.bucket"), cut), salvaged(path, buckets, b, cut))
+            res = run_case(tmp_path, path, lambda w, b=b, cut=cut: os.truncate(os.path.join(w, f"{b}.bucket"), cut), salvaged(path, buckets, b, cut))
             cases += 1
             if res.failures:
                 failures.append((f"{b}.bucket truncated to {cut} of {size}", res.failures))
 
-        def extend(w: str) -> None:
+        def extend(w: str, b: int = b) -> None:
             with open(os.path.join(w, f"{b}.bucket"), "ab") as f:
                 f.write(b"\xee" * 100)
 
@@ -173,7 +173,8 @@ def test_flipped_data_bytes(tmp_path, template, crash_counts):
         if H.FULL:  # every object's edges and every 7th byte
             offsets = sorted(o for o in edges | set(range(0, size, 7)) if 0 <= o < size)
         else:
-            offsets = sorted(o for o in {0, size - 1} | set(rng.sample(range(size), min(size, 12))) | set(rng.sample(sorted(edges), 6)) if 0 <= o < size)
+            candidates = {0, size - 1} | set(rng.sample(range(size), min(size, 12))) | set(rng.sample(sorted(edges), 6))
+            offsets = sorted(o for o in candidates if 0 <= o < size)
         for off in offsets:
             work = str(tmp_path / "work")
             if os.path.lexists(work):
@@ -231,7 +232,9 @@ def test_flipped_meta_bytes(tmp_path, template, crash_counts):
     offsets = range(size) if H.FULL else range(0, size, 3)
     for off in offsets:
         for mask in (0x01, 0xFF) if H.FULL else (1 << (off % 8),):
-            res = run_case(tmp_path, path, lambda w: flip(os.path.join(w, f"{b}.meta"), off, mask), expect(buckets, gone={b}), post_ops=False)
+            res = run_case(
+                tmp_path, path, lambda w, off=off, mask=mask: flip(os.path.join(w, f"{b}.meta"), off, mask), expect(buckets, gone={b}), post_ops=False
+            )
             cases += 1
             if res.failures:
                 failures.append((f"{b}.meta byte {off} ^ {mask:#x}", res.failures))
@@ -289,7 +292,7 @@ def test_valid_meta_pointing_at_wrong_bytes(tmp_path, template):
         ("past the end", past_the_end, "gone", False),
     ):
         exp = expect(buckets, **{fate: {b}})
-        res = run_case(tmp_path, path, lambda w: _rewrite_meta(w, b, change), exp, corruption_ok=True, post_ops=False)
+        res = run_case(tmp_path, path, lambda w, change=change: _rewrite_meta(w, b, change), exp, corruption_ok=True, post_ops=False)
         if must_detect and not res.corruption_detected:
             res.failures.append("no CorruptionError for a valid meta that points at the wrong bytes")
         if res.failures:
@@ -320,6 +323,7 @@ def test_garbage_with_our_names(tmp_path, template, crash_counts):
     rng = random.Random(9)
     top = max(buckets) + 100  # clear of the lookalike entries 70..90
     failures, cases = [], 0
+    b_tmp = min(buckets)
     for round_ in range(20 if H.FULL else 5):
         def garbage(w: str) -> None:
             for j, suffixes in enumerate(((".meta",), (".bucket",), (".meta.tmp",), (".meta", ".bucket"), (".meta", ".bucket", ".meta.tmp"))):
@@ -330,7 +334,6 @@ def test_garbage_with_our_names(tmp_path, template, crash_counts):
             with open(os.path.join(w, f"{b_tmp}.meta.tmp"), "wb") as f:  # a tmp beside a valid pair
                 f.write(rng.randbytes(64))
 
-        b_tmp = min(buckets)
         exp = expect(buckets)
         exp.max_acked_id = top + 5
         res = run_case(tmp_path, path, garbage, exp)

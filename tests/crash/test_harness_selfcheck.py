@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-
 import crash_harness as H
 import crash_power as P
 from crash_fs import CANARIES, NoUnlinkFS, unknown_seam_methods

@@ -25,7 +25,6 @@ import pytest
 import crash_harness as H
 from crash_sweeps import kill_sweep
 
-
 CONFIGS = {
     "strict": {"durability": "strict"},
     "relaxed": {"durability": "relaxed"},

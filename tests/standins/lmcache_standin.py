@@ -271,10 +271,8 @@ def wait_fd(fd: int) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     assert poller.poll(60_000), f"event fd {fd} was not signalled"
-    try:
+    with contextlib.suppress(BlockingIOError):
         os.read(fd, 8)
-    except BlockingIOError:
-        pass
 
 
 def store(adapter: Any, keys: list[ObjectKey], objects: list[Any]) -> L2StoreResult:

@@ -22,7 +22,7 @@ import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +42,14 @@ class HiCacheStorageConfig:
     is_mla_model: bool
     enable_storage_metrics: bool
     is_page_first_layout: bool
-    model_name: Optional[str]
-    tp_lcm_size: Optional[int] = None
+    model_name: str | None
+    tp_lcm_size: int | None = None
     should_split_heads: bool = False
     dp_rank: int = 0
-    extra_config: Optional[dict] = None
+    extra_config: dict | None = None
     dcp_size: int = 1
     dcp_rank: int = 0
-    logical_page_size: Optional[int] = None
+    logical_page_size: int | None = None
 
     @property
     def is_storage_writer(self) -> bool:
@@ -58,8 +58,8 @@ class HiCacheStorageConfig:
 
 @dataclass
 class HiCacheStorageExtraInfo:
-    prefix_keys: Optional[List[str]] = None
-    extra_info: Optional[dict] = None
+    prefix_keys: list[str] | None = None
+    extra_info: dict | None = None
 
 
 class HiCacheStorage(ABC):
@@ -76,33 +76,33 @@ class HiCacheStorage(ABC):
     def on_host_pools_registered(self) -> None:
         pass
 
-    def batch_get_v1(self, keys: List[str], host_indices: Any, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(self, keys: list[str], host_indices: Any, extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         pass
 
-    def batch_set_v1(self, keys: List[str], host_indices: Any, extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        pass
-
-    @abstractmethod
-    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> Any:
+    def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         pass
 
     @abstractmethod
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> Any:
+    def get(self, key: str, target_location: Any | None = None, target_sizes: Any | None = None) -> Any:
         pass
 
     @abstractmethod
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def batch_get(self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None) -> Any:
         pass
 
     @abstractmethod
-    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None, target_sizes: Optional[Any] = None) -> bool:
+    def set(self, key: str, value: Any | None = None, target_location: Any | None = None, target_sizes: Any | None = None) -> bool:
+        pass
+
+    @abstractmethod
+    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None, target_sizes: Any | None = None) -> bool:
         pass
 
     @abstractmethod
     def exists(self, key: str) -> bool:
         pass
 
-    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         for i, key in enumerate(keys):
             if not self.exists(key):
                 return i
@@ -154,7 +154,9 @@ class FakeHostPool:
     ``kv_buffer[size, layers, 1, dim]``, one buffer per page.
     """
 
-    def __init__(self, kind: str = "mha", size: int = 64, page_size: int = 4, layer_num: int = 2, head_num: int = 2, head_dim: int = 8, dtype: Any = np.float16) -> None:
+    def __init__(
+        self, kind: str = "mha", size: int = 64, page_size: int = 4, layer_num: int = 2, head_num: int = 2, head_dim: int = 8, dtype: Any = np.float16
+    ) -> None:
         self.kind, self.size, self.page_size = kind, size, page_size
         self.layer_num, self.head_num, self.head_dim = layer_num, head_num, head_dim
         self.dtype = np.dtype(dtype)
@@ -197,10 +199,7 @@ class FakeHostPool:
 
     def get_data_page(self, index: int, flat: bool = True) -> np.ndarray:
         index = int(index)
-        if self.kind == "mha":
-            page = self.kv_buffer[:, index : index + self.page_size]
-        else:
-            page = self.kv_buffer[index : index + self.page_size]
+        page = self.kv_buffer[:, index:index + self.page_size] if self.kind == "mha" else self.kv_buffer[index:index + self.page_size]
         return page.reshape(-1).copy() if flat else page.copy()
 
     def get_dummy_flat_data_page(self) -> np.ndarray:
@@ -214,7 +213,9 @@ class FakeHostPool:
             self.kv_buffer[index : index + self.page_size] = data_page.reshape(self.kv_buffer[index : index + self.page_size].shape)
 
 
-def make_config(root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, metrics: bool = False, model: str = "org/model-7b", **extra: Any) -> HiCacheStorageConfig:
+def make_config(
+    root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, metrics: bool = False, model: str = "org/model-7b", **extra: Any
+) -> HiCacheStorageConfig:
     """A storage config whose extra_config selects kvbucket through the dynamic path."""
     extra_config = {"backend_name": "kvbucket", "module_path": MODULE, "class_name": "KvBucketHiCacheStorage", "interface_v1": 1}
     if root is not None:
@@ -239,7 +240,9 @@ def installed() -> Iterator[types.ModuleType]:
             HiCacheStorage=HiCacheStorage, HiCacheStorageConfig=HiCacheStorageConfig, HiCacheStorageExtraInfo=HiCacheStorageExtraInfo,
         ),
         "sglang.srt.mem_cache.storage": module("sglang.srt.mem_cache.storage", StorageBackendFactory=StorageBackendFactory),
-        "sglang.srt.mem_cache.storage.backend_factory": module("sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory),
+        "sglang.srt.mem_cache.storage.backend_factory": module(
+            "sglang.srt.mem_cache.storage.backend_factory", StorageBackendFactory=StorageBackendFactory
+        ),
     }
     with imported_against(modules, MODULE) as adapter_module:
         yield adapter_module

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 from abc import ABC
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "AdapterUsage",
@@ -120,11 +121,11 @@ class AdapterUsage:
         return self.total_bytes_used / self.total_capacity_bytes
 
 
-class L2AdapterConfigBase(ABC):
+class L2AdapterConfigBase(ABC):  # noqa: B024 - mirrors LMCache's ABC
     """Base of adapter configs (``from_dict`` / ``help``)."""
 
 
-class L2AdapterInterface(ABC):
+class L2AdapterInterface(ABC):  # noqa: B024 - mirrors LMCache's ABC
     """Accounting and listener part of LMCache's ``L2AdapterInterface``."""
 
     def __init__(self, max_capacity_bytes: int = 0) -> None:

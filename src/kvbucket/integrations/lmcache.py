@@ -35,6 +35,7 @@ subclasses the real ``L2AdapterInterface``, as the plugin loader requires.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -62,13 +63,13 @@ try:  # the real classes when LMCache is installed
     from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface as _AdapterBase
     from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase as _ConfigBase
 except ImportError:  # pragma: no cover - exercised when LMCache is absent
-    from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey  # type: ignore[assignment]
-    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase  # type: ignore[assignment]
-    from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase  # type: ignore[assignment]
+    from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey
+    from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase
+    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase
 try:  # key listing arrived after lmcache 0.5.6
     from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage
 except ImportError:  # pragma: no cover - an LMCache without it, or none
-    from ._lmcache_fallback import EncodedObjectKey, KeyEntry, KeyListPage  # type: ignore[assignment]
+    from ._lmcache_fallback import EncodedObjectKey, KeyEntry, KeyListPage
 
 ROOT_ENV = "KVBUCKET_PATH"
 ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"}) | METRICS_KEYS
@@ -143,7 +144,7 @@ class KvBucketL2AdapterConfig(_ConfigBase):
         """``(port, addr)`` of the metrics endpoint, None when off."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> KvBucketL2AdapterConfig:
+    def from_dict(cls, d: dict[str, Any]) -> KvBucketL2AdapterConfig:
         """Parse ``adapter_params``; raises ``InvalidArgument`` (a ``ValueError``) on an
         unknown key or a bad value (values are parsed as ``KVBUCKET_*`` variables are)."""
         path = d.get("storage_path") or d.get("base_path") or os.environ.get(ROOT_ENV)
@@ -203,10 +204,8 @@ class _EventFd:
 
     def close(self) -> None:
         for fd in {self._read, self._write}:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 @dataclass
@@ -309,7 +308,7 @@ class KvBucketL2Adapter(_AdapterBase):
             tasks, stop = self._drain([task])
             try:
                 self._run_store_tasks(tasks)
-            except Exception:  # noqa: BLE001 - report the tasks failed, keep the thread alive
+            except Exception:  # report the tasks failed, keep the thread alive
                 logger.exception("kvbucket L2: store tasks %s failed", [t.task_id for t in tasks])
                 self._fail(tasks)
             if stop:
@@ -531,7 +530,7 @@ class KvBucketL2Adapter(_AdapterBase):
         token = page[-1][0] if len(listed) > page_size else None
         return KeyListPage(entries=tuple(KeyEntry(key=_encoded(key), size_bytes=size) for _, key, size in page), next_page_token=token)
 
-    def report_status(self) -> dict:
+    def report_status(self) -> dict[str, Any]:
         """Health and store statistics."""
         status: dict[str, Any] = {"is_healthy": not self._closed and self._writer.is_alive(), "type": type(self).__name__}
         try:

@@ -32,6 +32,7 @@ subclasses the real ``HiCacheStorage``, as the factory requires.
 
 from __future__ import annotations
 
+import builtins  # annotations inside the class, where ``set`` is the HiCacheStorage method
 import hashlib
 import logging
 import os
@@ -427,13 +428,13 @@ class KvBucketHiCacheStorage(_Base):
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, len(written), start)
         return [k in stored for k in skeys]
 
-    def _offload_batches(self, todo: dict[str, tuple[list[Any], int]]) -> set[str]:
+    def _offload_batches(self, todo: dict[str, tuple[list[Any], int]]) -> builtins.set[str]:
         """Write ``todo`` bucket by bucket; return the store keys written."""
         config = getattr(self._store, "config", None)
         max_bytes = getattr(config, "bucket_size_limit", 256 << 20)
         max_keys = getattr(config, "bucket_keys_limit", 500)
         items = [(k, value, size) for k, (value, size) in todo.items()]
-        written: set[str] = set()
+        written: builtins.set[str] = set()
         for batch in split_batches(items, max_bytes, max_keys):
             try:
                 self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
@@ -443,7 +444,7 @@ class KvBucketHiCacheStorage(_Base):
             written.update(k for k, _, _ in batch)
         return written
 
-    def _load(self, dests: dict[int, list[Any]], keys: Sequence[str]) -> set[int]:
+    def _load(self, dests: dict[int, list[Any]], keys: Sequence[str]) -> builtins.set[int]:
         """Load pages ``{position: [buffers]}``; return the positions filled."""
         if not dests:
             return set()
@@ -459,13 +460,13 @@ class KvBucketHiCacheStorage(_Base):
         present = [i for i, ok in zip(order, flags) if ok]
         return self._load_present(store, {i: dests[i] for i in present}, keys)
 
-    def _load_present(self, store: Any, dests: dict[int, list[Any]], keys: Sequence[str]) -> set[int]:
+    def _load_present(self, store: Any, dests: dict[int, list[Any]], keys: Sequence[str]) -> builtins.set[int]:
         """Load pages the index holds; fall back to one-by-one on a failed batch."""
         if not dests:
             return set()
         direct = {i: bufs[0] for i, bufs in dests.items() if len(bufs) == 1}
         scattered = {i: bufs for i, bufs in dests.items() if len(bufs) > 1}
-        done: set[int] = set()
+        done: builtins.set[int] = set()
         if direct:
             done |= self._load_direct(store, direct, keys)
         for i, bufs in scattered.items():
@@ -473,7 +474,7 @@ class KvBucketHiCacheStorage(_Base):
                 done.add(i)
         return done
 
-    def _load_direct(self, store: Any, direct: dict[int, Any], keys: Sequence[str]) -> set[int]:
+    def _load_direct(self, store: Any, direct: dict[int, Any], keys: Sequence[str]) -> builtins.set[int]:
         try:
             store.batch_load({self._key(keys[i]): buf for i, buf in direct.items()})
             return set(direct)

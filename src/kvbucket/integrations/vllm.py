@@ -31,6 +31,7 @@ or :func:`make_tier_class` with their own stand-ins).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -45,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..buffers import byte_view
 from ..config import Setting
@@ -56,6 +57,7 @@ from ._common import metrics_endpoint, open_store, option, safe_component, start
 __all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TierAPI = SimpleNamespace
 """The vLLM names the tier is built on: ``SecondaryTierManager``, ``JobResult``,
@@ -167,7 +169,7 @@ def load_vllm_api() -> TierAPI | None:
     try:
         from vllm.v1.kv_offload import base as offload_base
         from vllm.v1.kv_offload.tiering import base as tiering_base
-    except Exception as exc:  # ImportError, or vLLM failing to import on this host
+    except Exception as exc:  # noqa: BLE001 - ImportError, or vLLM failing to import on this host
         logger.debug("vLLM is not importable (%s); using kvbucket's stand-in tier base", exc)
         return None
     context = getattr(tiering_base, "RequestOffloadingContext", None) or offload_base.RequestOffloadingContext
@@ -187,7 +189,7 @@ def _stats_class() -> type | None:
     """vLLM's ``OffloadingConnectorStats`` with counters and gauges, or None."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.offloading import metrics
-    except Exception:  # an older vLLM (no flat offloading metrics), or none
+    except Exception:  # noqa: BLE001 - an older vLLM (no flat offloading metrics), or none
         return None
     stats = getattr(metrics, "OffloadingConnectorStats", None)
     return stats if hasattr(stats, "increase_counter") and hasattr(stats, "set_gauge") else None
@@ -486,10 +488,8 @@ class _KvBucketTier:
                 logger.warning("kvbucket tier: reading the store's usage failed: %s", refresh.exception())
         if self._usage is None and time.monotonic() - self._usage_at >= STATS_INTERVAL_S:
             self._usage_at = time.monotonic()
-            try:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down
                 self._usage = self._loader.submit(self.store.stats)
-            except RuntimeError:  # the pool is shut down
-                pass
         return self._usage_last
 
     def shutdown(self) -> None:
@@ -517,7 +517,8 @@ def make_tier_class(api: TierAPI) -> type:
         "__doc__": _TIER_DOC,
     }
     base = api.SecondaryTierManager
-    return type(base)("KvBucketTierManager", (_KvBucketTier, base), namespace)  # ABCMeta checks abstracts
+    tier: type = type(base)("KvBucketTierManager", (_KvBucketTier, base), namespace)  # ABCMeta checks abstracts
+    return tier
 
 
 _TIER_DOC = """A vLLM secondary tier storing chunks in a crash-safe kvbucket store.
@@ -558,7 +559,7 @@ def _root_dir(root_dir: str | os.PathLike[str] | None) -> str:
     raise InvalidArgument("the kvbucket vLLM tier needs root_dir in its tier config (or KVBUCKET_PATH)")
 
 
-def _spec_value(spec: Any, path: str, kind: type) -> Any:
+def _spec_value(spec: Any, path: str, kind: type[_T]) -> _T | None:
     """``spec.<path>`` when it exists and is a ``kind`` (mocks yield other types)."""
     value = spec
     for part in path.split("."):
@@ -606,10 +607,7 @@ def _store_key(key: bytes) -> str:
 
 def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``values`` that ``cls`` (a dataclass) takes as fields."""
-    if dataclasses.is_dataclass(cls):
-        names = {field.name for field in dataclasses.fields(cls)}
-    else:
-        names = set(inspect.signature(cls).parameters)
+    names = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(inspect.signature(cls).parameters)
     return {name: value for name, value in values.items() if name in names}
 
 

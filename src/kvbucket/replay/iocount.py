@@ -35,7 +35,7 @@ class CountingFileSystem(FileSystem):
     """A :class:`FileSystem` that counts the bytes each ``pwritev`` writes."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.counts = WriteCounts()
         self._kinds: dict[int, str] = {}  # open descriptor -> field of WriteCounts
         self._counting = threading.Lock()

@@ -32,6 +32,7 @@ when leases keep the low watermark out of reach).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -98,10 +99,9 @@ class KvBucketTier:
             self._gate.open = False
         self._raise_errors()
         if self._background_eviction:
-            try:
+            # Leased buckets can keep the low watermark out of reach: the evictor evicts nothing either.
+            with contextlib.suppress(CapacityExceeded):
                 self._store.evict_to_watermark()
-            except CapacityExceeded:
-                pass  # leased buckets keep the low watermark out of reach: the evictor evicts nothing either
 
     def close(self) -> None:
         """Write what the grouper still holds, stop the queue, close the store."""

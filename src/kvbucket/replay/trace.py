@@ -21,7 +21,7 @@ import lzma
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from ..errors import InvalidTrace
 
@@ -79,7 +79,7 @@ class Trace:
 
 def default_trace_path() -> str:
     """Path of the trace shipped in the package."""
-    return os.fspath(resources.files("kvbucket").joinpath("traces", DEFAULT_TRACE_NAME))
+    return str(resources.files("kvbucket").joinpath("traces", DEFAULT_TRACE_NAME))
 
 
 def read_trace(path: str | os.PathLike[str]) -> Trace:
@@ -141,7 +141,7 @@ def _number(record: dict[str, Any], field: str, where: str) -> int:
     return int(value)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
