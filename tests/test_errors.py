@@ -142,7 +142,7 @@ def test_readonly_on_a_missing_directory_is_invalid(tmp_path: Path) -> None:
         {"io_threads": 0},
         {"verify_checksums": "ture"},  # text is parsed, and this is no boolean
         {"eviction_high_watermark": 1.5},
-        {"eviction_low_watermark": 0.95},
+        {"eviction_low_watermark": 0.999},  # above the default high watermark
         {"group_max_delay_s": -1},
         {"no_such_field": 1},
     ],
