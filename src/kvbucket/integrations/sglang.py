@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,27 +302,24 @@ class KvBucketHiCacheStorage(_Base):
 
     def _lookup_flags(self, keys: Sequence[str]) -> list[bool]:
         """:meth:`_exists_flags` for an engine lookup: the found prefix is leased."""
-        if not keys:
-            return []
-        try:
-            store = self._read_store()
-            if store is None:
-                return [False] * len(keys)
-            return list(store.lookup(self._keys(keys), prefix=True))
-        except _READ_ERRORS as exc:
-            logger.warning("kvbucket: lookup of %d pages (first %r) failed: %s", len(keys), keys[0], exc)
-            return [False] * len(keys)
+        return self._flags(keys, "lookup", lambda store, names: store.lookup(names, prefix=True))
 
     def _exists_flags(self, keys: Sequence[str]) -> list[bool]:
+        """For each page, whether it is stored (nothing leased)."""
+        return self._flags(keys, "existence check", lambda store, names: store.batch_exists(names))
+
+    def _flags(self, keys: Sequence[str], what: str, ask: Callable[[Any, list[str]], list[bool]]) -> list[bool]:
+        """``ask`` the store about ``keys``; all False when it cannot be read
+        (a failed read is a miss to the engine, and is logged)."""
         if not keys:
             return []
         try:
             store = self._read_store()
             if store is None:
                 return [False] * len(keys)
-            return list(store.batch_exists(self._keys(keys)))
+            return list(ask(store, self._keys(keys)))
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: existence check of %d pages (first %r) failed: %s", len(keys), keys[0], exc)
+            logger.warning("kvbucket: %s of %d pages (first %r) failed: %s", what, len(keys), keys[0], exc)
             return [False] * len(keys)
 
     # ----------------------------------------------------------- generic path
