@@ -1,9 +1,9 @@
 """The background evictor: one daemon thread per writer store.
 
 It sleeps on a condition until woken (the store wakes it after a commit
-that leaves usage above the high watermark), then runs the store's eviction step until the step says there is
-nothing left to do, and sleeps again. It never polls: with no commits it
-never runs.
+that leaves usage above the high watermark), then runs the store's eviction
+step until the step says there is nothing left to do, and sleeps again. It
+never polls: with no commits it never runs.
 
 The step is the store's: it holds the store's writer lock for one bounded
 pass (a few buckets) at a time, so writes interleave with a long eviction.
