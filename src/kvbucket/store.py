@@ -1021,9 +1021,10 @@ class BucketStore:
             if self._closed:
                 return False
             self._check_writable()
-            if first and self._limits.physical and self._limits.ratio(self._usage()) > high:
-                self._reconcile_physical()
             usage = self._usage()
+            if first and self._limits.physical and self._limits.ratio(usage) > high:
+                self._reconcile_physical()
+                usage = self._usage()
             if first and self._limits.ratio(usage) <= high:  # later passes of a run go on down to low
                 self._evictor_error = None
                 return False
