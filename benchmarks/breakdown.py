@@ -8,7 +8,7 @@
 Alternates the raw Python loop and kvbucket ``--repeats`` times (cold cache
 before each), then prints medians and a breakdown of kvbucket's wall time:
 seconds inside each system call of the I/O seam (a timing
-:class:`~kvbucket.fs.FileSystem` passed to ``BucketStore.open``), inside
+:class:`~kvbucket._core.fs.FileSystem` passed to ``BucketStore.open``), inside
 CRC32C, and the rest (Python). Thread-pool reads overlap, so per-call times
 are summed over threads ("thread-seconds"). ``--cprofile`` adds the top
 functions of one kvbucket run (cProfile sees the calling thread only; the
@@ -39,8 +39,8 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket import bench as kb  # noqa: E402
-from kvbucket.fs import FileSystem  # noqa: E402
+from kvbucket._core.fs import FileSystem  # noqa: E402
+from kvbucket.tools import bench as kb  # noqa: E402
 
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
 
@@ -87,7 +87,7 @@ class TimingFS(FileSystem):
 
 def patch_crc(timings: Timings) -> None:
     """Time CRC32C wherever the store and its helpers call it."""
-    import kvbucket.checksum as checksum
+    import kvbucket._core.checksum as checksum
     import kvbucket.store as store
 
     store.crc32c = _timed("crc32c (read verify)", checksum.crc32c, timings)

@@ -36,7 +36,7 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
 from kvbucket import BucketStore  # noqa: E402
-from kvbucket.counters import StoreCounters  # noqa: E402
+from kvbucket._core.counters import StoreCounters  # noqa: E402
 
 OBJECT = 64 << 10
 BATCH = 32

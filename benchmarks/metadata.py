@@ -38,7 +38,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from kvbucket import bench as kb  # noqa: E402
+from kvbucket.tools import bench as kb  # noqa: E402
 
 VALUE = bytes(range(64))
 PER_BUCKET = 500

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from kvbucket.bench import summarize
+from kvbucket.tools.bench import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20

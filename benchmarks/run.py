@@ -47,7 +47,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import metadata  # noqa: E402
 import peers as peer_mod  # noqa: E402
 import report  # noqa: E402
-from kvbucket import bench as kb  # noqa: E402
+from kvbucket.tools import bench as kb  # noqa: E402
 
 MiB = 1 << 20
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import StorageIOError
-from kvbucket.fs import FileSystem
 
 
 def value_for(key: str, size: int) -> bytes:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from kvbucket import BucketConfig, BucketStore, ObjectMeta, RecoveryReport, StoreStats
-from kvbucket.checksum import crc32c
+from kvbucket._core.checksum import crc32c
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import KeyNotFound, ReadOnlyStore, StoreClosed, StoreLocked
-from kvbucket.fs import FileSystem
 from storeutil import our_files, value_for
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketConfig, BucketStore
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import StorageIOError
-from kvbucket.fs import FileSystem
 from storeutil import value_for
 
 

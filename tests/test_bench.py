@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbucket import bench
+from kvbucket.tools import bench
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from kvbucket import BucketConfig, BucketStore
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import CapacityExceeded, InvalidArgument
-from kvbucket.fs import FileSystem
 from storeutil import du, snapshot, value_for
 
 # Foreground eviction, step by step; the background evictor is tested on its own.

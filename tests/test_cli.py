@@ -19,19 +19,19 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketStore
-from kvbucket.format import LOCK_NAME, data_name, meta_name, tmp_name
+from kvbucket._core.format import LOCK_NAME, data_name, meta_name, tmp_name
 from mooncake_writer import MooncakeDir, tree_digest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def kvbucket(*args: str | os.PathLike[str], stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m kvbucket.cli ARGS`` (in ``cwd``); never raises on a non-zero exit."""
+    """Run ``python -m kvbucket.tools.cli ARGS`` (in ``cwd``); never raises on a non-zero exit."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(SRC), env.get("PYTHONPATH")]))
     env.pop("KVBUCKET_PATH", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "kvbucket.cli", *map(os.fspath, args)],
+        [sys.executable, "-m", "kvbucket.tools.cli", *map(os.fspath, args)],
         input=stdin,
         capture_output=True,
         env=env,
@@ -364,7 +364,7 @@ def test_verbose_says_what_every_command_does(store_dir: Path, tmp_path: Path, c
         assert loud.returncode == quiet.returncode
         log = loud.stderr.decode()
         for text in expected:
-            assert "kvbucket: INFO kvbucket.cli: " in log and text.format(store=store_dir, tmp=tmp_path) in log, log
+            assert "kvbucket: INFO kvbucket.tools.cli: " in log and text.format(store=store_dir, tmp=tmp_path) in log, log
 
 
 # -- Mooncake directories -----------------------------------------------------------------

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kvbucket import BucketStore
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import KeyNotFound, StoreClosed
-from kvbucket.fs import FileSystem
 from storeutil import value_for
 
 SIZE = 64 << 10

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kvbucket import BucketStore, datafile
-from kvbucket.format import ALIGNMENT, aligned_layout
-from kvbucket.fs import O_DIRECT, WRITE_CHUNK, FileSystem
+from kvbucket._core.format import ALIGNMENT, aligned_layout
+from kvbucket._core.fs import O_DIRECT, WRITE_CHUNK, FileSystem
 from storeutil import value_for
 
 pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platform")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from kvbucket.demo import demo_directory
+from kvbucket.tools.demo import demo_directory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -40,7 +42,7 @@ def without_numpy(tmp_path: Path) -> str:
 def test_demo_removes_its_temp_folder_and_says_what_it_wrote(tmp_path: Path, without_numpy: str) -> None:
     temp = tmp_path / "temp"
     temp.mkdir()
-    proc = python("-m", "kvbucket.demo", "--page-kib", "8", env={"TMPDIR": os.fspath(temp), "PREPEND_PATH": without_numpy})
+    proc = python("-m", "kvbucket.tools.demo", "--page-kib", "8", env={"TMPDIR": os.fspath(temp), "PREPEND_PATH": without_numpy})
     assert proc.returncode == 0, proc.stderr
     assert "128 pages byte-exact" in proc.stdout
     assert f"kvbucket demo in {temp}{os.sep}kvbucket-demo-" in proc.stdout and "writes about 3.2 MiB" in proc.stdout
@@ -50,7 +52,7 @@ def test_demo_removes_its_temp_folder_and_says_what_it_wrote(tmp_path: Path, wit
 
 def test_demo_keeps_a_directory_it_was_given(tmp_path: Path, without_numpy: str) -> None:
     store = tmp_path / "kept"
-    proc = python("-m", "kvbucket.demo", store, "--page-kib", "4", env={"PREPEND_PATH": without_numpy})
+    proc = python("-m", "kvbucket.tools.demo", store, "--page-kib", "4", env={"PREPEND_PATH": without_numpy})
     assert proc.returncode == 0, proc.stderr
     assert f"the store in {store} takes" in proc.stdout and f"removed {store}" not in proc.stdout
     assert "1.meta" in os.listdir(store)
@@ -65,3 +67,32 @@ def test_demo_folder_is_removed_when_the_run_fails(tmp_path: Path, monkeypatch: 
     with demo_directory(os.fspath(tmp_path / "given")) as directory:
         os.mkdir(directory)
     assert os.listdir(tmp_path) == ["given"]
+
+
+PUBLIC_MODULES = {
+    "kvbucket": ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", "KeyNotFound"],
+    "kvbucket.store": ["BucketStore", "StoreStats"],
+    "kvbucket.pipeline": ["OffloadQueue"],
+    "kvbucket.config": ["BucketConfig", "parse_size"],
+    "kvbucket.errors": ["KvBucketError", "CorruptionError", "CapacityExceeded"],
+    "kvbucket.metrics": ["serve_metrics", "exposition"],
+    "kvbucket.integrations.sglang": ["KvBucketHiCacheStorage"],
+    "kvbucket.integrations.vllm": ["KvBucketTierManager"],
+    "kvbucket.integrations.lmcache": ["KvBucketL2Adapter", "KvBucketL2AdapterConfig"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC_MODULES))
+def test_public_module_paths_keep_their_names(module: str) -> None:
+    """Engine configurations and user code name these paths as strings."""
+    imported = importlib.import_module(module)
+    missing = [name for name in PUBLIC_MODULES[module] if not hasattr(imported, name)]
+    assert not missing, f"{module} lost {missing}"
+
+
+def test_the_console_script_runs_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    (script,) = [entry for entry in metadata.entry_points(group="console_scripts") if entry.name == "kvbucket"]
+    with pytest.raises(SystemExit) as exit_info:
+        script.load()(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("Usage: kvbucket ")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketConfig, BucketStore
-from kvbucket.eviction import MAIN, POLICIES, PROBATION, EvictionPolicy, Limits, TwoQueue, Usage, make_policy
-from kvbucket.index import Bucket
+from kvbucket._core.index import Bucket
+from kvbucket.policy.eviction import MAIN, POLICIES, PROBATION, EvictionPolicy, Limits, TwoQueue, Usage, make_policy
 from storeutil import value_for
 
 SIZE = 100

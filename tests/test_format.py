@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbucket.errors import CorruptionError
-from kvbucket.format import (
+from kvbucket._core.format import (
     ALIGNMENT,
     BucketMeta,
     FileKind,
@@ -18,6 +17,7 @@ from kvbucket.format import (
     packed_layout,
     parse_name,
 )
+from kvbucket.errors import CorruptionError
 
 keys = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
 

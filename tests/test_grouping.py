@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import kvbucket.store as store_module
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
-from kvbucket.grouping import OffloadGrouper
+from kvbucket.policy.grouping import OffloadGrouper
 from storeutil import value_for
 
 

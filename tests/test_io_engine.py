@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from kvbucket import BucketStore
+from kvbucket._core.format import ALIGNMENT
+from kvbucket._core.fs import WRITE_CHUNK, FileSystem
 from kvbucket.errors import CorruptionError, SizeMismatch, StorageIOError
-from kvbucket.format import ALIGNMENT
-from kvbucket.fs import WRITE_CHUNK, FileSystem
 from storeutil import our_files, value_for
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketConfig, BucketStore
+from kvbucket._core.lease import LeaseTable
 from kvbucket.errors import CapacityExceeded, InvalidArgument
-from kvbucket.lease import LeaseTable
 from storeutil import du, value_for
 
 

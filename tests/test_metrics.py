@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbucket import BucketStore, OffloadQueue
+from kvbucket._core.format import data_name, meta_name
 from kvbucket.errors import CapacityExceeded, CorruptionError, InvalidArgument, KeyNotFound, StorageIOError
-from kvbucket.format import data_name, meta_name
 from kvbucket.integrations import vllm as tier_module
 from kvbucket.integrations._common import metrics_endpoint
 from kvbucket.metrics import exposition, serve_metrics

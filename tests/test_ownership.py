@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketStore
+from kvbucket._core.format import MAX_BUCKET_ID
+from kvbucket._core.fs import FileSystem
+from kvbucket._core.lockfile import StoreLock
 from kvbucket.errors import CapacityExceeded, ForeignDirectory, ForeignEntry, MooncakeDirectory
-from kvbucket.format import MAX_BUCKET_ID
-from kvbucket.fs import FileSystem
-from kvbucket.lockfile import StoreLock
 from mooncake_writer import MooncakeDir, tree_digest
 from storeutil import snapshot
 

@@ -2,7 +2,7 @@
 
 Synchronisation is by futures, events and flush(); nothing sleeps to wait
 for a worker, and no assertion depends on how long something took. Faults and
-stalls are injected through the store's I/O seam (``kvbucket.fs.FileSystem``).
+stalls are injected through the store's I/O seam (``kvbucket._core.fs.FileSystem``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from kvbucket import BucketStore
+from kvbucket._core.format import FileKind, parse_name
+from kvbucket._core.fs import FileSystem
 from kvbucket.errors import CapacityExceeded, InvalidArgument, KvBucketError, SizeMismatch, StoreClosed
-from kvbucket.format import FileKind, parse_name
-from kvbucket.fs import FileSystem
 from kvbucket.pipeline import OffloadQueue
 from storeutil import value_for
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketStore
-from kvbucket.checksum import crc32c
+from kvbucket._core.checksum import crc32c
+from kvbucket._core.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
+from kvbucket._core.fs import FileSystem
+from kvbucket._core.lockfile import StoreLock
+from kvbucket._core.recovery import scan_directory
 from kvbucket.errors import InvalidArgument
-from kvbucket.format import HEADER_SIZE, MAX_BUCKET_KEYS, MAX_META_BYTES, BucketMeta, MetaRecord, encode_meta
-from kvbucket.fs import FileSystem
-from kvbucket.lockfile import StoreLock
-from kvbucket.recovery import scan_directory
 from storeutil import our_files, snapshot, value_for
 
 

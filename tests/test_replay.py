@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from kvbucket import BucketStore
+from kvbucket._core.format import data_name
 from kvbucket.errors import InvalidArgument, InvalidTrace
-from kvbucket.format import data_name
 from kvbucket.replay import (
     BeladyTier,
     KvBucketTier,
@@ -32,8 +32,8 @@ from kvbucket.replay import (
 )
 from kvbucket.replay.iocount import CountingFileSystem
 from kvbucket.replay.run import open_store
+from kvbucket.replay.simfs import SimulatedFileSystem
 from kvbucket.replay.trace import Request
-from kvbucket.simfs import SimulatedFileSystem
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -325,7 +325,7 @@ def test_counting_file_system_counts_data_and_meta_bytes(tmp_path: Path) -> None
 def kvbucket(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(SRC), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "kvbucket.cli", *map(os.fspath, args)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kvbucket.tools.cli", *map(os.fspath, args)], capture_output=True, text=True, env=env, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 

@@ -7,11 +7,11 @@
 """
 
 from . import errors as _errors
+from ._core.index import ObjectMeta
+from ._core.recovery import RecoveryReport
 from .config import BucketConfig
 from .errors import *  # noqa: F403 - every public error, so `from kvbucket import KeyNotFound` works
-from .index import ObjectMeta
 from .pipeline import OffloadQueue
-from .recovery import RecoveryReport
 from .store import BucketStore, StoreStats
 
 __all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", *_errors.__all__]

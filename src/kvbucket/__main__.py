@@ -1,5 +1,5 @@
-"""``python -m kvbucket``: the ``kvbucket`` command (see :mod:`kvbucket.cli`)."""
+"""``python -m kvbucket``: the ``kvbucket`` command (see :mod:`kvbucket.tools.cli`)."""
 
-from .cli import main
+from .tools.cli import main
 
 main()

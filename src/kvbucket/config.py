@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from ._core.format import MAX_BUCKET_KEYS
 from .errors import InvalidArgument
-from .format import MAX_BUCKET_KEYS
 
 __all__ = ["BucketConfig", "Setting", "FIELD_SETTINGS", "coerce_field", "check_known_keys", "parse_size"]
 
@@ -103,7 +103,7 @@ class BucketConfig:
     """What a write that does not fit does: ``none`` refuses it; ``fifo``,
     ``lru`` and ``2q`` evict whole buckets: oldest written first, least
     recently used first, or 2Q (buckets written and never read leave first;
-    see :mod:`kvbucket.eviction`)."""
+    see :mod:`kvbucket.policy.eviction`)."""
     eviction_high_watermark: float = 0.995
     """Usage ratio (of the fullest limit) above which the background evictor
     runs; default ``high`` of :meth:`~kvbucket.BucketStore.evict_to_watermark`.

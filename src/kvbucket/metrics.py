@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .counters import LATENCY_BOUNDS, LOOKUP_OPS, Histogram
+from ._core.counters import LATENCY_BOUNDS, LOOKUP_OPS, Histogram
 from .errors import InvalidArgument, KvBucketError, StorageIOError, StoreClosed
 
 __all__ = ["StoreCollector", "MetricsServer", "serve_metrics", "exposition", "make_registry", "check_endpoint"]

@@ -32,7 +32,7 @@ Invariants:
 * :func:`repair_mooncake` removes only the files of buckets that the scan
   reported as broken, and only if a file is still the one that was scanned
   (same inode, size and modification time). Every unlink goes through
-  :class:`kvbucket.fs.FileSystem`, and the directory is fsynced afterwards.
+  :class:`kvbucket._core.fs.FileSystem`, and the directory is fsynced afterwards.
 * :func:`import_mooncake` never writes to the source directory.
 """
 
@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ._core.fs import FileSystem
+from ._core.quarantine import move_to_quarantine, quarantine_folder
 from .errors import CorruptionError, InvalidArgument
-from .fs import FileSystem
-from .quarantine import move_to_quarantine, quarantine_folder
 
 if TYPE_CHECKING:
     from .config import BucketConfig
@@ -303,7 +303,7 @@ def split_tenant(key: bytes) -> tuple[bytes | None, bytes]:
 def meta_kind(raw: bytes) -> str:
     """Classify the first bytes of a ``.meta`` file: ``"kvbucket"`` (our magic),
     ``"mooncake"`` (a non-empty, parseable Mooncake meta) or ``"unknown"``."""
-    from .format import META_MAGIC
+    from ._core.format import META_MAGIC
 
     if raw.startswith(META_MAGIC):
         return "kvbucket"
@@ -726,7 +726,7 @@ class ImportReport:
 
 def _import_key(raw: bytes, keep_tenant: bool) -> tuple[str | None, str]:
     """The kvbucket key for a Mooncake key, or ``(None, reason)``."""
-    from .format import MAX_KEY_BYTES
+    from ._core.format import MAX_KEY_BYTES
 
     key = raw if keep_tenant else split_tenant(raw)[1]
     if not key:
@@ -896,9 +896,9 @@ def format_evidence(path: str | os.PathLike[str], fs: FileSystem | None = None) 
     """Read (never write) what tells the engines apart in ``path``: the
     ``LOCK`` and every meta, stopping early only once both engines' evidence
     is found."""
-    from .format import META_MAGIC
-    from .format import parse_name as kv_name
-    from .lockfile import lock_identifies_store
+    from ._core.format import META_MAGIC
+    from ._core.format import parse_name as kv_name
+    from ._core.lockfile import lock_identifies_store
 
     fs = fs or FileSystem()
     root = os.fspath(path)

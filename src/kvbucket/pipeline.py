@@ -71,9 +71,10 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
-from .buffers import Buffer, value_views, writable_view
-from .counters import QueueCounters, QueueSnapshot
+from ._core.arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
+from ._core.buffers import Buffer, value_views, writable_view
+from ._core.counters import QueueCounters, QueueSnapshot
+from ._core.format import check_key
 from .errors import (
     CapacityExceeded,
     InvalidArgument,
@@ -82,7 +83,6 @@ from .errors import (
     SizeMismatch,
     StoreClosed,
 )
-from .format import check_key
 
 __all__ = ["OffloadQueue", "PipelineStats", "Callback"]
 

@@ -11,7 +11,7 @@ with the right bytes (POSIX keeps an unlinked file readable). ``close()``
 waits for the reads in flight before it stops the I/O threads.
 
 Background eviction: a writer with an eviction policy and a limit owns one
-:class:`~kvbucket.evictor.BackgroundEvictor` thread, woken by each commit
+:class:`~kvbucket._core.evictor.BackgroundEvictor` thread, woken by each commit
 that leaves usage above the high watermark.
 Each of its passes takes ``_writer`` like a foreground eviction does, for a
 bounded number of buckets, and deletes them through the same path, so the
@@ -19,7 +19,7 @@ crash-safety argument is the foreground one. ``close()`` stops and joins it
 before anything else.
 
 Leases: :meth:`BucketStore.lookup` leases the keys it finds
-(:mod:`kvbucket.lease`); every eviction chooses its victims among the
+(:mod:`kvbucket._core.lease`); every eviction chooses its victims among the
 buckets holding no leased key.
 """
 
@@ -36,27 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
-from .buffers import Buffer, value_views, writable_views
-from .checksum import crc32c_of
-from .commit import delete_bucket_files, publish_meta, write_bucket
-from .config import BucketConfig
-from .counters import CounterSnapshot, StoreCounters
-from .datafile import open_for_read, read_value
-from .errors import (
-    CapacityExceeded,
-    CorruptionError,
-    InvalidArgument,
-    KeyExists,
-    KeyNotFound,
-    ReadOnlyStore,
-    SizeMismatch,
-    StorageIOError,
-    StoreClosed,
-)
-from .eviction import Limits, Usage, make_policy
-from .evictor import BackgroundEvictor
-from .format import (
+from ._core.arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
+from ._core.buffers import Buffer, value_views, writable_views
+from ._core.checksum import crc32c_of
+from ._core.commit import delete_bucket_files, publish_meta, write_bucket
+from ._core.counters import CounterSnapshot, StoreCounters
+from ._core.datafile import open_for_read, read_value
+from ._core.evictor import BackgroundEvictor
+from ._core.format import (
     ALIGNMENT,
     HEADER_SIZE,
     MAX_BUCKET_ID,
@@ -68,13 +55,26 @@ from .format import (
     data_name,
     packed_layout,
 )
-from .fs import FileSystem
-from .grouping import OffloadGrouper
-from .index import Bucket, Index, ObjectMeta
-from .lease import Clock, LeaseTable
-from .lockfile import StoreLock, WriterLimits, read_writer_limits
-from .recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
-from .usage import PhysicalUsage, measure_store
+from ._core.fs import FileSystem
+from ._core.index import Bucket, Index, ObjectMeta
+from ._core.lease import Clock, LeaseTable
+from ._core.lockfile import StoreLock, WriterLimits, read_writer_limits
+from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
+from ._core.usage import PhysicalUsage, measure_store
+from .config import BucketConfig
+from .errors import (
+    CapacityExceeded,
+    CorruptionError,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    ReadOnlyStore,
+    SizeMismatch,
+    StorageIOError,
+    StoreClosed,
+)
+from .policy.eviction import Limits, Usage, make_policy
+from .policy.grouping import OffloadGrouper
 
 log = logging.getLogger(__name__)
 
@@ -1292,7 +1292,7 @@ def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dic
 
 def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:
     """Lock the store's ``LOCK``; create it only in a directory a writer may
-    take (:func:`~kvbucket.recovery.check_ownership`), so a refused
+    take (:func:`~kvbucket._core.recovery.check_ownership`), so a refused
     directory is left exactly as it was."""
     lock = StoreLock.open_existing(fs, directory, durable)
     if lock is None:

@@ -83,10 +83,10 @@ def crash_counts(request):
 @pytest.fixture
 def small_writes(monkeypatch):
     """Write in 8 KiB calls so one bucket is several pwritev calls."""
-    import kvbucket.fs
+    import kvbucket._core.fs
     from crash_harness import SMALL_WRITE_CHUNK
 
-    monkeypatch.setattr(kvbucket.fs, "WRITE_CHUNK", SMALL_WRITE_CHUNK)
+    monkeypatch.setattr(kvbucket._core.fs, "WRITE_CHUNK", SMALL_WRITE_CHUNK)
 
 
 def pytest_collection_modifyitems(config, items):

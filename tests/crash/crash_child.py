@@ -29,7 +29,7 @@ sys.path[:0] = [os.path.abspath(os.path.join(HERE, "..", "..", "src")), HERE]
 
 import crash_fs  # noqa: E402
 import crash_harness as H  # noqa: E402
-import kvbucket.fs  # noqa: E402
+import kvbucket._core.fs  # noqa: E402
 from crash_fs import KillFS  # noqa: E402
 from kvbucket import BucketStore  # noqa: E402
 
@@ -48,7 +48,7 @@ class Acks:
 def run_spec(spec: dict, echo: bool = False) -> int:
     acks = Acks(spec["ackpath"], echo)
     try:
-        kvbucket.fs.WRITE_CHUNK = spec.get("write_chunk", H.SMALL_WRITE_CHUNK)
+        kvbucket._core.fs.WRITE_CHUNK = spec.get("write_chunk", H.SMALL_WRITE_CHUNK)
         inner = getattr(crash_fs, spec["wrap"])() if spec.get("wrap") else None
         fs = KillFS(inner, kill_at=spec.get("kill_at"), mode=spec.get("mode", "before"))
         store = BucketStore.open(spec["path"], filesystem=fs, **spec.get("config", {}))

@@ -1,6 +1,6 @@
 """FileSystem wrappers for the crash, power-loss and fault-injection harnesses.
 
-Everything here plugs into the store's I/O seam, :class:`kvbucket.fs.FileSystem`
+Everything here plugs into the store's I/O seam, :class:`kvbucket._core.fs.FileSystem`
 (``BucketStore.open(path, filesystem=fs)``):
 
 * :class:`ForwardingFS` forwards every primitive to an inner FileSystem, so
@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kvbucket.fs import FileSystem
+from kvbucket._core.fs import FileSystem
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC

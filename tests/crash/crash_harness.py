@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from kvbucket import BucketStore
+from kvbucket._core.format import LOCK_NAME, META_MAGIC, QUARANTINE_DIR, data_name, meta_name, parse_name
 from kvbucket.errors import CorruptionError, KeyNotFound, KvBucketError
-from kvbucket.format import LOCK_NAME, META_MAGIC, QUARANTINE_DIR, data_name, meta_name, parse_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))

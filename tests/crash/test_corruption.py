@@ -17,8 +17,8 @@ import pytest
 
 import crash_harness as H
 from kvbucket import BucketStore
+from kvbucket._core.format import BucketMeta, MetaRecord, decode_meta, encode_meta
 from kvbucket.errors import CorruptionError
-from kvbucket.format import BucketMeta, MetaRecord, decode_meta, encode_meta
 
 FOREIGN_FILES = {
     "05.meta": b"foreign: leading zero",

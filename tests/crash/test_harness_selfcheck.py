@@ -51,14 +51,14 @@ def test_checker_flags_a_resurrected_or_unknown_key(tmp_path):
 
 
 def test_checker_flags_a_leak_and_a_wrong_report(tmp_path, monkeypatch):
-    import kvbucket.recovery
+    import kvbucket._core.recovery
 
     path = H.fresh_dir(str(tmp_path / "s"))
     k = H.make_key("a", 10)
     b = _store_with(path, {k: H.value_for(k)})
     with open(os.path.join(path, f"{b + 1}.bucket"), "wb") as f:
         f.write(b"orphan")
-    monkeypatch.setattr(kvbucket.recovery, "unlink_if_present", lambda fs, p: None)
+    monkeypatch.setattr(kvbucket._core.recovery, "unlink_if_present", lambda fs, p: None)
     res = H.check_recovered(path, H.Expectation(live={k}), post_ops=False)
     assert any("not accounted for" in f for f in res.failures), res.failures
     assert any("removed_files" in f for f in res.failures), res.failures

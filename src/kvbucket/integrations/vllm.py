@@ -48,7 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any, ClassVar, TypeVar
 
-from ..buffers import byte_view
+from .._core.buffers import byte_view
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
@@ -76,7 +76,7 @@ _VLLM_COUNTERS: dict[str, tuple[str, Callable[[Any], int]]] = {
     "vllm:kvbucket_written_chunks": ("Chunks the kvbucket tier committed to disk", lambda c: c.written_objects),
     "vllm:kvbucket_checksum_failures": ("Chunks whose bytes failed their checksum", lambda c: c.checksum_failures),
 }
-"""vLLM counter name -> (documentation, its running total in a :class:`~kvbucket.counters.CounterSnapshot`)."""
+"""vLLM counter name -> (documentation, its running total in a :class:`~kvbucket._core.counters.CounterSnapshot`)."""
 
 _VLLM_GAUGES: dict[str, tuple[str, Callable[[Any], int]]] = {
     "vllm:kvbucket_logical_bytes": ("Value bytes the kvbucket tier holds", lambda s: s.logical_bytes),

@@ -7,9 +7,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..format import FileKind, parse_name
-from ..fs import FileSystem
-from ..simfs import SimulatedFileSystem
+from .._core.format import FileKind, parse_name
+from .._core.fs import FileSystem
+from .simfs import SimulatedFileSystem
 
 __all__ = ["WriteCounts", "CountingFileSystem", "CountingSimulatedFileSystem"]
 

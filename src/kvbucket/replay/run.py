@@ -47,7 +47,7 @@ class ReplayOptions:
     """Land each write-back after the next request's lookup (background
     write-back), not before the next request arrives."""
     simulate: bool = False
-    """Run the store on :class:`~kvbucket.simfs.SimulatedFileSystem` instead of a directory."""
+    """Run the store on :class:`~kvbucket.replay.simfs.SimulatedFileSystem` instead of a directory."""
     directory: str | None = None
     """Where real stores are created (a temporary sub-directory each,
     removed afterwards); None uses the system's temporary directory."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 __all__ = ["Buffer", "byte_view", "value_views", "writable_view", "writable_views"]
 

@@ -8,7 +8,7 @@ After :func:`repair`, the directory holds only ``LOCK``, foreign files
 (never touched), the quarantine folder, and complete bucket pairs whose meta
 verifies and whose data file has the recorded length; and no key is listed
 by two metas. A file is ours only by its name *and*, for a meta, its content
-(:func:`kvbucket.format.meta_is_ours`); a writer acts only on a directory
+(:func:`kvbucket._core.format.meta_is_ours`); a writer acts only on a directory
 that :func:`check_ownership` accepts. The rules and their arguments are in
 docs/FORMAT.md, "Recovery".
 """
@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from . import mooncake
+from .. import mooncake
+from ..errors import CorruptionError, ForeignDirectory, ForeignEntry, MooncakeDirectory
 from .checksum import crc32c
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
-from .errors import CorruptionError, ForeignDirectory, ForeignEntry, MooncakeDirectory
 from .format import (
     HEADER_SIZE,
     LOCK_NAME,

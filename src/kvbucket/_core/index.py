@@ -50,7 +50,7 @@ class Bucket:
     data_length: int
     """Length of the data file as the meta records it."""
     aligned: bool
-    """Values start on :data:`~kvbucket.format.ALIGNMENT` boundaries (direct I/O)."""
+    """Values start on :data:`~kvbucket._core.format.ALIGNMENT` boundaries (direct I/O)."""
     physical: int
     """Allocated bytes of the data and meta files (``st_blocks * 512``)."""
     keys: list[str] = field(default_factory=list)

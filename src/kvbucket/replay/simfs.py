@@ -1,6 +1,6 @@
 """An in-memory stand-in for a store directory, for capacity planning.
 
-:class:`SimulatedFileSystem` implements every :class:`~kvbucket.fs.FileSystem`
+:class:`SimulatedFileSystem` implements every :class:`~kvbucket._core.fs.FileSystem`
 primitive in memory, so a :class:`~kvbucket.BucketStore` runs its own code
 (grouping, commit protocol, recovery, eviction) without touching a disk.
 Data files (``*.bucket``) keep only their length: reads of them return
@@ -21,8 +21,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .format import FileKind, parse_name
-from .fs import FileSystem
+from .._core.format import FileKind, parse_name
+from .._core.fs import FileSystem
 
 __all__ = ["SimulatedFileSystem", "BLOCK_SIZE"]
 

@@ -1,6 +1,6 @@
 """The demo: offload a synthetic KV-cache, kill the writer mid-bucket, recover.
 
-Run ``python -m kvbucket.demo [DIR]`` (the README's first command). Without
+Run ``python -m kvbucket.tools.demo [DIR]`` (the README's first command). Without
 DIR it uses a fresh folder under the system temp directory and removes it at
 the end; a DIR it is given is kept. It says where it writes and how much
 (about 400 MiB with the default 1 MiB pages). Steps:
@@ -30,8 +30,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from . import BucketStore
-from .fs import FileSystem
+from .. import BucketStore
+from .._core.fs import FileSystem
 
 DEFAULT_PAGE_KIB = 1024
 PAGES_PER_BUCKET = 32
@@ -87,7 +87,7 @@ def _writer(directory: str, page: int) -> None:
 def _kill_writer_midway(directory: str, page: int) -> list[range]:
     """Run the writer, kill it mid-bucket, return the acknowledged page ranges."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "kvbucket.demo", "--writer", directory, "--page-kib", str(page >> 10)],
+        [sys.executable, "-m", "kvbucket.tools.demo", "--writer", directory, "--page-kib", str(page >> 10)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -180,8 +180,8 @@ def run(directory: str, page: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m kvbucket.demo``."""
-    parser = argparse.ArgumentParser(prog="python -m kvbucket.demo", description=__doc__.splitlines()[0])
+    """Entry point of ``python -m kvbucket.tools.demo``."""
+    parser = argparse.ArgumentParser(prog="python -m kvbucket.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "directory", nargs="?", help="store directory, kept afterwards (default: a new folder under the temp dir, removed afterwards)"
     )

@@ -8,7 +8,7 @@ would be its one-character substrings).
 
 Lookups (``exists``, ``batch_exists``, ``batch_query``) only need each key to
 be a ``str``: a ``str`` that could never be stored (empty, too long) is simply
-not found. Everything else applies :func:`~kvbucket.format.check_key` in full.
+not found. Everything else applies :func:`~kvbucket._core.format.check_key` in full.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 from .format import check_key
 
 __all__ = ["check_lookup_key", "lookup_keys", "key_list", "key_mapping", "key_value_pairs"]
@@ -44,12 +44,12 @@ def lookup_keys(keys: object, method: str) -> Sequence[str]:
 
 
 def key_list(keys: object, method: str) -> list[str]:
-    """``keys`` as a list, each one passing :func:`~kvbucket.format.check_key`."""
+    """``keys`` as a list, each one passing :func:`~kvbucket._core.format.check_key`."""
     return [check_key(key) for key in _check_collection(keys, method)]
 
 
 def key_mapping(mapping: object, method: str) -> Mapping[str, Any]:
-    """``mapping`` itself, once it is a mapping whose keys pass :func:`~kvbucket.format.check_key`."""
+    """``mapping`` itself, once it is a mapping whose keys pass :func:`~kvbucket._core.format.check_key`."""
     if not isinstance(mapping, Mapping):
         raise InvalidArgument(f"{method} takes a mapping (for example a dict) keyed by str keys; got {type(mapping).__name__} {mapping!r:.60}")
     for key in mapping:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import ForeignEntry
+from ..errors import ForeignEntry
 from .format import QUARANTINE_DIR
 from .fs import FileSystem
 

@@ -409,7 +409,7 @@ def py_read(path: str, wl: Workload, dests: list[memoryview], direct: bool, pool
 
 def open_store(path: str, wl: Workload, durability: str, io_mode: str, **extra: Any) -> Any:
     """Open a :class:`~kvbucket.BucketStore` shaped for ``wl``."""
-    from . import BucketStore
+    from .. import BucketStore
 
     return BucketStore.open(
         path,

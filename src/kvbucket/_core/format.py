@@ -24,8 +24,8 @@ from itertools import accumulate
 from operator import add, le
 from typing import NamedTuple
 
+from ..errors import CorruptionError, InvalidArgument
 from .checksum import crc32c
-from .errors import CorruptionError, InvalidArgument
 
 __all__ = [
     "FileKind",

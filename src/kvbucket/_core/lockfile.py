@@ -40,8 +40,8 @@ import struct
 import threading
 from typing import NamedTuple
 
+from ..errors import ForeignEntry, StoreLocked
 from .checksum import crc32c
-from .errors import ForeignEntry, StoreLocked
 from .format import LOCK_NAME, MAX_BUCKET_ID
 from .fs import FileSystem
 

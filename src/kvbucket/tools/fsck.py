@@ -20,15 +20,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import mooncake
-from .checksum import crc32c
-from .format import LOCK_NAME, data_name
-from .fs import FileSystem
-from .index import Index, ObjectMeta
-from .recovery import DirectoryScan, Finding, build_index, scan_directory
+from .. import mooncake
+from .._core.checksum import crc32c
+from .._core.format import LOCK_NAME, data_name
+from .._core.fs import FileSystem
+from .._core.index import Index, ObjectMeta
+from .._core.recovery import DirectoryScan, Finding, build_index, scan_directory
 
 if TYPE_CHECKING:
-    from .store import BucketStore
+    from ..store import BucketStore
 
 __all__ = ["KV_PROBLEM_KINDS", "FsckReport", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
 

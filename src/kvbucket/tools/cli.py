@@ -45,14 +45,15 @@ from typing import Any, NoReturn, TypeVar
 import click
 from tqdm import tqdm
 
-from . import fsck, mooncake
-from .config import parse_size
-from .errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
-from .store import BucketStore
+from .. import mooncake
+from ..config import parse_size
+from ..errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
+from ..store import BucketStore
+from . import fsck
 
 __all__ = ["main", "cli", "escape_key", "unescape_key"]
 
-log = logging.getLogger("kvbucket.cli")  # also when run as `python -m kvbucket.cli`
+log = logging.getLogger("kvbucket.tools.cli")  # also when run as `python -m kvbucket.tools.cli`
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head`
@@ -532,7 +533,7 @@ def stats(directory: str, prometheus: bool, fmt: str, as_json: bool) -> int:
 
 def _prometheus_stats(path: Path, fmt: str, as_json: bool) -> int:
     """``stats --prometheus``: one exposition of a readonly open."""
-    from .metrics import exposition  # prometheus_client is needed only here
+    from ..metrics import exposition  # prometheus_client is needed only here
 
     if as_json:
         raise Failure("--prometheus and --json are two output formats; give one of them")
@@ -802,7 +803,7 @@ def bench(
     on the same workload, and print both with their ratio.
 
     Only a scratch sub-directory is written, and it is removed afterwards."""
-    from . import bench as bench_module  # heavy imports only when benchmarking
+    from . import bench as bench_module
 
     log.info("benchmarking the disk under %s: %d-byte objects, %d bytes a pass", directory or "the temp dir", object_size, total)
     try:
@@ -866,8 +867,8 @@ def replay(
     TRACE is a Mooncake-format JSONL file (.xz and .gz too); without it,
     the Mooncake synthetic trace shipped with kvbucket. Without a capacity,
     5% to 30% of the trace's distinct blocks. See docs/CAPACITY_PLANNING.md."""
-    from . import replay as replay_module  # imported on use: the other commands do not need it
-    from .replay.report import MissingPlotLibrary, format_report, plot_reports
+    from .. import replay as replay_module
+    from ..replay.report import MissingPlotLibrary, format_report, plot_reports
 
     loaded = replay_module.read_trace(trace or replay_module.default_trace_path())
     distinct = loaded.distinct_blocks

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .index import Bucket
+from .._core.index import Bucket
 
 __all__ = ["Usage", "Limits", "EvictionPolicy", "POLICIES", "make_policy"]
 
