@@ -1,0 +1,1 @@
+"""The programs: the ``kvbucket`` command, directory checks, the benchmark and the demo."""
