@@ -60,7 +60,7 @@ from ._core.index import Bucket, Index, ObjectMeta
 from ._core.lease import Clock, LeaseTable
 from ._core.lockfile import StoreLock, WriterLimits, read_writer_limits
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
-from ._core.usage import PhysicalUsage, measure_store
+from ._core.du import PhysicalUsage, measure_store
 from .config import BucketConfig
 from .errors import (
     CapacityExceeded,
