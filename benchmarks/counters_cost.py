@@ -67,7 +67,7 @@ def run_once(root: str, objects: int, counted: bool, exists_rounds: int) -> dict
     try:
         store = BucketStore.open(path, durability="relaxed", bucket_keys_limit=BATCH)
         if not counted:
-            store._counters = NoCounters()
+            store._catalog.counters = NoCounters()
         with store:
             times = {
                 "offload": timed(lambda: [store.batch_offload({k: value for k in batch}) for batch in batches]),

@@ -199,14 +199,14 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
     store.batch_offload({"a": value_for("a", SIZE), "b": value_for("b", SIZE)})
     assert store.batch_get(["a", "b"]) == {"a": value_for("a", SIZE), "b": value_for("b", SIZE)}  # starts the I/O pool
     looked_up, proceed = threading.Event(), threading.Event()
-    start_lanes = store._executor
+    start_lanes = store._reads.executor
 
     def pausing_executor():  # type: ignore[no-untyped-def]
         looked_up.set()  # called only after the lookup pinned the buckets
         proceed.wait()
         return start_lanes()
 
-    store._executor = pausing_executor  # type: ignore[method-assign]
+    store._reads.executor = pausing_executor  # type: ignore[method-assign]
     buffers = {"a": bytearray(SIZE), "b": bytearray(SIZE)}
     errors: list[BaseException] = []
 
@@ -221,7 +221,7 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
         proceed.set()  # close() returned without waiting for the load
 
     waiting = _SetOnRecord("read(s) in flight", proceed)  # or close() waits for it
-    store_log = logging.getLogger("kvbucket.store")
+    store_log = logging.getLogger("kvbucket._core.read_path")
     level = store_log.level
     store_log.setLevel(logging.DEBUG)
     store_log.addHandler(waiting)

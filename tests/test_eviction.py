@@ -9,7 +9,8 @@ import pytest
 
 from kvbucket import BucketConfig, BucketStore
 from kvbucket._core.index import Bucket
-from kvbucket.policy.eviction import MAIN, POLICIES, PROBATION, EvictionPolicy, Limits, TwoQueue, Usage, make_policy
+from kvbucket._core.space import Limits, Usage
+from kvbucket.policy.eviction import MAIN, POLICIES, PROBATION, EvictionPolicy, TwoQueue, make_policy
 from storeutil import value_for
 
 SIZE = 100

@@ -1,22 +1,26 @@
 """BucketStore: the public face of kvbucket.
 
-Concurrency: ``_mutex`` guards the index and bucket descriptors and is held
-only for in-memory work (and opening a read descriptor). ``_writer``
-serialises everything that changes the directory: offload, removal,
-deletion, eviction, compaction. Reads take neither during I/O: they *pin*
-their buckets under ``_mutex``, read through the pinned descriptor, and
-unpin. A bucket deleted meanwhile is unlinked at once, but its descriptor
-stays open until the last pin goes, so a read that has started completes
-with the right bytes (POSIX keeps an unlinked file readable). ``close()``
-waits for the reads in flight before it stops the I/O threads.
+A store composes four components, each owning its state and its lock:
 
-Background eviction: a writer with an eviction policy and a limit owns one
-:class:`~kvbucket._core.evictor.BackgroundEvictor` thread, woken by each commit
-that leaves usage above the high watermark.
-Each of its passes takes ``_writer`` like a foreground eviction does, for a
-bounded number of buckets, and deletes them through the same path, so the
-crash-safety argument is the foreground one. ``close()`` stops and joins it
-before anything else.
+* the catalog (:mod:`kvbucket._core.catalog`): the index, leases, the access
+  clock, the policy's state, the counters, under the *index lock*, held only
+  for in-memory work (and opening a read descriptor);
+* the read path (:mod:`kvbucket._core.read_path`): read descriptors, pins and
+  the I/O threads, under its own lock;
+* the space account (:mod:`kvbucket._core.space`): limits and the usage the
+  index does not hold, under its own lock;
+* eviction (:mod:`kvbucket._core.eviction`): victims from the policy
+  (:mod:`kvbucket.policy.eviction`), two-phase eviction, the background evictor.
+
+Lock order: ``_writer``, then the index lock, then the read path's lock,
+then the space account's lock. ``_writer`` serialises everything that
+changes the directory: offload, removal, deletion, eviction, compaction.
+Reads take neither ``_writer`` nor the index lock during I/O: they pin
+their buckets, read through the pinned descriptors, and unpin. A bucket
+deleted meanwhile is unlinked at once, but its descriptor stays open until
+the last pin goes, so a read that has started completes with the right
+bytes. ``close()`` stops the background evictor, then waits for the reads in
+flight before it stops the I/O threads.
 
 Leases: :meth:`BucketStore.lookup` leases the keys it finds
 (:mod:`kvbucket._core.lease`); every eviction chooses its victims among the
@@ -27,71 +31,54 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ._core.arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
+from ._core.bucket_files import BucketFiles
 from ._core.buffers import Buffer, value_views, writable_views
+from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
-from ._core.commit import delete_bucket_files, publish_meta, write_bucket
-from ._core.counters import CounterSnapshot, StoreCounters
-from ._core.datafile import open_for_read, read_value
-from ._core.evictor import BackgroundEvictor
+from ._core.counters import CounterSnapshot
+from ._core.eviction import Eviction, EvictionListener
 from ._core.format import (
     ALIGNMENT,
     HEADER_SIZE,
-    MAX_BUCKET_ID,
     RECORD_SIZE,
     BucketMeta,
-    MetaRecord,
     aligned_layout,
     check_key,
-    data_name,
     packed_layout,
 )
-from ._core.fs import FileSystem
-from ._core.index import Bucket, Index, ObjectMeta
-from ._core.lease import Clock, LeaseTable
-from ._core.lockfile import StoreLock, WriterLimits, read_writer_limits
+from ._core.fs import FileSystem, run_io
+from ._core.index import Bucket, ObjectMeta
+from ._core.lease import Clock
+from ._core.lockfile import StoreLock, WriterLimits
+from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
-from ._core.du import PhysicalUsage, measure_store
+from ._core.space import Limits, Space, Usage
 from .config import BucketConfig
 from .errors import (
-    CapacityExceeded,
-    CorruptionError,
     InvalidArgument,
     KeyExists,
     KeyNotFound,
     ReadOnlyStore,
-    SizeMismatch,
     StorageIOError,
-    StoreClosed,
 )
-from .policy.eviction import Limits, Usage, make_policy
+from .policy.eviction import make_policy
 from .policy.grouping import OffloadGrouper
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BucketStore", "StoreStats"]
+__all__ = ["BucketStore", "StoreStats", "EvictionListener"]
 
-BACKGROUND_EVICTION_BATCH = 8
-"""Most buckets one background eviction pass deletes while holding the writer lock."""
-
-MAX_OPEN_DESCRIPTORS = 256
-"""Read descriptors kept open across calls; older unpinned ones are closed."""
-
-_T = TypeVar("_T")
 Value = Buffer | Sequence[Buffer]
 Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
-Callback = Callable[[list[str]], object]
-_Read = tuple[Bucket, str, ObjectMeta, list[memoryview]]
-"""One object to read: its pinned bucket, key, location and destination pieces."""
 
 
 @dataclass(frozen=True)
@@ -151,42 +138,31 @@ class BucketStore:
     def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None) -> None:
         self._config = config
         self._fs = fs
-        self._lock = lock
+        self._lock = lock  # the writer's LOCK; None when readonly
         self._dir = os.fspath(config.path)
-        self._index = Index()
-        self._mutex = threading.Lock()
-        self._writer = threading.RLock()
-        # Reads counted from their lookup (under _mutex) to their unpin. close()
-        # shuts the I/O pool down only once this is 0 with _closed set, so no read
-        # submits to a shut-down pool and none starts after close().
-        self._reads_in_flight = 0
-        self._reads_done = threading.Condition(self._mutex)
-        # Buckets with an open read descriptor, least recently used first. Keyed
-        # by the Bucket itself, not its id: after a refresh the retired bucket
-        # and its replacement share an id, and each closes only its own descriptor.
-        self._descriptors: OrderedDict[Bucket, None] = OrderedDict()
-        self._pool: ThreadPoolExecutor | None = None
-        self._closed = False
-        self._clock = 0
-        self._next_id = 1
-        self._other_physical = 0
-        self._dir_physical = 0
-        self._measured = PhysicalUsage()
-        self._scan_error: OSError | None = None
-        self._warned: set[str] = set()
-        self._warned_foreign = False
-        self._undeleted: dict[int, int] = {}  # out of the index, files not yet deleted -> allocated bytes
-        self._evicted = [0, 0]
-        self._counters = StoreCounters()  # bumped under _mutex
-        self._limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
-        self._limits_known = True
-        self._policy = make_policy(config.eviction_policy, self._limits)
-        self._grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
-        self._leases = LeaseTable(clock or time.monotonic)  # guarded by _mutex
-        self._eviction_listeners: list[Callback] = []
-        self._evictor: BackgroundEvictor | None = None
-        self._evictor_errors = 0
-        self._evictor_error: str | None = None
+        self._durable = config.durability == "strict"
+        self._writer = threading.RLock()  # serialises every change to the directory
+        limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
+        policy = make_policy(config.eviction_policy, limits)
+        grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
+        direct = config.io_mode == "direct"
+        # The components call back into those created after them through these lambdas.
+        self._reads = ReadPath(
+            fs,
+            self._dir,
+            io_threads=config.io_threads,
+            direct=direct,
+            verify=config.verify_checksums,
+            on_corrupt=lambda truncated: self._catalog.corrupt(truncated),
+        )
+        self._catalog = Catalog(self._dir, policy, grouper, self._reads, clock or time.monotonic)
+        self._space = Space(fs, self._dir, limits, self._catalog.usage, count_foreign=config.physical_scope == "directory")
+        self._files = BucketFiles(
+            fs, self._dir, lock, self._catalog, self._space, durable=self._durable, direct=direct, committed=lambda: self._eviction.committed()
+        )
+        self._eviction: Eviction = Eviction(
+            self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation
+        )
         self.recovery_report = RecoveryReport()
 
     # -- opening and closing ------------------------------------------------
@@ -224,52 +200,36 @@ class BucketStore:
             if lock is not None:
                 lock.release()
             raise
-        store._start_background_eviction()
+        store._eviction.start()
         return store
 
     def _recover(self) -> None:
-        scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
+        scan = run_io("scanning", self._dir, lambda: scan_directory(self._dir, self._fs))
         index = build_index(scan)
         if self._lock is not None:
-            lock, durable = self._lock, self._durable
+            lock, durable, limits = self._lock, self._durable, self._space.limits
             check_ownership(scan, lock)
-            self._io("claiming the store", lock.claim)
-            limits = WriterLimits(self._limits.logical, self._limits.physical, self._limits.keys)
-            self._io("recording the limits", lambda: lock.record_limits(limits))
-            self.recovery_report = self._io(
-                "recovering", lambda: repair(self._fs, scan, index, lock, quarantine=self._config.quarantine, durable=durable)
+            run_io("claiming the store", self._dir, lock.claim)
+            run_io("recording the limits", self._dir, lambda: lock.record_limits(WriterLimits(limits.logical, limits.physical, limits.keys)))
+            self.recovery_report = run_io(
+                "recovering", self._dir, lambda: repair(self._fs, scan, index, lock, quarantine=self._config.quarantine, durable=durable)
             )
-            self._next_id = max(lock.high_water_mark, scan.max_id) + 1
+            self._files.resume_ids(max(lock.high_water_mark, scan.max_id))
         else:
             self.recovery_report = RecoveryReport(buckets=len(index.buckets), keys=len(index), foreign_files=list(scan.foreign))
-            self._read_writer_limits()
-        self._install(index)
-        self._reconcile_physical()
-
-    def _read_writer_limits(self) -> None:
-        """A readonly store reports the limits its writer last recorded (none
-        enforced here): ``kvbucket stats`` shows what the writer runs with."""
-        recorded = self._io("reading LOCK", lambda: read_writer_limits(self._fs, self._dir))
-        self._limits_known = recorded is not None
-        self._limits = Limits(*(recorded or (0, 0, 0)))
-
-    def _install(self, index: Index) -> None:
-        """Replace the index (on open and refresh)."""
-        with self._mutex:
-            old, self._index = self._index, index
-            self._clock = len(index.buckets)
-            for bucket in old.buckets.values():
-                self._retire(bucket)
+            run_io("reading LOCK", self._dir, self._space.adopt_recorded)
+        self._catalog.install(index)
+        self._space.reconcile()
 
     def refresh(self) -> None:
         """Re-read the directory (readonly stores: see buckets committed since open)."""
-        self._check_open()
-        scan = self._io("scanning", lambda: scan_directory(self._dir, self._fs))
+        self._catalog.check_open()
+        scan = run_io("scanning", self._dir, lambda: scan_directory(self._dir, self._fs))
         with self._writer:
             if self._config.readonly:
-                self._read_writer_limits()
-            self._install(build_index(scan))
-            self._reconcile_physical()
+                run_io("reading LOCK", self._dir, self._space.adopt_recorded)
+            self._catalog.install(build_index(scan))
+            self._space.reconcile()
 
     def close(self) -> None:
         """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`.
@@ -277,35 +237,14 @@ class BucketStore:
         The background evictor is stopped and joined first (a pass in
         progress completes), before the I/O threads stop.
         """
-        if self._evictor is not None:
-            self._evictor.stop()
+        self._eviction.stop()
         with self._writer:
-            with self._mutex:
-                if self._closed:
-                    return
-                self._closed = True
-                for bucket in list(self._index.buckets.values()):
-                    self._retire(bucket)
-                self._wait_for_reads_locked()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._close_quietly("finishing deletions", self._finish_deletions)
+            if not self._catalog.close():
+                return
+            self._reads.close()
+            _close_quietly(self._dir, "finishing deletions", self._files.finish_deletions)
             if self._lock is not None:
-                self._close_quietly("releasing the writer lock", self._lock.release)
-
-    def _wait_for_reads_locked(self) -> None:
-        """Wait (releasing ``_mutex``) until every read in flight has unpinned."""
-        if self._reads_in_flight:
-            log.debug("closing %s waits for %d read(s) in flight", self._dir, self._reads_in_flight)
-        while self._reads_in_flight:
-            self._reads_done.wait()
-
-    def _close_quietly(self, what: str, step: Callable[[], None]) -> None:
-        """A close step that fails is logged: what it leaves, the next open repairs."""
-        try:
-            step()
-        except OSError as exc:
-            log.warning("%s of %s failed while closing: %s", what, self._dir, exc)
+                _close_quietly(self._dir, "releasing the writer lock", self._lock.release)
 
     def __enter__(self) -> BucketStore:
         return self
@@ -325,13 +264,11 @@ class BucketStore:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._catalog.closed
 
     def __len__(self) -> int:
         """The number of stored keys."""
-        with self._mutex:
-            self._check_open()
-            return len(self._index)
+        return self._catalog.count()
 
     def __bool__(self) -> bool:
         """Always true, even when empty: ``if store:`` keeps meaning "is not None"."""
@@ -342,20 +279,20 @@ class BucketStore:
         return self.exists(key)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        # No lock and no I/O: safe while _mutex or _writer is held (logging,
-        # a debugger); the counts are a snapshot of one index.
+        # No lock and no I/O: safe while any lock is held (logging, a
+        # debugger); the counts are a snapshot of one index.
         mode = "readonly" if self._config.readonly else "writer"
-        if self._closed:
+        if self._catalog.closed:
             return f"<BucketStore {self._dir!r} {mode}, closed>"
-        index = self._index
-        return f"<BucketStore {self._dir!r} {mode}, {len(index)} keys in {len(index.buckets)} buckets>"
+        keys, buckets = self._catalog.shape()
+        return f"<BucketStore {self._dir!r} {mode}, {keys} keys in {buckets} buckets>"
 
     # -- writing --------------------------------------------------------------
     def batch_offload(
         self,
         objects: Objects,
         on_complete: Callable[[list[str], list[ObjectMeta]], object] | None = None,
-        on_evict: Callback | None = None,
+        on_evict: EvictionListener | None = None,
         on_duplicate: str = "error",
     ) -> int | None:
         """Write ``objects`` as one new bucket; return its id once it is durable.
@@ -374,46 +311,31 @@ class BucketStore:
         started = time.perf_counter()
         batch = _prepare_batch(objects)
         with self._writer:
-            self._check_writable()
-            batch = self._without_stored(batch, skip=on_duplicate == "skip")
+            self._begin_mutation()
+            batch = _without_stored(batch, self._catalog.stored(o.key for o in batch), skip=on_duplicate == "skip")
             if not batch:
                 return None
-            self._check_bucket_limits(batch)
+            _check_bucket_limits(batch, self._config)
             aligned = self._config.io_mode == "direct"
             offsets, length = (aligned_layout if aligned else packed_layout)([o.size for o in batch])
-            need = Usage(sum(o.size for o in batch), _physical_estimate(batch, length), len(batch))
-            self._make_room(need, on_evict)
-            bucket_id = self._allocate_id()
+            self._eviction.make_room(Usage(sum(o.size for o in batch), _physical_estimate(batch, length), len(batch)), on_evict)
+            bucket_id = self._files.allocate_id()
             meta = BucketMeta.from_columns(
                 bucket_id, length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I")
             )
             # The checksums are needed only for the meta: compute them while the data is written.
-            checksums = self._executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
-            physical = self._io(
-                f"writing bucket {bucket_id}",
-                lambda: write_bucket(
-                    self._fs, self._dir, meta, [o.views for o in batch], direct=aligned, durable=self._durable, checksums=checksums.result
-                ),
-            )
-            bucket = self._commit(meta, physical, started)
-            self._track_directory_growth()
+            checksums = self._reads.executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
+            bucket = self._files.add(meta, [o.views for o in batch], checksums.result, started)
+            self._space.track_directory_growth()
             if on_complete is not None:
                 self._notify_complete(bucket, meta, on_complete)
             return bucket_id
 
-    def _commit(self, meta: BucketMeta, physical: int, started: float | None = None) -> Bucket:
-        bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
-        with self._mutex:
-            self._index.add_bucket(bucket, meta)
-            self._touch(bucket)
-            self._counters.wrote(len(bucket.keys), bucket.logical, None if started is None else time.perf_counter() - started)
-            self._policy.committed(bucket)
-            above_high = self._limits.ratio(self._usage_locked()) > self._config.eviction_high_watermark
-        if self._evictor is not None and (above_high or self._evictor_error is not None):
-            self._evictor.wake()  # after a failed run, the next commit retries (and clears the error)
-        return bucket
-
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
+        """Run ``on_complete``; roll the bucket back if it raises.
+
+        Requires: ``_writer`` held.
+        """
         keys = list(meta.keys)
         metas = [ObjectMeta(meta.bucket_id, *fields) for fields in zip(meta.offsets, meta.sizes, meta.crcs)]
         try:
@@ -421,43 +343,10 @@ class BucketStore:
         except BaseException:
             log.warning("on_complete failed for bucket %d; rolling it back", bucket.bucket_id)
             try:
-                self._delete_buckets([bucket])
+                self._files.delete([bucket])
             except StorageIOError as exc:  # the callback's error is the one to report
                 log.error("rolling back bucket %d failed (%s); the next open removes it only if it is damaged", bucket.bucket_id, exc)
             raise
-
-    def _without_stored(self, batch: list[_Object], skip: bool) -> list[_Object]:
-        with self._mutex:
-            stored = [o.key for o in batch if o.key in self._index]
-        if stored and not skip:
-            raise KeyExists(f"key {stored[0]!r} is already stored" + (f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""))
-        if not stored:
-            return batch
-        skipped = set(stored)
-        return [o for o in batch if o.key not in skipped]
-
-    def _check_bucket_limits(self, batch: list[_Object]) -> None:
-        if len(batch) == 1:
-            return
-        size = sum(o.size for o in batch)
-        if len(batch) > self._config.bucket_keys_limit:
-            raise InvalidArgument(f"batch of {len(batch)} objects exceeds bucket_keys_limit={self._config.bucket_keys_limit}")
-        if size > self._config.bucket_size_limit:
-            raise InvalidArgument(
-                f"batch of {size} value bytes exceeds bucket_size_limit={self._config.bucket_size_limit}; "
-                "split it (group_for_offload does)"
-            )
-
-    def _allocate_id(self) -> int:
-        if self._next_id > MAX_BUCKET_ID:
-            raise CapacityExceeded(
-                f"bucket ids of {self._dir} are used up to the limit {MAX_BUCKET_ID}: files with huge ids "
-                "were put in the directory. Copy the objects into a new store (or, with no writer "
-                "running, remove the files with the highest ids and LOCK, which records them)."
-            )
-        bucket_id = self._next_id
-        self._next_id += 1
-        return bucket_id
 
     # -- reading --------------------------------------------------------------
     def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
@@ -480,173 +369,30 @@ class BucketStore:
         keys = key_list(keys, "batch_get")
         if not keys:
             raise InvalidArgument("batch_get needs at least one key")
-        with self._mutex:
-            self._check_open()
-            try:
-                sizes = {key: self._meta_locked(key).size for key in keys}
-            except KeyNotFound:
-                self._counters.looked_up("get", 0, 1)
-                raise
-        buffers = {key: bytearray(size) for key, size in sizes.items()}
+        buffers = {key: bytearray(size) for key, size in self._catalog.sizes(keys, "get").items()}
         self._read({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
         return {key: bytes(buf) for key, buf in buffers.items()}
 
     def _read(self, views: dict[str, list[memoryview]], op: str) -> None:
+        """Pin, read and unpin: the read of one call (``op`` names it in the counters)."""
         started = time.perf_counter()
-        plan = self._pin(views, op)
-        done: tuple[int, int, float] | None = None  # objects, bytes, start of a read that succeeded
+        plan = self._catalog.pin(views, op)
+        succeeded: float | None = None
         try:
-            self._run_reads(plan)
-            done = (len(plan), sum(meta.size for _, _, meta, _ in plan), started)
+            self._reads.run(plan)
+            succeeded = started
         finally:
-            self._unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values(), views, done)
-
-    def _pin(self, views: dict[str, list[memoryview]], op: str) -> list[_Read]:
-        """Look up every key (counting hits and misses of ``op``) and pin its
-        bucket, all under one lock hold; the read is in flight until :meth:`_unpin`."""
-        plan: list[_Read] = []
-        with self._mutex:
-            self._check_open()
-            nbytes = 0
-            for key, view in views.items():
-                size = sum(len(piece) for piece in view)
-                try:
-                    meta = self._meta_locked(key)
-                except KeyNotFound:
-                    self._counters.looked_up(op, len(plan), 1, nbytes, size if op == "load" else 0)
-                    raise
-                if size != meta.size:
-                    raise SizeMismatch(f"buffer for key {key!r} is {size} bytes; the object is {meta.size}")
-                plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
-                nbytes += size
-            self._counters.looked_up(op, len(plan), 0, nbytes)
-            pinned: list[Bucket] = []
-            try:
-                for bucket in {id(b): b for b, _, _, _ in plan}.values():
-                    self._open_descriptor(bucket)
-                    bucket.pins += 1
-                    pinned.append(bucket)
-                    self._touch(bucket)
-                    self._policy.read(bucket)
-            except BaseException:
-                self._unpin_locked(pinned)
-                raise
-            self._reads_in_flight += 1
-        return plan
-
-    def _run_reads(self, plan: list[_Read]) -> None:
-        if len(plan) == 1 or self._config.io_threads == 1:
-            for item in plan:
-                self._read_one(*item)
-            return
-        plan = sorted(plan, key=lambda item: (item[2].bucket_id, item[2].offset))
-        lanes = min(self._config.io_threads, len(plan))
-        futures = [self._executor().submit(self._read_lane, plan[lane::lanes]) for lane in range(lanes)]
-        errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
-
-    def _read_lane(self, items: list[_Read]) -> None:
-        for item in items:
-            self._read_one(*item)
-
-    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
-        direct = self._config.io_mode == "direct"
-        got = self._io(f"reading key {key!r} from bucket {meta.bucket_id}", lambda: read_value(self._fs, bucket.fd, meta.offset, view, direct))
-        if got != meta.size:
-            self._count_corrupt(truncated=True)
-            raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
-        if self._config.verify_checksums and crc32c_of(view) != meta.checksum:
-            self._count_corrupt(truncated=False)
-            raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
-
-    def _count_corrupt(self, truncated: bool) -> None:
-        with self._mutex:
-            self._counters.corrupt(truncated)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._mutex:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._config.io_threads, thread_name_prefix="kvbucket-io")
-            return self._pool
-
-    def _open_descriptor(self, bucket: Bucket) -> None:
-        """Ensure ``bucket.fd`` is open (under ``_mutex``); bound the cache."""
-        if bucket.fd >= 0:
-            self._descriptors.move_to_end(bucket)
-            return
-        path = os.path.join(self._dir, data_name(bucket.bucket_id))
-        try:
-            bucket.fd = open_for_read(self._fs, path, self._config.io_mode == "direct")
-        except FileNotFoundError as exc:
-            raise KeyNotFound(f"bucket {bucket.bucket_id} was deleted by its writer; refresh() the store") from exc
-        except OSError as exc:
-            raise StorageIOError(f"opening bucket {bucket.bucket_id} failed: {exc.strerror}", exc) from exc
-        self._descriptors[bucket] = None
-        while len(self._descriptors) > MAX_OPEN_DESCRIPTORS:
-            oldest = next((b for b in self._descriptors if b.pins == 0), None)
-            if oldest is None:
-                break
-            self._close_descriptor(oldest)
-
-    def _close_descriptor(self, bucket: Bucket) -> None:
-        self._descriptors.pop(bucket, None)
-        if bucket.fd >= 0:
-            fd, bucket.fd = bucket.fd, -1
-            try:
-                self._fs.close(fd)
-            except OSError as exc:
-                log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
-
-    def _unpin(self, buckets: Iterable[Bucket], keys: Iterable[str], done: tuple[int, int, float] | None) -> None:
-        """Unpin the buckets of a read that :meth:`_pin` started; the read is
-        over, the leases of its ``keys`` end, and ``done`` (objects, bytes,
-        start time) counts one that succeeded."""
-        with self._mutex:
-            self._leases.release(keys)
-            if done is not None:
-                self._counters.read(done[0], done[1], time.perf_counter() - done[2])
-            self._unpin_locked(buckets)
-            self._reads_in_flight -= 1
-            if not self._reads_in_flight:
-                self._reads_done.notify_all()
-
-    def _unpin_locked(self, buckets: Iterable[Bucket]) -> None:
-        for bucket in buckets:
-            bucket.pins -= 1
-            if bucket.retired and bucket.pins == 0:
-                self._close_descriptor(bucket)
-
-    def _retire(self, bucket: Bucket) -> None:
-        """Mark a bucket gone from the index (under ``_mutex``)."""
-        bucket.retired = True
-        if bucket.pins == 0:
-            self._close_descriptor(bucket)
-
-    def _touch(self, bucket: Bucket) -> None:
-        self._clock += 1
-        bucket.access = self._clock
+            self._catalog.unpin(plan, views, succeeded)
 
     # -- metadata -------------------------------------------------------------
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""
         check_lookup_key(key)
-        with self._mutex:
-            self._check_open()
-            found = key in self._index
-            self._counters.exists(found, 1)
-            return found
+        return self._catalog.exists([key])[0]
 
     def batch_exists(self, keys: Iterable[str]) -> list[bool]:
         """For each key, whether it is stored."""
-        keys = lookup_keys(keys, "batch_exists")
-        with self._mutex:
-            self._check_open()
-            slots = self._index.slots
-            flags = [key in slots for key in keys]
-            self._counters.exists(flags.count(True), len(flags))
-            return flags
+        return self._catalog.exists(lookup_keys(keys, "batch_exists"))
 
     def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]:
         """For each key, whether it is stored; the stored ones are *leased*.
@@ -662,17 +408,7 @@ class BucketStore:
         the found prefix). A readonly store grants no leases (it never evicts).
         """
         keys = lookup_keys(keys, "lookup")
-        seconds = self._lease_seconds(lease_s)
-        with self._mutex:
-            self._check_open()
-            slots = self._index.slots
-            found = [key in slots for key in keys]
-            if prefix and not all(found):
-                first_missing = found.index(False)
-                found[first_missing:] = [False] * (len(found) - first_missing)
-            if seconds and not self._config.readonly:
-                self._leases.grant((key for key, hit in zip(keys, found) if hit), seconds)
-        return found
+        return self._catalog.lookup(keys, _lease_seconds(lease_s, self._config), prefix)
 
     def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None:
         """Lease ``keys`` whether or not they are stored yet (see :meth:`lookup`).
@@ -681,31 +417,15 @@ class BucketStore:
         committed while its lease lasts is protected like a looked-up one.
         """
         keys = lookup_keys(keys, "lease")
-        seconds = self._lease_seconds(lease_s)
-        with self._mutex:
-            self._check_open()
-            if seconds and not self._config.readonly:
-                self._leases.grant(keys, seconds)
+        self._catalog.lease(keys, _lease_seconds(lease_s, self._config))
 
     def release(self, keys: Iterable[str]) -> None:
         """End the leases of ``keys`` (an engine that will not load them after all)."""
-        keys = lookup_keys(keys, "release")
-        with self._mutex:
-            self._leases.release(keys)
-
-    def _lease_seconds(self, lease_s: float | None) -> float:
-        if lease_s is None:
-            return self._config.lookup_lease_s
-        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 <= lease_s < float("inf"):
-            raise InvalidArgument(f"lease_s must be a finite number of seconds >= 0; got {lease_s!r}")
-        return float(lease_s)
+        self._catalog.release(lookup_keys(keys, "release"))
 
     def batch_query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
         """Locations of the stored keys among ``keys`` (unknown keys are left out)."""
-        keys = lookup_keys(keys, "batch_query")
-        with self._mutex:
-            self._check_open()
-            return self._index.query(keys)
+        return self._catalog.query(lookup_keys(keys, "batch_query"))
 
     def scan_meta(self, batch_size: int = 20000) -> Iterator[list[tuple[str, ObjectMeta]]]:
         """Pages of ``(key, meta)`` in bucket order; a page never splits a bucket
@@ -714,10 +434,7 @@ class BucketStore:
             raise InvalidArgument(f"batch_size must be a positive integer; got {batch_size!r}")
         page: list[tuple[str, ObjectMeta]] = []
         for bucket_id in self.bucket_ids():
-            with self._mutex:
-                self._check_open()
-                bucket = self._index.buckets.get(bucket_id)
-                records = self._index.records(bucket) if bucket is not None else []
+            records = self._catalog.records(bucket_id)
             if page and len(page) + len(records) > batch_size:
                 yield page
                 page = []
@@ -730,32 +447,24 @@ class BucketStore:
 
     def bucket_ids(self) -> list[int]:
         """Ids of all buckets, ascending."""
-        with self._mutex:
-            self._check_open()
-            return sorted(self._index.buckets)
+        return self._catalog.bucket_ids()
 
     def bucket_keys(self, bucket_id: int) -> list[str]:
         """Live keys of one bucket."""
-        with self._mutex:
-            self._check_open()
-            return list(self._bucket_locked(bucket_id).keys)
+        return self._catalog.bucket_keys(bucket_id)
 
     # -- removal --------------------------------------------------------------
     def delete_bucket(self, bucket_id: int) -> None:
         """Delete a bucket and all its objects, durably."""
         with self._writer:
-            self._check_writable()
-            with self._mutex:
-                bucket = self._bucket_locked(bucket_id)
-            self._delete_buckets([bucket])
+            self._begin_mutation()
+            self._files.delete([self._catalog.bucket(bucket_id)])
 
     def remove_all(self) -> None:
         """Delete every bucket, durably."""
         with self._writer:
-            self._check_writable()
-            with self._mutex:
-                buckets = list(self._index.buckets.values())
-            self._delete_buckets(buckets)
+            self._begin_mutation()
+            self._files.delete(self._catalog.buckets())
 
     def remove(self, key: str) -> None:
         """Remove one object, durably; an unknown key raises :class:`KeyNotFound`."""
@@ -772,193 +481,23 @@ class BucketStore:
         """
         keys = key_list(keys, "batch_remove")
         with self._writer:
-            self._check_writable()
-            by_bucket: dict[int, set[str]] = {}
-            with self._mutex:
-                found = []
-                for key in keys:
-                    meta = self._index.get(key)
-                    found.append(meta is not None)
-                    if meta is not None:
-                        by_bucket.setdefault(meta.bucket_id, set()).add(key)
+            self._begin_mutation()
+            found, by_bucket = self._catalog.locate(keys)
             for bucket_id, removed in by_bucket.items():
-                self._remove_from_bucket(bucket_id, removed)
+                self._files.remove(bucket_id, removed)
             return found
 
-    def _remove_from_bucket(self, bucket_id: int, removed: set[str]) -> None:
-        with self._mutex:
-            bucket = self._index.buckets[bucket_id]
-            kept = [(key, meta) for key, meta in self._index.records(bucket) if key not in removed]
-        if not kept:
-            self._delete_buckets([bucket])
-            return
-        meta = BucketMeta(bucket_id, bucket.data_length, bucket.aligned, [MetaRecord(k, m.offset, m.size, m.checksum) for k, m in kept])
-        old_meta_physical = self._io("stat", lambda: self._fs.stat(os.path.join(self._dir, f"{bucket_id}.meta")).st_blocks * 512)
-        meta_physical = self._io(f"rewriting the meta of bucket {bucket_id}", lambda: publish_meta(self._fs, self._dir, meta, durable=self._durable))
-        with self._mutex:
-            self._index.drop_keys(removed)
-            self._index.set_physical(bucket, bucket.physical - old_meta_physical + meta_physical)
-
-    def _delete_buckets(self, buckets: Sequence[Bucket]) -> None:
-        """Take buckets out of the index, then delete their files."""
-        if not buckets:
-            return
-        with self._mutex:
-            for bucket in buckets:
-                if not bucket.retired:
-                    self._index.drop_bucket(bucket.bucket_id)
-                self._retire(bucket)
-        self._delete_files([b.bucket_id for b in buckets], [b.physical for b in buckets])
-
-    def _delete_files(self, bucket_ids: list[int], physical: list[int]) -> None:
-        """Delete the files of buckets already out of the index (their
-        allocated bytes count as usage until the files are gone)."""
-        with self._mutex:
-            self._undeleted.update(zip(bucket_ids, physical))
-        self._finish_deletions()
-
-    def _finish_deletions(self) -> None:
-        """Delete the files of every bucket taken out of the index whose
-        deletion has not completed (an earlier I/O error).
-
-        Invariant: every mutation starts here and proceeds only once nothing
-        is left, so no later change (a removal, a compaction's meta rewrite)
-        can be undone at the next open by an old bucket's files coming back.
-        """
-        if not self._undeleted:
-            return
-        bucket_ids = sorted(self._undeleted)
-
-        def delete() -> None:
-            if self._lock is not None and bucket_ids[-1] > self._lock.high_water_mark:
-                self._lock.raise_high_water_mark(self._next_id - 1)
-            for bucket_id in bucket_ids:
-                delete_bucket_files(self._fs, self._dir, bucket_id, durable=False)
-            if self._durable:
-                self._fs.fsync_dir(self._dir)
-
-        self._io(f"deleting bucket(s) {_ids(bucket_ids)}", delete)
-        with self._mutex:
-            for bucket_id in bucket_ids:
-                del self._undeleted[bucket_id]
-
     # -- capacity -------------------------------------------------------------
-    def _make_room(self, need: Usage, on_evict: Callback | None) -> None:
-        """Evict so that ``need`` fits, or raise :class:`CapacityExceeded` having changed nothing."""
-        if self._limits.physical and not self._limits.admit(self._usage() + need):
-            self._reconcile_physical()
-        usage = self._usage() + need
-        if self._limits.admit(usage):
-            return
-        if not self._policy.evicts or not self._limits.admit(need):
-            raise CapacityExceeded(self._capacity_message(need))
-        with self._mutex:
-            victims = self._policy.victims(self._evictable_locked(), usage, self._limits)
-        if victims is None:
-            raise CapacityExceeded(self._capacity_message(need))
-        self._evict(victims, on_evict)
-
-    def _evictable_locked(self) -> Iterable[Bucket]:
-        """The buckets eviction may choose (under ``_mutex``): those holding no
-        leased key. Expired leases are dropped here."""
-        leased = self._leases.live()
-        if not leased:
-            return self._index.buckets.values()
-        index = self._index
-        protected = {meta.bucket_id for meta in map(index.get, leased) if meta is not None}
-        return [bucket for bucket in index.buckets.values() if bucket.bucket_id not in protected]
-
-    def _capacity_message(self, need: Usage) -> str:
-        usage = self._usage()
-        return (
-            f"a write of {need.logical} bytes ({need.physical} allocated, {need.keys} keys) does not fit: "
-            f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
-            f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes, "
-            f"{usage.keys}/{self._limits.keys or 'unlimited'} keys with eviction_policy={self._config.eviction_policy!r}"
-            + self._unevictable_note()
-            + self._leased_note()
-        )
-
-    def _leased_note(self) -> str:
-        """How many keys lookups hold leased (their buckets cannot be evicted)."""
-        with self._mutex:
-            leased = len(self._leases.live())
-        if not leased:
-            return ""
-        return (
-            f"; {leased} key(s) are leased by lookups and their buckets are not evicted until they are loaded, "
-            f"released or their lease ends (lookup_lease_s={self._config.lookup_lease_s})"
-        )
-
-    def _unevictable_note(self) -> str:
-        """What of the physical usage no eviction can free, and what to do
-        about it; empty when there is no physical limit."""
-        if not self._limits.physical:
-            return ""
-        with self._mutex:
-            other, measured, error = self._other_physical, self._measured, self._scan_error
-        if error is not None:
-            return f"; measuring {self._dir} failed ({error}), so it counts as full until it can be measured again"
-        note = f"; {other} of the physical bytes are not buckets and no eviction frees them"
-        if measured.foreign:
-            note += (
-                f", {measured.foreign} of them in entries that are not the store's (remove them, raise "
-                "max_physical_bytes, or open with physical_scope='store' to count only the store's own files)"
-            )
-        if measured.unmeasurable:
-            note += f"; not measurable: {', '.join(measured.unmeasurable[:3])}" + (" ..." if len(measured.unmeasurable) > 3 else "")
-        return note
-
-    def _evict(self, victims: list[Bucket], on_evict: Callback | None) -> list[str]:
-        """Two-phase eviction: out of the index, ``on_evict``, then the files."""
-        keys = [key for bucket in victims for key in bucket.keys]
-        with self._mutex:
-            records = {b.bucket_id: self._index.records(b) for b in victims}
-            for bucket in victims:
-                self._index.drop_bucket(bucket.bucket_id)
-        if on_evict is not None and keys:
-            try:
-                on_evict(list(keys))
-            except BaseException:
-                self._restore(victims, records)
-                raise
-        self._notify_listeners(keys)
-        with self._mutex:
-            for bucket in victims:
-                self._policy.evicted(bucket)
-                self._retire(bucket)
-        self._delete_files([b.bucket_id for b in victims], [b.physical for b in victims])
-        self._evicted[0] += len(victims)
-        self._evicted[1] += len(keys)
-        log.info("evicted %d bucket(s), %d key(s)", len(victims), len(keys))
-        return keys
-
-    def add_eviction_listener(self, listener: Callback) -> None:
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
         """Call ``listener(keys)`` with the keys of every eviction, foreground
         or background, once they are out of the index and before their files
         are deleted (the eviction is decided: an exception from the listener
         is logged and changes nothing). It runs holding the writer lock, on
         the thread that evicts: it must not call back into the store's writes."""
-        self._eviction_listeners.append(listener)
-
-    def _notify_listeners(self, keys: list[str]) -> None:
-        for listener in self._eviction_listeners:
-            try:
-                listener(list(keys))
-            except Exception:
-                log.exception("an eviction listener of %s failed; the eviction goes on", self._dir)
-
-    def _restore(self, victims: list[Bucket], records: dict[int, list[tuple[str, ObjectMeta]]]) -> None:
-        """Undo phase one of an eviction whose callback failed."""
-        with self._mutex:
-            for bucket in victims:
-                bucket.retired = False
-                bucket.keys, bucket.logical, bucket.used = [], 0, 0
-                rows = (MetaRecord(k, m.offset, m.size, m.checksum) for k, m in records[bucket.bucket_id])
-                self._index.add_bucket(bucket, BucketMeta(bucket.bucket_id, bucket.data_length, bucket.aligned, rows))
+        self._eviction.add_listener(listener)
 
     def evict_to_watermark(
-        self, high: float | None = None, low: float | None = None, on_evict: Callback | None = None
+        self, high: float | None = None, low: float | None = None, on_evict: EvictionListener | None = None
     ) -> list[str]:
         """When usage is above ``high`` of a limit, evict down to ``low``; return the evicted keys.
 
@@ -972,82 +511,8 @@ class BucketStore:
         if not 0 < low <= high <= 1:
             raise InvalidArgument(f"watermarks need 0 < low <= high <= 1; got high={high!r}, low={low!r}")
         with self._writer:
-            self._check_writable()
-            if not self._policy.evicts:
-                return []
-            self._reconcile_physical()
-            usage = self._usage()
-            if self._limits.ratio(usage) <= high:
-                return []
-            with self._mutex:
-                victims = self._policy.victims(self._evictable_locked(), usage, self._limits.scaled(low))
-            if victims is None:
-                raise CapacityExceeded(
-                    f"evicting every bucket would not bring usage to {low} of the limits, so nothing was evicted: "
-                    f"usage is {usage.logical}/{self._limits.logical or 'unlimited'} logical bytes, "
-                    f"{usage.physical}/{self._limits.physical or 'unlimited'} physical bytes"
-                    + self._unevictable_note()
-                    + self._leased_note()
-                )
-            return self._evict(victims, on_evict)
-
-    # -- background eviction ------------------------------------------------
-    def _start_background_eviction(self) -> None:
-        """Start the evictor of a writer that has a policy, a limit and
-        ``background_eviction`` on (at the end of :meth:`open`)."""
-        config = self._config
-        if config.readonly or not config.background_eviction or not self._policy.evicts or self._limits == Limits():
-            return
-        self._evictor = BackgroundEvictor(self._background_pass, self._background_failed, name=f"kvbucket-evict {self._dir}")
-        self._evictor.start()
-        self._evictor.wake()  # a store opened above its high watermark comes down at once
-
-    def _background_pass(self, first: bool) -> bool:
-        """One pass of the background evictor: evict up to
-        :data:`BACKGROUND_EVICTION_BATCH` of the buckets that bring usage to
-        ``eviction_low_watermark``; return whether more remain to evict. A
-        run starts only when usage is above ``eviction_high_watermark`` of a
-        limit (the ``first`` pass checks), and its later passes go on to low.
-
-        The first pass of a run that finds usage above the high watermark
-        re-measures the directory first (as :meth:`evict_to_watermark`
-        does). When even evicting every bucket that is not leased would not
-        reach the low watermark (leases, or bytes that are not buckets), the
-        pass evicts nothing: a write that does not fit still evicts (or
-        fails) in the foreground.
-        """
-        high, low = self._config.eviction_high_watermark, self._config.eviction_low_watermark
-        with self._writer:
-            if self._closed:
-                return False
-            self._check_writable()
-            usage = self._usage()
-            if first and self._limits.physical and self._limits.ratio(usage) > high:
-                self._reconcile_physical()
-                usage = self._usage()
-            if first and self._limits.ratio(usage) <= high:  # later passes of a run go on down to low
-                self._evictor_error = None
-                return False
-            with self._mutex:
-                victims = self._policy.victims(self._evictable_locked(), usage, self._limits.scaled(low))
-            if victims is None:
-                log.debug("background eviction of %s cannot reach the low watermark: nothing evicted", self._dir)
-                return False
-            if not victims:
-                self._evictor_error = None
-                return False
-            self._evict(victims[:BACKGROUND_EVICTION_BATCH], None)
-            self._evictor_error = None
-            return len(victims) > BACKGROUND_EVICTION_BATCH
-
-    def _background_failed(self, error: Exception) -> None:
-        """A background run failed: log it, count it, keep it for :meth:`stats`.
-        Buckets whose deletion failed stay counted as usage and the next write
-        retries their deletion first (failing while it cannot), as after a
-        failed foreground eviction."""
-        self._evictor_errors += 1
-        self._evictor_error = f"{type(error).__name__}: {error}"
-        log.error("background eviction in %s failed: %s", self._dir, error, exc_info=error)
+            self._begin_mutation()
+            return self._eviction.to_watermark(high, low, on_evict)
 
     def wait_for_eviction(self, timeout: float | None = None) -> bool:
         """Wait until the background evictor is idle: no pass running and no
@@ -1055,8 +520,7 @@ class BucketStore:
         ``timeout`` seconds passed first. Once it returns True, usage is at or
         below ``eviction_high_watermark`` unless leases or bytes that are not
         buckets hold it up (or a run failed: see :meth:`stats`)."""
-        evictor = self._evictor
-        return True if evictor is None else evictor.wait_idle(timeout)
+        return self._eviction.wait_idle(timeout)
 
     def compact(self, min_dead_ratio: float = 0.5) -> int:
         """Rewrite the live objects of buckets at least ``min_dead_ratio`` dead
@@ -1069,45 +533,10 @@ class BucketStore:
         if isinstance(min_dead_ratio, bool) or not isinstance(min_dead_ratio, (int, float)) or not 0 <= min_dead_ratio <= 1:
             raise InvalidArgument(f"min_dead_ratio must be in [0, 1]; got {min_dead_ratio!r}")
         with self._writer:
-            self._check_writable()
-            with self._mutex:
-                candidates = [b for b in self._index.buckets.values() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
-            freed = 0
-            for group in self._compaction_groups(candidates):
-                freed += self._compact_group(group)
-            return freed
-
-    def _compaction_groups(self, candidates: list[Bucket]) -> Iterator[list[Bucket]]:
-        """Old buckets whose live objects together fit one new bucket."""
-        group: list[Bucket] = []
-        size = keys = 0
-        for bucket in candidates:
-            if group and (size + bucket.logical > self._config.bucket_size_limit or keys + len(bucket.keys) > self._config.bucket_keys_limit):
-                yield group
-                group, size, keys = [], 0, 0
-            group.append(bucket)
-            size += bucket.logical
-            keys += len(bucket.keys)
-        if group:
-            yield group
-
-    def _compact_group(self, group: list[Bucket]) -> int:
-        keys = [key for bucket in group for key in bucket.keys]
-        values = self.batch_get(keys)
-        aligned = self._config.io_mode == "direct"
-        offsets, length = (aligned_layout if aligned else packed_layout)([len(values[k]) for k in keys])
-        with self._mutex:
-            crcs = [self._index.get(k).checksum for k in keys]  # type: ignore[union-attr]
-        bucket_id = self._allocate_id()
-        meta = BucketMeta(bucket_id, length, aligned, [MetaRecord(k, off, len(values[k]), c) for k, off, c in zip(keys, offsets, crcs)])
-        views = [[memoryview(values[k])] for k in keys]
-        physical = self._io(
-            f"writing bucket {bucket_id}", lambda: write_bucket(self._fs, self._dir, meta, views, direct=aligned, durable=self._durable)
-        )
-        before = sum(b.physical for b in group)
-        self._commit(meta, physical)
-        self._delete_buckets(group)
-        return before - physical
+            self._begin_mutation()
+            candidates = [b for b in self._catalog.buckets() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
+            groups = _compaction_groups(candidates, self._config.bucket_size_limit, self._config.bucket_keys_limit)
+            return sum(self._files.compact(group, self.batch_get([k for b in group for k in b.keys])) for group in groups)
 
     def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
         """Group ``{key: size}`` into full buckets; carry the partial rest to the next call.
@@ -1116,10 +545,7 @@ class BucketStore:
         the rest too. Keys already stored or already pending are dropped; an
         object larger than ``bucket_size_limit`` gets a bucket of its own.
         """
-        sizes = _checked_sizes(sizes, "group_for_offload")
-        with self._mutex:  # grouping is memory-only: never wait behind a bucket write
-            self._check_open()
-            return self._grouper.add(sizes, self._index.slots.__contains__, flush)
+        return self._catalog.group(_checked_sizes(sizes, "group_for_offload"), flush)
 
     def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]:
         """Cut one batch ``{key: size}`` into buckets of its own (full ones and
@@ -1128,148 +554,56 @@ class BucketStore:
         Keys already stored are dropped; an object larger than
         ``bucket_size_limit`` gets a bucket of its own.
         """
-        sizes = _checked_sizes(sizes, "group_batch")
-        with self._mutex:
-            self._check_open()
-            return self._grouper.split(sizes, self._index.slots.__contains__)
+        return self._catalog.split(_checked_sizes(sizes, "group_batch"))
 
     def pending_group(self) -> list[str]:
         """Keys carried over by :meth:`group_for_offload`, waiting to fill a bucket."""
-        with self._mutex:
-            return self._grouper.pending()
+        return self._catalog.pending()
 
     def stats(self) -> StoreStats:
         """Counts, sizes and limits; ``physical_bytes`` comes from a fresh directory scan."""
-        self._check_open()
-        with self._writer:
-            self._reconcile_physical()
-            with self._mutex:
-                usage = self._usage_locked()
-                index = self._index
-                return StoreStats(
-                    keys=len(index),
-                    buckets=len(index.buckets),
-                    logical_bytes=index.logical_bytes,
-                    physical_bytes=usage.physical,
-                    dead_bytes=index.dead_bytes,
-                    max_total_size=self._limits.logical,
-                    max_physical_bytes=self._limits.physical,
-                    total_keys_limit=self._limits.keys,
-                    usage_ratio=self._limits.ratio(usage),
-                    evicted_buckets=self._evicted[0],
-                    evicted_keys=self._evicted[1],
-                    pending_deletions=len(self._undeleted),
-                    foreign_bytes=self._measured.foreign,
-                    unmeasurable=tuple(self._measured.unmeasurable),
-                    limits_known=self._limits_known,
-                    leased_keys=len(self._leases.live()),
-                    background_eviction_errors=self._evictor_errors,
-                    background_eviction_error=self._evictor_error,
-                )
+        self._catalog.check_open()
+        with self._writer:  # no bucket changes meanwhile: one consistent snapshot
+            self._space.reconcile()
+            keys, buckets, logical, dead, leased = self._catalog.totals()
+            usage, limits, measured = self._space.usage(), self._space.limits, self._space.measured()
+            evicted_buckets, evicted_keys = self._eviction.evicted
+            return StoreStats(
+                keys=keys,
+                buckets=buckets,
+                logical_bytes=logical,
+                physical_bytes=usage.physical,
+                dead_bytes=dead,
+                max_total_size=limits.logical,
+                max_physical_bytes=limits.physical,
+                total_keys_limit=limits.keys,
+                usage_ratio=limits.ratio(usage),
+                evicted_buckets=evicted_buckets,
+                evicted_keys=evicted_keys,
+                pending_deletions=self._space.pending_deletions(),
+                foreign_bytes=measured.foreign,
+                unmeasurable=tuple(measured.unmeasurable),
+                limits_known=self._space.limits_known,
+                leased_keys=leased,
+                background_eviction_errors=self._eviction.background_errors,
+                background_eviction_error=self._eviction.background_error,
+            )
 
     def counters(self) -> CounterSnapshot:
         """The operation counters since open: hits and misses, bytes read and
         written, latency histograms, checksum failures (no I/O)."""
-        with self._mutex:
-            return self._counters.snapshot()
+        return self._catalog.counter_snapshot()
 
-    def _usage(self) -> Usage:
-        with self._mutex:
-            return self._usage_locked()
+    def _begin_mutation(self) -> None:
+        """Every mutation starts here: raise unless the store is open and
+        writable, then finish the deletions an earlier I/O error left (I/O).
 
-    def _usage_locked(self) -> Usage:
-        index = self._index
-        undeleted = sum(self._undeleted.values())
-        return Usage(index.logical_bytes, index.physical_bytes + undeleted + self._other_physical, len(index))
-
-    def _track_directory_growth(self) -> None:
-        """Count the directory file's own growth (it gains blocks as entries
-        are added) at once, not at the next scan. A write's estimate has a
-        block of slack for it."""
-        if not self._limits.physical:
-            return
-        try:
-            size = self._fs.stat(self._dir).st_blocks * 512
-        except OSError as exc:  # the bucket is committed: count the directory as full, don't fail the write
-            log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
-            size = self._dir_physical + self._limits.physical
-        with self._mutex:
-            self._other_physical += max(0, size - self._dir_physical)
-            self._dir_physical = size
-
-    def _reconcile_physical(self) -> None:
-        """Re-measure the directory; what buckets do not account for is "other"
-        (LOCK, quarantine, the directory itself and, with
-        ``physical_scope="directory"``, foreign entries). A failed scan of the
-        directory itself counts as full; a foreign path that cannot be read is
-        reported and left out."""
-        try:
-            measured = measure_store(self._fs, self._dir, foreign=self._config.physical_scope == "directory")
-            directory = self._fs.stat(self._dir).st_blocks * 512
-        except OSError as exc:
-            log.warning("measuring %s failed (%s); counting the directory as full", self._dir, exc)
-            with self._mutex:
-                self._scan_error = exc
-                self._other_physical = max(self._limits.physical, self._other_physical)
-            return
-        self._warn_once(measured)
-        with self._mutex:
-            self._measured, self._scan_error = measured, None
-            self._other_physical = max(0, measured.total - self._index.physical_bytes - sum(self._undeleted.values()))
-            self._dir_physical = directory
-
-    def _warn_once(self, measured: PhysicalUsage) -> None:
-        """Log each unmeasurable path, and foreign bytes counted against a
-        physical limit, the first time they are seen."""
-        for path in measured.unmeasurable:
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("cannot measure %s (not readable); its content is not counted in physical usage", path)
-        if measured.foreign and self._limits.physical and not self._warned_foreign:
-            self._warned_foreign = True
-            log.warning(
-                "%d bytes of entries that are not the store's count towards max_physical_bytes in %s "
-                "(physical_scope='store' counts only the store's own files)",
-                measured.foreign,
-                self._dir,
-            )
-
-    # -- helpers --------------------------------------------------------------
-    @property
-    def _durable(self) -> bool:
-        return self._config.durability == "strict"
-
-    def _io(self, what: str, operation: Callable[[], _T]) -> _T:
-        """Run ``operation``, turning an OSError into :class:`StorageIOError`."""
-        try:
-            return operation()
-        except OSError as exc:
-            if isinstance(exc, StorageIOError):
-                raise
-            raise StorageIOError(f"{what} in {self._dir} failed: {exc.strerror or exc}", exc) from exc
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosed(f"the store at {self._dir} is closed; open it again")
-
-    def _check_writable(self) -> None:
-        """Every mutation starts here (holding ``_writer``)."""
-        self._check_open()
+        Requires: ``_writer`` held.
+        """
+        self._catalog.check_open()
         if self._config.readonly:
             raise ReadOnlyStore(f"the store at {self._dir} was opened readonly; open it without readonly=True to write")
-        self._finish_deletions()
-
-    def _meta_locked(self, key: str) -> ObjectMeta:
-        meta = self._index.get(key)
-        if meta is None:
-            raise KeyNotFound(f"key {key!r} is not stored")
-        return meta
-
-    def _bucket_locked(self, bucket_id: int) -> Bucket:
-        bucket = self._index.buckets.get(bucket_id)
-        if bucket is None:
-            raise KeyNotFound(f"bucket {bucket_id!r} does not exist")
-        return bucket
+        self._files.finish_deletions()
 
 
 def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dict[str, Any]) -> BucketConfig:
@@ -1302,9 +636,16 @@ def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:
 
 
 def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
-    if os.path.isdir(directory):
-        return
-    if os.path.exists(directory):
+    """Check ``directory`` is one (following a link), or create it for a writer."""
+    try:
+        found = fs.stat_target(directory)
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise StorageIOError(f"checking {directory} failed: {exc.strerror}", exc) from exc
+    if found is not None:
+        if stat.S_ISDIR(found.st_mode):
+            return
         raise InvalidArgument(f"{directory} exists and is not a directory")
     if readonly:
         raise InvalidArgument(f"{directory} does not exist (readonly=True never creates it)")
@@ -1330,6 +671,64 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
     return batch
 
 
+def _without_stored(batch: list[_Object], stored: list[str], skip: bool) -> list[_Object]:
+    """``batch`` less its ``stored`` keys; :class:`KeyExists` unless ``skip``."""
+    if stored and not skip:
+        raise KeyExists(f"key {stored[0]!r} is already stored" + (f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""))
+    if not stored:
+        return batch
+    skipped = set(stored)
+    return [o for o in batch if o.key not in skipped]
+
+
+def _check_bucket_limits(batch: list[_Object], config: BucketConfig) -> None:
+    """A batch of several objects must fit one bucket (one object always does)."""
+    if len(batch) == 1:
+        return
+    size = sum(o.size for o in batch)
+    if len(batch) > config.bucket_keys_limit:
+        raise InvalidArgument(f"batch of {len(batch)} objects exceeds bucket_keys_limit={config.bucket_keys_limit}")
+    if size > config.bucket_size_limit:
+        raise InvalidArgument(
+            f"batch of {size} value bytes exceeds bucket_size_limit={config.bucket_size_limit}; split it (group_for_offload does)"
+        )
+
+
+def _compaction_groups(candidates: list[Bucket], size_limit: int, keys_limit: int) -> Iterator[list[Bucket]]:
+    """Old buckets whose live objects together fit one new bucket."""
+    group: list[Bucket] = []
+    size = keys = 0
+    for bucket in candidates:
+        if group and (size + bucket.logical > size_limit or keys + len(bucket.keys) > keys_limit):
+            yield group
+            group, size, keys = [], 0, 0
+        group.append(bucket)
+        size += bucket.logical
+        keys += len(bucket.keys)
+    if group:
+        yield group
+
+
+def _lease_seconds(lease_s: float | None, config: BucketConfig) -> float:
+    """The lease a lookup grants: ``lease_s``, checked, or the configured
+    default; 0 in a readonly store (it never evicts)."""
+    if lease_s is None:
+        seconds = config.lookup_lease_s
+    elif isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 <= lease_s < float("inf"):
+        raise InvalidArgument(f"lease_s must be a finite number of seconds >= 0; got {lease_s!r}")
+    else:
+        seconds = float(lease_s)
+    return 0.0 if config.readonly else seconds
+
+
+def _close_quietly(directory: str, what: str, step: Callable[[], None]) -> None:
+    """A close step that fails is logged: what it leaves, the next open repairs."""
+    try:
+        step()
+    except OSError as exc:
+        log.warning("%s of %s failed while closing: %s", what, directory, exc)
+
+
 def _checked_sizes(sizes: Mapping[str, int], method: str) -> Mapping[str, int]:
     """``{key: size}`` given to ``method``, checked: valid keys, sizes non-negative integers."""
     sizes = key_mapping(sizes, method)
@@ -1346,8 +745,3 @@ def _physical_estimate(batch: list[_Object], data_length: int) -> int:
     meta_length = HEADER_SIZE + RECORD_SIZE * len(batch) + sum(len(o.key.encode()) for o in batch) + 4
     blocks = -(-data_length // ALIGNMENT) + -(-meta_length // ALIGNMENT) + 1 + data_length // (128 << 20)
     return blocks * ALIGNMENT
-
-
-def _ids(bucket_ids: list[int]) -> str:
-    shown = ", ".join(str(i) for i in bucket_ids[:5])
-    return shown + (f" and {len(bucket_ids) - 5} more" if len(bucket_ids) > 5 else "")

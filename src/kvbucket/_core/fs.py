@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK"]
+from ..errors import StorageIOError
+
+__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "run_io"]
+
+_T = TypeVar("_T")
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 WRITE_CHUNK = 4 << 20
@@ -52,6 +57,12 @@ class FileSystem:
 
     def stat(self, path: str) -> os.stat_result:
         return os.stat(path, follow_symlinks=False)
+
+    def stat_target(self, path: str) -> os.stat_result:
+        """Stat what ``path`` names, following links (only for the store
+        directory itself, which may be a link); ``FileNotFoundError`` when
+        nothing is there."""
+        return os.stat(path)
 
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
@@ -132,6 +143,17 @@ class FileSystem:
             return bytes(buf[:got])
         finally:
             self.close(fd)
+
+
+def run_io(what: str, directory: str, operation: Callable[[], _T]) -> _T:
+    """``operation()``, with an :class:`OSError` turned into
+    :class:`~kvbucket.errors.StorageIOError` saying ``what`` failed in ``directory``."""
+    try:
+        return operation()
+    except OSError as exc:
+        if isinstance(exc, StorageIOError):
+            raise
+        raise StorageIOError(f"{what} in {directory} failed: {exc.strerror or exc}", exc) from exc
 
 
 def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> list[list[memoryview]]:

@@ -21,9 +21,9 @@ from functools import partial
 from itertools import repeat
 from typing import NamedTuple
 
-from .format import BucketMeta, footprint
+from .format import BucketMeta, MetaRecord, footprint
 
-__all__ = ["ObjectMeta", "Bucket", "Index"]
+__all__ = ["ObjectMeta", "Bucket", "Index", "rebuilt_meta"]
 
 
 class ObjectMeta(NamedTuple):
@@ -69,6 +69,7 @@ class Bucket:
     """Cached read descriptor of the data file, or -1."""
     retired: bool = False
     """Taken out of the index; close ``fd`` once ``pins`` drops to 0."""
+    # pins, fd and retired are the read path's (kvbucket._core.read_path), under its lock.
 
     def footprint(self, size: int) -> int:
         """Bytes a value of ``size`` occupies in this bucket's data file."""
@@ -78,6 +79,13 @@ class Bucket:
     def dead(self) -> int:
         """Bytes of the data file that no live value uses."""
         return self.data_length - self.used
+
+
+def rebuilt_meta(bucket: Bucket, records: Iterable[tuple[str, ObjectMeta]]) -> BucketMeta:
+    """The meta of ``bucket`` listing exactly ``records`` (``(key, location)``
+    pairs, as :meth:`Index.records` gives them), to publish or to re-index."""
+    rows = (MetaRecord(key, meta.offset, meta.size, meta.checksum) for key, meta in records)
+    return BucketMeta(bucket.bucket_id, bucket.data_length, bucket.aligned, rows)
 
 
 class Index:
@@ -162,7 +170,6 @@ class Index:
         self.logical_bytes -= bucket.logical
         self.physical_bytes -= bucket.physical
         self.dead_bytes -= bucket.dead
-        bucket.retired = True
         return bucket
 
     def drop_keys(self, keys: Iterable[str]) -> None:

@@ -8,7 +8,10 @@ Eviction works on whole buckets. Victims come in this order:
 3. the rest by policy.
 
 A policy is an entry of :data:`POLICIES`: a class the store creates once per
-open and drives through four calls, all made under the store's index lock:
+open and drives through the four calls of
+:class:`~kvbucket.policy.interface.CachePolicy`, all made under the store's
+index lock, on :class:`~kvbucket.policy.interface.BucketRecord` values (no
+files: a simulator drives a policy the same way with records of its own):
 :meth:`EvictionPolicy.committed` (a bucket was written),
 :meth:`EvictionPolicy.read` (a bucket is being read),
 :meth:`EvictionPolicy.evicted` (a bucket was evicted) and
@@ -34,55 +37,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import ClassVar
 
-from .._core.index import Bucket
+from .._core.space import Limits, Usage
+from .interface import BucketRecord, Record
 
-__all__ = ["Usage", "Limits", "EvictionPolicy", "POLICIES", "make_policy"]
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Amounts counted against the limits."""
-
-    logical: int = 0
-    physical: int = 0
-    keys: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(self.logical + other.logical, self.physical + other.physical, self.keys + other.keys)
-
-    def __sub__(self, other: Usage) -> Usage:
-        return Usage(self.logical - other.logical, self.physical - other.physical, self.keys - other.keys)
-
-    @classmethod
-    def of(cls, bucket: Bucket) -> Usage:
-        return cls(bucket.logical, bucket.physical, len(bucket.keys))
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The configured limits; 0 means unlimited."""
-
-    logical: int = 0
-    physical: int = 0
-    keys: int = 0
-
-    def admit(self, usage: Usage) -> bool:
-        """Whether ``usage`` is within every limit."""
-        return all(limit == 0 or used <= limit for used, limit in self._pairs(usage))
-
-    def ratio(self, usage: Usage) -> float:
-        """The highest usage relative to its limit (0.0 when unlimited)."""
-        return max((used / limit for used, limit in self._pairs(usage) if limit), default=0.0)
-
-    def scaled(self, factor: float) -> Limits:
-        """These limits times ``factor`` (for watermarks)."""
-        return Limits(int(self.logical * factor), int(self.physical * factor), int(self.keys * factor))
-
-    def _pairs(self, usage: Usage) -> tuple[tuple[int, int], ...]:
-        return ((usage.logical, self.logical), (usage.physical, self.physical), (usage.keys, self.keys))
+__all__ = ["EvictionPolicy", "POLICIES", "make_policy"]
 
 
 class EvictionPolicy:
@@ -98,28 +58,28 @@ class EvictionPolicy:
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
 
-    def committed(self, bucket: Bucket) -> None:
+    def committed(self, bucket: BucketRecord) -> None:
         """``bucket`` was written and indexed (its ``keys`` are set)."""
 
-    def read(self, bucket: Bucket) -> None:
+    def read(self, bucket: BucketRecord) -> None:
         """``bucket`` is being read (its ``access`` stamp is already updated)."""
 
-    def evicted(self, bucket: Bucket) -> None:
+    def evicted(self, bucket: BucketRecord) -> None:
         """``bucket`` was evicted (its ``keys`` are those it held)."""
 
-    def rank(self, bucket: Bucket) -> int:
+    def rank(self, bucket: BucketRecord) -> int:
         """Order among buckets that are neither empty nor half dead: lowest goes first."""
         return bucket.bucket_id
 
-    def order(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
+    def order(self, buckets: Iterable[Record]) -> Iterator[Record]:
         """``buckets`` in eviction order (consumed only as far as needed)."""
         return iter(sorted(buckets, key=lambda b: _reclaim_key(b) or (2, 0.0, self.rank(b))))
 
-    def victims(self, buckets: Iterable[Bucket], usage: Usage, limits: Limits) -> list[Bucket] | None:
+    def victims(self, buckets: Iterable[Record], usage: Usage, limits: Limits) -> list[Record] | None:
         """The fewest buckets, in eviction order, whose removal brings
         ``usage`` within ``limits``; ``None`` when even evicting all of them
         is not enough."""
-        victims: list[Bucket] = []
+        victims: list[Record] = []
         for bucket in self.order(buckets):
             if limits.admit(usage):
                 break
@@ -133,7 +93,7 @@ class NoEviction(EvictionPolicy):
 
     evicts = False
 
-    def order(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
+    def order(self, buckets: Iterable[Record]) -> Iterator[Record]:
         """No bucket is ever a victim."""
         return iter(())
 
@@ -145,7 +105,7 @@ class Fifo(EvictionPolicy):
 class Lru(EvictionPolicy):
     """``lru``: least recently read or written first."""
 
-    def rank(self, bucket: Bucket) -> int:
+    def rank(self, bucket: BucketRecord) -> int:
         """The bucket's ``access`` stamp."""
         return bucket.access
 
@@ -175,16 +135,16 @@ class TwoQueue(EvictionPolicy):
         self._ghost: OrderedDict[int, None] = OrderedDict()
         self._written = Usage()  # every committed bucket's usage: the mean object's size
 
-    def committed(self, bucket: Bucket) -> None:
+    def committed(self, bucket: BucketRecord) -> None:
         """Enter ``main`` when a key was recently evicted from probation, else ``probation``."""
         self._written = self._written + Usage.of(bucket)
         bucket.segment = MAIN if any(self.is_ghost(key) for key in bucket.keys) else PROBATION
 
-    def read(self, bucket: Bucket) -> None:
+    def read(self, bucket: BucketRecord) -> None:
         """A read promotes a probation bucket to ``main``."""
         bucket.segment = MAIN
 
-    def evicted(self, bucket: Bucket) -> None:
+    def evicted(self, bucket: BucketRecord) -> None:
         """Remember a probation bucket's keys in the ghost list."""
         if bucket.segment != PROBATION:
             return
@@ -211,13 +171,13 @@ class TwoQueue(EvictionPolicy):
         ]
         return int(min(capacities) * self.ghost_share) if capacities else self.unlimited_ghost_keys
 
-    def order(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
+    def order(self, buckets: Iterable[Record]) -> Iterator[Record]:
         """Empty and half-dead buckets; then the oldest probation bucket while
         probation holds more than :attr:`probation_share` of a limit, else the
         least recently used main bucket, the share re-evaluated after each."""
-        reclaim: list[tuple[tuple[int, float, int], Bucket]] = []
-        probation: list[Bucket] = []
-        main: list[Bucket] = []
+        reclaim: list[tuple[tuple[int, float, int], Record]] = []
+        probation: list[Record] = []
+        main: list[Record] = []
         in_probation = Usage()
         for bucket in buckets:
             if bucket.segment == PROBATION:
@@ -250,7 +210,7 @@ def make_policy(name: str, limits: Limits) -> EvictionPolicy:
     return POLICIES[name](limits)
 
 
-def _reclaim_key(bucket: Bucket) -> tuple[int, float, int] | None:
+def _reclaim_key(bucket: BucketRecord) -> tuple[int, float, int] | None:
     """Sort key of an empty (first) or half-dead (next, most dead first)
     bucket; ``None`` for any other."""
     if not bucket.keys:

@@ -1,0 +1,169 @@
+"""A writer's bucket files: new ids, writing buckets, rewriting metas, deleting.
+
+Every method runs holding the store's writer lock, which guards
+:attr:`BucketFiles._next_id`; the index changes go through the catalog and
+the bytes of files awaiting deletion through the space account.
+
+Deletion invariant: a bucket leaves the index before its files are deleted,
+and its allocated bytes count as usage until they are gone. A deletion that
+fails (an I/O error) is retried by :meth:`BucketFiles.finish_deletions`,
+which every mutation runs first and which must succeed before it proceeds,
+so no later change (a removal, a compaction's meta rewrite) can be undone
+at the next open by an old bucket's files coming back.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Callable, Sequence
+
+from ..errors import CapacityExceeded
+from .catalog import Catalog
+from .commit import delete_bucket_files, publish_meta, write_bucket
+from .format import MAX_BUCKET_ID, BucketMeta, MetaRecord, aligned_layout, meta_name, packed_layout
+from .fs import FileSystem, run_io
+from .index import Bucket, rebuilt_meta
+from .lockfile import StoreLock
+from .space import Space
+
+__all__ = ["BucketFiles"]
+
+
+class BucketFiles:
+    """The files of the buckets of one store (``lock`` is None when readonly)."""
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        directory: str,
+        lock: StoreLock | None,
+        catalog: Catalog,
+        space: Space,
+        *,
+        durable: bool,
+        direct: bool,
+        committed: Callable[[], None],
+    ) -> None:
+        self._fs = fs
+        self._dir = directory
+        self._lock = lock
+        self._catalog = catalog
+        self._space = space
+        self._durable = durable
+        self._direct = direct
+        self._committed = committed  # told after each bucket is indexed
+        self._next_id = 1  # guarded by the writer lock
+
+    def resume_ids(self, highest_used: int) -> None:
+        """New buckets get ids above ``highest_used`` (at open, after recovery)."""
+        self._next_id = highest_used + 1
+
+    def allocate_id(self) -> int:
+        """A fresh bucket id.
+
+        Requires: the writer lock held.
+        """
+        if self._next_id > MAX_BUCKET_ID:
+            raise CapacityExceeded(
+                f"bucket ids of {self._dir} are used up to the limit {MAX_BUCKET_ID}: files with huge ids "
+                "were put in the directory. Copy the objects into a new store (or, with no writer "
+                "running, remove the files with the highest ids and LOCK, which records them)."
+            )
+        bucket_id = self._next_id
+        self._next_id += 1
+        return bucket_id
+
+    def add(
+        self,
+        meta: BucketMeta,
+        views: Sequence[Sequence[memoryview]],
+        checksums: Callable[[], array[int]] | None = None,
+        started: float | None = None,
+    ) -> Bucket:
+        """Write and commit a new bucket (data, then meta, durably; see
+        :func:`~kvbucket._core.commit.write_bucket`), then index it
+        (``started``: when its write began, for the counters).
+
+        Requires: the writer lock held.
+        """
+        physical = run_io(
+            f"writing bucket {meta.bucket_id}",
+            self._dir,
+            lambda: write_bucket(self._fs, self._dir, meta, views, direct=self._direct, durable=self._durable, checksums=checksums),
+        )
+        bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
+        self._catalog.commit(bucket, meta, started)
+        self._committed()
+        return bucket
+
+    def compact(self, group: list[Bucket], values: dict[str, bytes]) -> int:
+        """Rewrite ``group``'s live objects (``values``) as one new bucket, then
+        delete the old ones; the allocated bytes freed.
+
+        Requires: the writer lock held.
+        """
+        keys = [key for bucket in group for key in bucket.keys]
+        offsets, length = (aligned_layout if self._direct else packed_layout)([len(values[k]) for k in keys])
+        crcs = self._catalog.checksums(keys)
+        rows = [MetaRecord(k, off, len(values[k]), c) for k, off, c in zip(keys, offsets, crcs)]
+        meta = BucketMeta(self.allocate_id(), length, self._direct, rows)
+        before = sum(b.physical for b in group)
+        bucket = self.add(meta, [[memoryview(values[k])] for k in keys])
+        self.delete(group)
+        return before - bucket.physical
+
+    def remove(self, bucket_id: int, removed: set[str]) -> None:
+        """Remove ``removed`` from a bucket: rewrite its meta without them, or
+        delete the bucket when nothing else is left.
+
+        Requires: the writer lock held.
+        """
+        bucket, kept = self._catalog.without(bucket_id, removed)
+        if not kept:
+            self.delete([bucket])
+            return
+        meta = rebuilt_meta(bucket, kept)
+        meta_path = os.path.join(self._dir, meta_name(bucket_id))
+        old_meta_physical = run_io("stat", self._dir, lambda: self._fs.stat(meta_path).st_blocks * 512)
+        meta_physical = run_io(
+            f"rewriting the meta of bucket {bucket_id}", self._dir, lambda: publish_meta(self._fs, self._dir, meta, durable=self._durable)
+        )
+        self._catalog.drop_keys(bucket, removed, meta_physical - old_meta_physical)
+
+    def delete(self, buckets: Sequence[Bucket]) -> None:
+        """Take buckets out of the index (those still in it), then delete their files.
+
+        Requires: the writer lock held.
+        """
+        if not buckets:
+            return
+        self._catalog.drop_buckets(buckets)
+        self._space.await_deletion([b.bucket_id for b in buckets], [b.physical for b in buckets])
+        self.finish_deletions()
+
+    def finish_deletions(self) -> None:
+        """Delete the files of every bucket out of the index whose deletion
+        has not completed (an earlier I/O error).
+
+        Requires: the writer lock held.
+        """
+        bucket_ids = self._space.awaiting_deletion()
+        if not bucket_ids:
+            return
+
+        def delete() -> None:
+            if self._lock is not None and bucket_ids[-1] > self._lock.high_water_mark:
+                self._lock.raise_high_water_mark(self._next_id - 1)
+            for bucket_id in bucket_ids:
+                delete_bucket_files(self._fs, self._dir, bucket_id, durable=False)
+            if self._durable:
+                self._fs.fsync_dir(self._dir)
+
+        run_io(f"deleting bucket(s) {_ids(bucket_ids)}", self._dir, delete)
+        self._space.deleted(bucket_ids)
+
+
+def _ids(bucket_ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in bucket_ids[:5])
+    return shown + (f" and {len(bucket_ids) - 5} more" if len(bucket_ids) > 5 else "")

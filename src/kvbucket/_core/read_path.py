@@ -1,0 +1,196 @@
+"""The read path: read descriptors, pins, and the I/O threads.
+
+Reads take neither of the store's locks during I/O: the store looks their
+keys up and the read path *pins* their buckets, both under the store's index
+lock; the read goes through the pinned buckets' descriptors; then the read
+path unpins them. A bucket taken out of the index meanwhile is *retired*:
+its files may be unlinked at once, but its descriptor stays open until its
+last pin goes, so a read that has started completes with the right bytes
+(POSIX keeps an unlinked file readable).
+
+Lock: :attr:`ReadPath._lock` guards the descriptor cache, the reads in
+flight, the I/O pool and, of every :class:`~kvbucket._core.index.Bucket`,
+``pins``, ``fd`` and ``retired``. Lock order: the store's index lock, then
+this one; nothing here calls out while holding it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import CorruptionError, KeyNotFound, StorageIOError
+from .checksum import crc32c_of
+from .datafile import open_for_read, read_value
+from .format import data_name
+from .fs import FileSystem, run_io
+from .index import Bucket, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_OPEN_DESCRIPTORS", "ReadPath", "Read"]
+
+MAX_OPEN_DESCRIPTORS = 256
+"""Read descriptors kept open across calls; older unpinned ones are closed."""
+
+Read = tuple[Bucket, str, ObjectMeta, list[memoryview]]
+"""One object to read: its pinned bucket, key, location and destination pieces."""
+
+
+class ReadPath:
+    """Reads objects of committed buckets into the caller's buffers.
+
+    ``on_corrupt(truncated)`` is told of every object that fails its checksum
+    (``truncated=False``) or whose data file ends early (``truncated=True``).
+    """
+
+    def __init__(
+        self, fs: FileSystem, directory: str, *, io_threads: int, direct: bool, verify: bool, on_corrupt: Callable[[bool], None]
+    ) -> None:
+        self._fs = fs
+        self._dir = directory
+        self._io_threads = io_threads
+        self._direct = direct
+        self._verify = verify
+        self._on_corrupt = on_corrupt
+        self._lock = threading.Lock()
+        # Guarded by _lock: buckets with an open descriptor, least recently used
+        # first. Keyed by the Bucket itself, not its id: after a refresh the
+        # retired bucket and its replacement share an id, and each closes only
+        # its own descriptor.
+        self._descriptors: OrderedDict[Bucket, None] = OrderedDict()
+        # Guarded by _lock: reads counted from their pin to their unpin. The
+        # store stops pinning before close() waits for this to reach 0, so no
+        # read submits to a shut-down pool.
+        self._in_flight = 0
+        self._reads_done = threading.Condition(self._lock)
+        self._pool: ThreadPoolExecutor | None = None  # guarded by _lock; started on first use
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The I/O threads (started on first use); the store also computes checksums on them."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="kvbucket-io")
+            return self._pool
+
+    # -- pins -----------------------------------------------------------------
+    def pin(self, buckets: Iterable[Bucket]) -> None:
+        """Open ``buckets``' descriptors and pin them: one read is in flight
+        until :meth:`unpin`. On error nothing stays pinned.
+
+        Requires: the store's index lock held, and ``buckets`` in its index.
+        """
+        with self._lock:
+            pinned: list[Bucket] = []
+            try:
+                for bucket in buckets:
+                    self._open_descriptor_locked(bucket)
+                    bucket.pins += 1
+                    pinned.append(bucket)
+            except BaseException:
+                self._unpin_locked(pinned)
+                raise
+            self._in_flight += 1
+
+    def unpin(self, buckets: Iterable[Bucket]) -> None:
+        """Unpin the buckets of a read that :meth:`pin` started; the read is over."""
+        with self._lock:
+            self._unpin_locked(buckets)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._reads_done.notify_all()
+
+    def retire(self, bucket: Bucket) -> None:
+        """``bucket`` left the index: close its descriptor once no read pins it."""
+        with self._lock:
+            bucket.retired = True
+            if bucket.pins == 0:
+                self._close_descriptor_locked(bucket)
+
+    def close(self) -> None:
+        """Wait until every pinned read has unpinned, then stop the I/O threads.
+
+        Requires: the store pins nothing more (it is marked closed).
+        """
+        with self._lock:
+            if self._in_flight:
+                log.debug("closing %s waits for %d read(s) in flight", self._dir, self._in_flight)
+            while self._in_flight:
+                self._reads_done.wait()
+            pool = self._pool
+        if pool is not None:  # kept: a submit after close() raises, never starts threads again
+            pool.shutdown(wait=True)
+
+    def _unpin_locked(self, buckets: Iterable[Bucket]) -> None:
+        """Requires: ``_lock`` held."""
+        for bucket in buckets:
+            bucket.pins -= 1
+            if bucket.retired and bucket.pins == 0:
+                self._close_descriptor_locked(bucket)
+
+    def _open_descriptor_locked(self, bucket: Bucket) -> None:
+        """Ensure ``bucket.fd`` is open; bound the cache.
+
+        Requires: ``_lock`` held.
+        """
+        if bucket.fd >= 0:
+            self._descriptors.move_to_end(bucket)
+            return
+        path = os.path.join(self._dir, data_name(bucket.bucket_id))
+        try:
+            bucket.fd = open_for_read(self._fs, path, self._direct)
+        except FileNotFoundError as exc:
+            raise KeyNotFound(f"bucket {bucket.bucket_id} was deleted by its writer; refresh() the store") from exc
+        except OSError as exc:
+            raise StorageIOError(f"opening bucket {bucket.bucket_id} failed: {exc.strerror}", exc) from exc
+        self._descriptors[bucket] = None
+        while len(self._descriptors) > MAX_OPEN_DESCRIPTORS:
+            oldest = next((b for b in self._descriptors if b.pins == 0), None)
+            if oldest is None:
+                break
+            self._close_descriptor_locked(oldest)
+
+    def _close_descriptor_locked(self, bucket: Bucket) -> None:
+        """Requires: ``_lock`` held."""
+        self._descriptors.pop(bucket, None)
+        if bucket.fd >= 0:
+            fd, bucket.fd = bucket.fd, -1
+            try:
+                self._fs.close(fd)
+            except OSError as exc:
+                log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
+
+    # -- I/O ------------------------------------------------------------------
+    def run(self, plan: list[Read]) -> None:
+        """Read every object of ``plan`` (its buckets pinned), in parallel lanes
+        of ascending offsets; raise the first lane's error after all lanes end."""
+        if len(plan) == 1 or self._io_threads == 1:
+            self._read_lane(plan)
+            return
+        plan = sorted(plan, key=lambda item: (item[2].bucket_id, item[2].offset))
+        lanes = min(self._io_threads, len(plan))
+        futures = [self.executor().submit(self._read_lane, plan[lane::lanes]) for lane in range(lanes)]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _read_lane(self, items: list[Read]) -> None:
+        for item in items:
+            self._read_one(*item)
+
+    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
+        """Read one object: the right bytes, or a typed error naming key and bucket."""
+        got = run_io(
+            f"reading key {key!r} from bucket {meta.bucket_id}", self._dir, lambda: read_value(self._fs, bucket.fd, meta.offset, view, self._direct)
+        )
+        if got != meta.size:
+            self._on_corrupt(True)
+            raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
+        if self._verify and crc32c_of(view) != meta.checksum:
+            self._on_corrupt(False)
+            raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
