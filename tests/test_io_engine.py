@@ -122,7 +122,7 @@ def test_flipped_byte_raises_corruption_naming_key_and_bucket(store_dir: Path) -
 
 
 def test_many_buckets_bounded_descriptors(store_dir: Path) -> None:
-    from kvbucket.store import MAX_OPEN_DESCRIPTORS
+    from kvbucket._core.read_path import MAX_OPEN_DESCRIPTORS
 
     with BucketStore.open(store_dir) as store:
         for b in range(MAX_OPEN_DESCRIPTORS + 20):

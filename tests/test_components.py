@@ -1,0 +1,204 @@
+"""The store's components on their own: the eviction policy driven from
+synthetic bucket records with no directory at all (as a simulator drives
+it), the meta rebuilt from the index, the directory check through the
+FileSystem seam, and the lock annotations of the components."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import kvbucket
+from kvbucket import BucketStore, InvalidArgument, StorageIOError
+from kvbucket._core.format import BucketMeta, MetaRecord
+from kvbucket._core.fs import FileSystem
+from kvbucket._core.index import Bucket, Index, rebuilt_meta
+from kvbucket._core.space import Limits, Usage
+from kvbucket.policy.eviction import MAIN, POLICIES, PROBATION, make_policy
+from kvbucket.policy.interface import BucketRecord, CachePolicy
+
+SIZE = 100
+
+
+@dataclass(eq=False)
+class Record:
+    """A bucket record of a simulator: no file behind it."""
+
+    bucket_id: int
+    keys: list[str]
+    logical: int
+    physical: int
+    data_length: int
+    dead: int = 0
+    access: int = 0
+    segment: str = MAIN
+
+
+@dataclass
+class Simulator:
+    """Drives a policy the way the store does: commit, read, evict to fit."""
+
+    policy: CachePolicy
+    limits: Limits
+    buckets: dict[int, Record] = field(default_factory=dict)
+    clock: int = 0
+    evicted: list[int] = field(default_factory=list)
+
+    def write(self, bucket_id: int, nkeys: int = 2) -> None:
+        record = Record(bucket_id, [f"b{bucket_id}/{i}" for i in range(nkeys)], nkeys * SIZE, nkeys * SIZE, nkeys * SIZE)
+        need = Usage.of(record)
+        victims = self.policy.victims(self.buckets.values(), self.usage() + need, self.limits)
+        assert victims is not None, "a bucket that fits the limits alone always finds room"
+        for victim in victims:
+            del self.buckets[victim.bucket_id]
+            self.policy.evicted(victim)
+            self.evicted.append(victim.bucket_id)
+        self.buckets[bucket_id] = record
+        self._stamp(record)
+        self.policy.committed(record)
+
+    def read(self, bucket_id: int) -> None:
+        record = self.buckets[bucket_id]
+        self._stamp(record)
+        self.policy.read(record)
+
+    def usage(self) -> Usage:
+        return sum((Usage.of(r) for r in self.buckets.values()), Usage())
+
+    def _stamp(self, record: Record) -> None:
+        self.clock += 1
+        record.access = self.clock
+
+
+@pytest.fixture
+def no_file_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any file system call fails the test: the policy must not need one."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"file system call with {args!r}")
+
+    for name in ("open", "stat", "listdir", "scandir", "mkdir", "unlink", "rename"):
+        monkeypatch.setattr(os, name, refuse)
+
+
+def test_a_record_of_the_store_and_of_a_simulator_are_both_bucket_records() -> None:
+    records: list[BucketRecord] = [Bucket(1, SIZE, False, SIZE), Record(2, ["k"], SIZE, SIZE, SIZE)]
+    assert [r.bucket_id for r in records] == [1, 2]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_runs_from_records_with_no_directory(name: str, no_file_io: None) -> None:
+    limits = Limits(keys=8)
+    sim = Simulator(make_policy(name, limits), limits)
+    if not sim.policy.evicts:
+        for bucket_id in range(1, 5):
+            sim.write(bucket_id)
+        assert sim.policy.victims(sim.buckets.values(), sim.usage() + Usage(keys=2), limits) is None
+        return
+    for bucket_id in range(1, 21):
+        sim.write(bucket_id)
+        if bucket_id % 3 == 0:
+            sim.read(bucket_id - 1)
+        assert limits.admit(sim.usage())
+    assert len(sim.evicted) == 16 and len(sim.buckets) == 4
+    assert set(sim.evicted).isdisjoint(sim.buckets)
+
+
+def test_fifo_and_lru_order_from_access_events(no_file_io: None) -> None:
+    for name, expected in (("fifo", [1, 2]), ("lru", [2, 3])):
+        limits = Limits(keys=8)
+        sim = Simulator(make_policy(name, limits), limits)
+        for bucket_id in range(1, 5):
+            sim.write(bucket_id)
+        sim.read(1)
+        sim.write(5)
+        sim.write(6)
+        assert sim.evicted == expected, name
+
+
+def test_2q_from_records_evicts_the_written_once_first_and_readmits_ghosts(no_file_io: None) -> None:
+    limits = Limits(keys=8)
+    sim = Simulator(make_policy("2q", limits), limits)
+    for bucket_id in range(1, 5):
+        sim.write(bucket_id)
+    sim.read(1)
+    sim.read(2)
+    assert [sim.buckets[i].segment for i in range(1, 5)] == [MAIN, MAIN, PROBATION, PROBATION]
+    sim.write(5)
+    assert sim.evicted == [3]  # probation, oldest first; the read buckets stay
+    ghost = Record(6, ["b3/0"], SIZE, SIZE, SIZE)  # a key evicted from probation, written again
+    sim.policy.committed(ghost)
+    assert ghost.segment == MAIN
+
+
+def test_rebuilt_meta_lists_exactly_the_records_given() -> None:
+    index = Index()
+    rows = [MetaRecord(f"k{i}", i * SIZE, SIZE, 1000 + i) for i in range(3)]
+    bucket = Bucket(7, 3 * SIZE, False, 8192)
+    index.add_bucket(bucket, BucketMeta(7, 3 * SIZE, False, rows))
+    assert rebuilt_meta(bucket, index.records(bucket)).records == rows
+    kept = [(key, meta) for key, meta in index.records(bucket) if key != "k1"]
+    assert rebuilt_meta(bucket, kept).records == [rows[0], rows[2]]
+
+
+class _DirectoryCheck(FileSystem):
+    """Records (or fails) the check of the store directory."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.checked: list[str] = []
+        self.fail = fail
+
+    def stat_target(self, path: str) -> os.stat_result:
+        self.checked.append(path)
+        if self.fail:
+            raise OSError(errno.EIO, "injected")
+        return super().stat_target(path)
+
+
+def test_open_checks_the_store_directory_through_the_filesystem(tmp_path: Path) -> None:
+    fs = _DirectoryCheck()
+    with BucketStore.open(tmp_path / "store", filesystem=fs):
+        pass
+    assert fs.checked == [os.fspath(tmp_path / "store")]
+    failing = _DirectoryCheck(fail=True)
+    with pytest.raises(StorageIOError, match="checking"):
+        BucketStore.open(tmp_path / "other", filesystem=failing)
+    assert not (tmp_path / "other").exists()
+
+
+def test_open_follows_a_link_to_the_store_directory_and_refuses_a_file(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with BucketStore.open(tmp_path / "link") as store:
+        store.batch_offload({"k": b"v"})
+    assert (tmp_path / "real" / "1.bucket").exists()
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match="not a directory"):
+        BucketStore.open(tmp_path / "file")
+
+
+def test_the_eviction_listener_type_is_named_for_what_it_is() -> None:
+    from kvbucket.store import EvictionListener
+
+    assert not hasattr(kvbucket.store, "Callback")
+    assert EvictionListener is kvbucket._core.eviction.EvictionListener
+
+
+_LOCKED_MODULES = ("store.py", "_core/catalog.py", "_core/read_path.py", "_core/space.py", "_core/eviction.py", "_core/bucket_files.py")
+
+
+@pytest.mark.parametrize("module", _LOCKED_MODULES)
+def test_every_method_that_needs_a_lock_says_which(module: str) -> None:
+    """A ``_locked`` method, and one whose docstring says it needs a lock,
+    both carry a ``Requires:`` line; a ``_locked`` method's names the lock."""
+    tree = ast.parse((Path(kvbucket.__file__).parent / module).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name.endswith("_locked"):
+            doc = ast.get_docstring(node) or ""
+            assert "Requires:" in doc, f"{module}: {node.name} has no Requires: line"
+            assert "held" in doc.split("Requires:")[1], f"{module}: {node.name} does not say which lock is held"
