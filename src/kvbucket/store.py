@@ -136,6 +136,8 @@ class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
     def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None) -> None:
+        # Set here and never reassigned (recovery_report: once more, by open);
+        # each component guards its own state with its own lock.
         self._config = config
         self._fs = fs
         self._lock = lock  # the writer's LOCK; None when readonly

@@ -69,7 +69,7 @@ class Catalog:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` ran."""
+        """Whether :meth:`close` ran (read without the lock: one flag, set once)."""
         return self._closed
 
     def check_open(self) -> None:
@@ -313,11 +313,10 @@ class Catalog:
                 self._index.add_bucket(bucket, rebuilt_meta(bucket, records[bucket.bucket_id]))
 
     def evicted(self, victims: Sequence[Bucket]) -> None:
-        """Phase two: the policy learns of the eviction; the victims retire."""
+        """Phase two: the policy learns of the eviction (:meth:`drop_buckets` then retires the victims)."""
         with self._mutex:
             for bucket in victims:
                 self._policy.evicted(bucket)
-                self._reads.retire(bucket)
 
     def leased(self) -> int:
         """Keys under an unexpired lease."""

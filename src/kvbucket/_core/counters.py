@@ -1,7 +1,7 @@
 """Operation counters of a store and an offload queue, cheap enough for the hot path.
 
 Each counter is a plain ``int`` attribute bumped by a method call made while
-the owner already holds its own lock (the store's ``_mutex``, the queue's
+the owner already holds its own lock (the store catalog's ``_mutex``, the queue's
 ``_lock``): no lock, allocation or metrics library is touched per operation.
 :meth:`StoreCounters.snapshot` copies them (under the same lock) into a
 frozen :class:`CounterSnapshot`; :mod:`kvbucket.metrics` turns snapshots into
@@ -71,7 +71,7 @@ class CounterSnapshot:
 
 
 class StoreCounters:
-    """The store's counters. Every method is called with the store's ``_mutex`` held."""
+    """The store's counters. Every method is called with the store catalog's ``_mutex`` held."""
 
     __slots__ = (
         "_exists_hits", "_exists_lookups", "_hits", "_misses", "_hit_bytes", "_miss_bytes", "_read_objects", "_read_bytes",

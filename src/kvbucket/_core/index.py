@@ -44,7 +44,11 @@ _new_meta = partial(tuple.__new__, ObjectMeta)
 
 @dataclass(eq=False, slots=True)
 class Bucket:
-    """One committed bucket: its files' sizes and its live keys."""
+    """One committed bucket: its files' sizes and its live keys.
+
+    Guarded by the catalog's index lock, except ``pins``, ``fd`` and
+    ``retired``: the read path's, guarded by its lock.
+    """
 
     bucket_id: int
     data_length: int
@@ -69,7 +73,6 @@ class Bucket:
     """Cached read descriptor of the data file, or -1."""
     retired: bool = False
     """Taken out of the index; close ``fd`` once ``pins`` drops to 0."""
-    # pins, fd and retired are the read path's (kvbucket._core.read_path), under its lock.
 
     def footprint(self, size: int) -> int:
         """Bytes a value of ``size`` occupies in this bucket's data file."""
