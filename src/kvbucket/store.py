@@ -434,18 +434,7 @@ class BucketStore:
         unless that bucket alone has more than ``batch_size`` objects."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgument(f"batch_size must be a positive integer; got {batch_size!r}")
-        page: list[tuple[str, ObjectMeta]] = []
-        for bucket_id in self.bucket_ids():
-            records = self._catalog.records(bucket_id)
-            if page and len(page) + len(records) > batch_size:
-                yield page
-                page = []
-            while len(records) > batch_size:
-                yield records[:batch_size]
-                records = records[batch_size:]
-            page.extend(records)
-        if page:
-            yield page
+        yield from _pages(map(self._catalog.records, self.bucket_ids()), batch_size)
 
     def bucket_ids(self) -> list[int]:
         """Ids of all buckets, ascending."""
@@ -567,29 +556,7 @@ class BucketStore:
         self._catalog.check_open()
         with self._writer:  # no bucket changes meanwhile: one consistent snapshot
             self._space.reconcile()
-            keys, buckets, logical, dead, leased = self._catalog.totals()
-            usage, limits, measured = self._space.usage(), self._space.limits, self._space.measured()
-            evicted_buckets, evicted_keys = self._eviction.evicted
-            return StoreStats(
-                keys=keys,
-                buckets=buckets,
-                logical_bytes=logical,
-                physical_bytes=usage.physical,
-                dead_bytes=dead,
-                max_total_size=limits.logical,
-                max_physical_bytes=limits.physical,
-                total_keys_limit=limits.keys,
-                usage_ratio=limits.ratio(usage),
-                evicted_buckets=evicted_buckets,
-                evicted_keys=evicted_keys,
-                pending_deletions=self._space.pending_deletions(),
-                foreign_bytes=measured.foreign,
-                unmeasurable=tuple(measured.unmeasurable),
-                limits_known=self._space.limits_known,
-                leased_keys=leased,
-                background_eviction_errors=self._eviction.background_errors,
-                background_eviction_error=self._eviction.background_error,
-            )
+            return _stats(self._catalog, self._space, self._eviction)
 
     def counters(self) -> CounterSnapshot:
         """The operation counters since open: hits and misses, bytes read and
@@ -729,6 +696,49 @@ def _close_quietly(directory: str, what: str, step: Callable[[], None]) -> None:
         step()
     except OSError as exc:
         log.warning("%s of %s failed while closing: %s", what, directory, exc)
+
+
+def _pages(buckets: Iterator[list[tuple[str, ObjectMeta]]], batch_size: int) -> Iterator[list[tuple[str, ObjectMeta]]]:
+    """The records of ``buckets`` in pages of at most ``batch_size``; a page
+    splits a bucket only when that bucket alone has more."""
+    page: list[tuple[str, ObjectMeta]] = []
+    for records in buckets:
+        if page and len(page) + len(records) > batch_size:
+            yield page
+            page = []
+        while len(records) > batch_size:
+            yield records[:batch_size]
+            records = records[batch_size:]
+        page.extend(records)
+    if page:
+        yield page
+
+
+def _stats(catalog: Catalog, space: Space, eviction: Eviction) -> StoreStats:
+    """One snapshot of the components (the caller holds the writer lock: no bucket changes meanwhile)."""
+    keys, buckets, logical, dead, leased = catalog.totals()
+    usage, limits, measured = space.usage(), space.limits, space.measured()
+    evicted_buckets, evicted_keys = eviction.evicted
+    return StoreStats(
+        keys=keys,
+        buckets=buckets,
+        logical_bytes=logical,
+        physical_bytes=usage.physical,
+        dead_bytes=dead,
+        max_total_size=limits.logical,
+        max_physical_bytes=limits.physical,
+        total_keys_limit=limits.keys,
+        usage_ratio=limits.ratio(usage),
+        evicted_buckets=evicted_buckets,
+        evicted_keys=evicted_keys,
+        pending_deletions=space.pending_deletions(),
+        foreign_bytes=measured.foreign,
+        unmeasurable=tuple(measured.unmeasurable),
+        limits_known=space.limits_known,
+        leased_keys=leased,
+        background_eviction_errors=eviction.background_errors,
+        background_eviction_error=eviction.background_error,
+    )
 
 
 def _checked_sizes(sizes: Mapping[str, int], method: str) -> Mapping[str, int]:
