@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Protocol
 from ._core.fs import FileSystem
 from ._core.quarantine import move_to_quarantine, quarantine_folder
 from .errors import CorruptionError, InvalidArgument
+from .policy.grouping import split_batches
 
 if TYPE_CHECKING:
     from .config import BucketConfig
@@ -739,21 +740,6 @@ def _import_key(raw: bytes, keep_tenant: bool) -> tuple[str | None, str]:
         return None, "key is not valid UTF-8"
 
 
-def _batches(items: list[tuple[str, memoryview]], max_keys: int, max_bytes: int) -> Iterator[list[tuple[str, memoryview]]]:
-    """Split objects into batches within the store's bucket limits (a lone
-    larger object gets a batch of its own)."""
-    batch: list[tuple[str, memoryview]] = []
-    size = 0
-    for key, value in items:
-        if batch and (len(batch) >= max_keys or size + len(value) > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append((key, value))
-        size += len(value)
-    if batch:
-        yield batch
-
-
 class ImportTarget(Protocol):
     """The store calls :func:`import_mooncake` makes; a :class:`~kvbucket.BucketStore` has them all."""
 
@@ -793,7 +779,7 @@ def import_mooncake(
     for bucket in scan.buckets:
         data = read_bucket(root, bucket, fs)
         fresh = _select_new(bucket, data, keep_tenant, seen, store, report)
-        for batch in _batches(fresh, config.bucket_keys_limit, config.bucket_size_limit):
+        for batch in split_batches(fresh, max_bytes=config.bucket_size_limit, max_keys=config.bucket_keys_limit, size=lambda kv: len(kv[1])):
             store.batch_offload(dict(batch))
             report.buckets_written += 1
             report.imported += len(batch)

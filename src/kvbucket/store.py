@@ -74,7 +74,7 @@ from .errors import (
     StoreClosed,
 )
 from .policy.eviction import Limits, Usage, make_policy
-from .policy.grouping import OffloadGrouper
+from .policy.grouping import OffloadGrouper, split_batches
 
 log = logging.getLogger(__name__)
 
@@ -1073,23 +1073,16 @@ class BucketStore:
             with self._mutex:
                 candidates = [b for b in self._index.buckets.values() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
             freed = 0
-            for group in self._compaction_groups(candidates):
+            groups = split_batches(
+                candidates,
+                max_bytes=self._config.bucket_size_limit,
+                max_keys=self._config.bucket_keys_limit,
+                size=lambda bucket: bucket.logical,
+                keys=lambda bucket: len(bucket.keys),
+            )
+            for group in groups:
                 freed += self._compact_group(group)
             return freed
-
-    def _compaction_groups(self, candidates: list[Bucket]) -> Iterator[list[Bucket]]:
-        """Old buckets whose live objects together fit one new bucket."""
-        group: list[Bucket] = []
-        size = keys = 0
-        for bucket in candidates:
-            if group and (size + bucket.logical > self._config.bucket_size_limit or keys + len(bucket.keys) > self._config.bucket_keys_limit):
-                yield group
-                group, size, keys = [], 0, 0
-            group.append(bucket)
-            size += bucket.logical
-            keys += len(bucket.keys)
-        if group:
-            yield group
 
     def _compact_group(self, group: list[Bucket]) -> int:
         keys = [key for bucket in group for key in bucket.keys]

@@ -9,7 +9,7 @@
   (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
-* :func:`split_batches` cuts a large write into bucket-sized batches.
+* :func:`~kvbucket.policy.grouping.split_batches` cuts a large write into bucket-sized batches.
 * :func:`metrics_endpoint` reads the ``metrics_port``/``metrics_addr``
   settings; :func:`start_metrics` serves the store's Prometheus metrics there.
 """
@@ -19,12 +19,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
 
 from ..config import BucketConfig, Setting, check_known_keys, coerce_field
 from ..errors import InvalidArgument, StoreLocked
+from ..policy.grouping import split_batches
 
 __all__ = [
     "STORE_FIELDS",
@@ -149,21 +150,6 @@ def pointer_view(ptr: int, size: int) -> memoryview:
     if not isinstance(size, int) or size <= 0:
         raise InvalidArgument(f"invalid buffer size {size!r} at pointer {ptr:#x}")
     return memoryview(_ubyte_array(size).from_address(ptr)).cast("B")
-
-
-def split_batches(items: Sequence[tuple[str, T, int]], max_bytes: int, max_keys: int) -> Iterator[list[tuple[str, T, int]]]:
-    """Cut ``(key, value, size)`` items into runs of at most ``max_keys`` items
-    and ``max_bytes`` bytes (a single larger item still gets a run of its own)."""
-    batch: list[tuple[str, T, int]] = []
-    total = 0
-    for item in items:
-        if batch and (len(batch) >= max_keys or total + item[2] > max_bytes):
-            yield batch
-            batch, total = [], 0
-        batch.append(item)
-        total += item[2]
-    if batch:
-        yield batch
 
 
 def safe_component(text: str) -> str:

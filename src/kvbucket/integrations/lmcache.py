@@ -334,7 +334,7 @@ class KvBucketL2Adapter(_AdapterBase):
         written: dict[int, int] = dict.fromkeys((t.task_id for t in tasks), 0)
         items, owner = self._new_items(tasks, failed)
         config = self._store.config
-        for batch in split_batches(items, config.bucket_size_limit, config.bucket_keys_limit):
+        for batch in split_batches(items, max_bytes=config.bucket_size_limit, max_keys=config.bucket_keys_limit, size=lambda item: item[2]):
             try:
                 self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
             except _ERRORS as exc:

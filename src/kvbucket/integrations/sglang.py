@@ -432,7 +432,7 @@ class KvBucketHiCacheStorage(_Base):
         max_keys = getattr(config, "bucket_keys_limit", 500)
         items = [(k, value, size) for k, (value, size) in todo.items()]
         written: builtins.set[str] = set()
-        for batch in split_batches(items, max_bytes, max_keys):
+        for batch in split_batches(items, max_bytes=max_bytes, max_keys=max_keys, size=lambda item: item[2]):
             try:
                 self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
             except _READ_ERRORS as exc:
