@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._core.arguments import check_int
 from ._core.counters import LATENCY_BOUNDS, LOOKUP_OPS, Histogram
 from .errors import InvalidArgument, KvBucketError, StorageIOError, StoreClosed
 
@@ -240,8 +241,7 @@ def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1", queue: Any = N
 
 def check_endpoint(port: object, addr: object) -> None:
     """Raise :class:`InvalidArgument` unless ``port`` is 0..65535 and ``addr`` an IP address."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise InvalidArgument(f"metrics port must be a whole number from 0 to 65535 (0: any free port); got {port!r}")
+    check_int(port, "metrics port (0: any free port)", minimum=0, maximum=65535)
     try:
         ipaddress.ip_address(addr)  # type: ignore[arg-type]
     except ValueError:

@@ -71,7 +71,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ._core.arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
+from ._core.arguments import check_int, check_lookup_key, check_number, key_mapping, key_value_pairs, lookup_keys
 from ._core.buffers import Buffer, value_views, writable_view
 from ._core.counters import QueueCounters, QueueSnapshot
 from ._core.format import check_key
@@ -759,13 +759,11 @@ def _store_delay(store: QueueStore) -> float:
 def _validate_args(
     max_staged_bytes: int, backpressure: str, put_timeout: float | None, workers: int, max_delay_s: float | None
 ) -> None:
-    if isinstance(max_staged_bytes, bool) or not isinstance(max_staged_bytes, int) or max_staged_bytes < 1:
-        raise InvalidArgument(f"max_staged_bytes must be an integer >= 1; got {max_staged_bytes!r}")
+    check_int(max_staged_bytes, "max_staged_bytes", minimum=1)
     if backpressure not in ("block", "reject"):
         raise InvalidArgument(f"backpressure must be 'block' or 'reject'; got {backpressure!r}")
-    if put_timeout is not None and (not isinstance(put_timeout, (int, float)) or put_timeout < 0):
-        raise InvalidArgument(f"put_timeout must be None or a number >= 0; got {put_timeout!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise InvalidArgument(f"workers must be an integer >= 1; got {workers!r}")
-    if max_delay_s is not None and (not isinstance(max_delay_s, (int, float)) or max_delay_s < 0):
-        raise InvalidArgument(f"max_delay_s must be None or a number >= 0; got {max_delay_s!r}")
+    if put_timeout is not None:
+        check_number(put_timeout, "put_timeout")
+    check_int(workers, "workers", minimum=1)
+    if max_delay_s is not None:
+        check_number(max_delay_s, "max_delay_s")

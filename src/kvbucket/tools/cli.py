@@ -46,6 +46,7 @@ import click
 from tqdm import tqdm
 
 from .. import mooncake
+from .._core.arguments import is_int
 from ..config import parse_size
 from ..errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
 from ..store import BucketStore
@@ -549,9 +550,9 @@ def _stat_value(name: str, value: Any, limits_known: bool = True) -> str:
     when the store's writer recorded none (an older kvbucket)."""
     if name in ("max_total_size", "max_physical_bytes", "total_keys_limit") and value == 0:
         return "unlimited" if limits_known else "unknown"
-    if isinstance(value, int) and not isinstance(value, bool) and name.endswith("bytes"):
+    if is_int(value) and name.endswith("bytes"):
         return _size(value)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return f"{value:,}"
     return str(value)
 
