@@ -85,11 +85,12 @@ from .errors import (
     StoreClosed,
 )
 
-__all__ = ["OffloadQueue", "PipelineStats", "KeyDoneCallback"]
+__all__ = ["Callback", "KeyDoneCallback", "OffloadQueue", "PipelineStats"]
 
 log = logging.getLogger(__name__)
 
 KeyDoneCallback = Callable[[str, "BaseException | None"], Any]
+Callback = KeyDoneCallback  # the name of releases before 0.2; kvbucket.pipeline is public
 """``callback(key, error)``, called once a staged key is resolved: ``error``
 is ``None`` when ``key`` is stored."""
 
