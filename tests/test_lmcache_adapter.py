@@ -14,7 +14,7 @@ import pytest
 from kvbucket.errors import InvalidArgument, StoreLocked
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
-from storeutil import FailingStore
+from storeutil import fail_next_writes
 
 CHUNK = 64 * 1024
 
@@ -55,7 +55,7 @@ def test_module_imports_without_lmcache() -> None:
     code = (
         "import sys, kvbucket.integrations.lmcache as m\n"
         "assert 'lmcache' not in sys.modules\n"
-        "assert m.KvBucketL2Adapter.__mro__[1].__module__ == 'kvbucket.integrations._lmcache_fallback'\n"
+        "assert m.KvBucketL2Adapter.__mro__[1].__module__ == 'kvbucket.integrations._standins'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
@@ -151,9 +151,9 @@ def test_kvbucket_eviction_keeps_usage_right(opened: list[Any], tmp_path: Path) 
     assert adapter.get_usage().total_bytes_used == 2 * CHUNK
 
 
-def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path) -> None:
+def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = plugin(opened, tmp_path)
-    adapter._store = FailingStore(adapter._store, failures=1)
+    fail_next_writes(monkeypatch, 1)
     keys, objects = [key(1), key(2)], chunks(2)
     assert not lm.store(adapter, keys, objects).is_successful()
     assert lm.lookup(adapter, keys) == [] and adapter.get_usage().total_bytes_used == 0

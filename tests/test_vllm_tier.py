@@ -19,13 +19,14 @@ import pytest
 
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
-from kvbucket.integrations import vllm as tier_module
 from standins import vllm_standin as vs
+from standins.modules import imported_without
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16
 
-TierClass = tier_module.make_tier_class(vs.API)
+with vs.installed() as tier_module:  # the tier module built on the stand-ins of vLLM
+    TierClass = tier_module.KvBucketTierManager
 
 
 def make_tier(root: Path, memory: np.ndarray, *, rank: int = 0, cls: type = TierClass, **options: Any) -> Any:
@@ -358,7 +359,8 @@ def test_get_stats_reports_counter_increments_and_usage(tier: Any, memory: np.nd
 
 
 def test_get_stats_without_vllm_metrics_is_none(tmp_path: Path, memory: np.ndarray) -> None:
-    bare = tier_module.make_tier_class(tier_module.FALLBACK_API)
+    with imported_without("vllm", vs.MODULE) as bare_module:  # on kvbucket's own stand-ins
+        bare = bare_module.KvBucketTierManager
     assert bare.build_metric_definitions({}) == {}
     opened = make_tier(tmp_path, memory, cls=bare)
     try:
