@@ -74,7 +74,8 @@ def fail_next_writes(monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
     def batch_offload(self: BucketStore, *args: Any, **kwargs: Any) -> Any:
         with lock:
             fail = left[0] > 0
-            left[0] -= fail
+            if fail:
+                left[0] -= 1
         if fail:
             raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
         return real(self, *args, **kwargs)
