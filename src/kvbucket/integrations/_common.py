@@ -18,6 +18,7 @@
 * :class:`AllDone` calls back once every future of a job has resolved.
 * :func:`metrics_endpoint` reads the ``metrics_port``/``metrics_addr``
   settings; :func:`start_metrics` serves the store's Prometheus metrics there.
+* :func:`shut_down` closes what an adapter opened, in dependency order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import fields
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -56,6 +57,7 @@ __all__ = [
     "METRICS_KEYS",
     "metrics_endpoint",
     "start_metrics",
+    "shut_down",
 ]
 
 _SKIPPED_FIELDS = {"path", "readonly"}
@@ -168,6 +170,21 @@ def start_metrics(endpoint: tuple[int, str] | None, store: BucketStore, queue: O
             queue.close()
         store.close()
         raise
+
+
+def shut_down(
+    store: BucketStore, *, queue: OffloadQueue | None = None, pool: Executor | None = None, metrics_server: MetricsServer | None = None
+) -> None:
+    """Stop serving metrics, write everything ``queue`` holds staged, let
+    ``pool``'s tasks finish, then close ``store``: each step before the
+    store it uses goes away."""
+    if metrics_server is not None:
+        metrics_server.close()
+    if queue is not None:
+        queue.close()
+    if pool is not None:
+        pool.shutdown(wait=True)
+    store.close()
 
 
 def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> BucketStore:

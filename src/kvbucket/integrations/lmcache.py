@@ -53,7 +53,7 @@ from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
 from ..pipeline import OffloadQueue
 from . import _standins
-from ._common import METRICS_KEYS, AllDone, import_engine, load_each, metrics_endpoint, open_store, option, start_metrics, store_options
+from ._common import METRICS_KEYS, AllDone, import_engine, load_each, metrics_endpoint, open_store, option, shut_down, start_metrics, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -530,11 +530,8 @@ class KvBucketL2Adapter(_AdapterBase):
             if self._closed:
                 return
             self._closed = True
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        self._queue.close()  # every staged task completes (its result recorded) first
-        self._readers.shutdown(wait=True)
-        self._store.close()
+        # Every staged store task completes (its result recorded) before the store closes.
+        shut_down(self._store, queue=self._queue, pool=self._readers, metrics_server=self.metrics_server)
         for fd in (self._store_fd, self._lookup_fd, self._load_fd):
             fd.close()
 

@@ -56,6 +56,7 @@ from ._common import (
     option,
     pointer_view,
     safe_component,
+    shut_down,
     split_batches,
     start_metrics,
     store_options,
@@ -537,12 +538,9 @@ class KvBucketHiCacheStorage(_Base):
 
     def close(self) -> None:
         """Stop the metrics endpoint and close the store (everything acknowledged is already durable)."""
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self._store is not None:  # a writer rank, the only kind that serves metrics
+            shut_down(self._store, metrics_server=self.metrics_server)
+            self._store, self.metrics_server = None, None
         if self._reader is not None:
             self._reader.close()
 

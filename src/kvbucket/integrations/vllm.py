@@ -52,7 +52,7 @@ from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
 from . import _standins
-from ._common import AllDone, import_engine, load_each, metrics_endpoint, open_store, option, safe_component, start_metrics, store_options
+from ._common import AllDone, import_engine, load_each, metrics_endpoint, open_store, option, safe_component, shut_down, start_metrics, store_options
 
 if TYPE_CHECKING:
     from ..store import StoreStats
@@ -423,16 +423,12 @@ class KvBucketTierManager(_Base):
         return self._usage_last
 
     def shutdown(self) -> None:
-        """Finish every job, then close the queue, the loaders and the store. Idempotent."""
+        """Finish every job, then stop the metrics endpoint, the queue, the loaders and the store. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self.metrics_server is not None:
-            self.metrics_server.close()
         self.drain_jobs()
-        self._queue.close()
-        self._loader.shutdown(wait=True)
-        self.store.close()
+        shut_down(self.store, queue=self._queue, pool=self._loader, metrics_server=self.metrics_server)
 
 
 # -- helpers -------------------------------------------------------------------------
