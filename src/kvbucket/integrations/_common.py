@@ -78,11 +78,11 @@ def import_engine(paths: Mapping[str, str | Sequence[str]], *, catch: tuple[type
     "not importable here" (an engine that fails to import on this host may
     raise more than ImportError); any other error propagates.
     """
+    not_there: tuple[type[Exception], ...] = (AttributeError, *catch)
     found: dict[str, Any] = {}
     for name, candidates in paths.items():
         for path in (candidates,) if isinstance(candidates, str) else candidates:
             module_name, _, attribute = path.partition(":")
-            not_there: tuple[type[Exception], ...] = (AttributeError, *catch)
             try:
                 value = getattr(importlib.import_module(module_name), attribute)
             except not_there as exc:
@@ -267,7 +267,8 @@ class AllDone:
     """Calls ``done(failed)`` once every future it was given has resolved.
 
     ``failed`` is the set of keys whose future raised. Futures resolve on
-    other threads; ``done`` runs on the thread that resolves the last one.
+    other threads; ``done`` runs on the thread that resolves the last one
+    (at once, on the caller's, when there are none).
     """
 
     def __init__(self, futures: Mapping[str, Future[None]], done: Callable[[set[str]], None]) -> None:
