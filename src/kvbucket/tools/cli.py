@@ -46,10 +46,12 @@ import click
 from tqdm import tqdm
 
 from .. import mooncake
+from .._core.fs import FileSystem, stat_directory
 from ..config import parse_size
 from ..errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
 from ..store import BucketStore
 from . import fsck
+from .version import installed_version
 
 __all__ = ["main", "cli", "escape_key", "unescape_key"]
 
@@ -234,11 +236,23 @@ def unescape_key(text: str) -> str:
 
 
 def _existing_dir(path: str) -> Path:
-    if not os.path.exists(path):
-        raise Failure(f"no such directory: {path}")
-    if not os.path.isdir(path):
-        raise Failure(f"not a directory: {path}")
+    """``path``, which must be a directory (a link to one counts)."""
+    try:
+        stat_directory(FileSystem(), path)
+    except FileNotFoundError:
+        raise Failure(f"no such directory: {path}") from None
+    except NotADirectoryError:
+        raise Failure(f"not a directory: {path}") from None
     return Path(path)
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the directory ``path``; None when there is none."""
+    try:
+        st = stat_directory(FileSystem(), os.fspath(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _resolve_format(path: Path, requested: str) -> str:
@@ -270,7 +284,7 @@ def _not_a_store(path: Path) -> str:
 def _refuse_mooncake_writer(path: Path, what: str) -> None:
     """Opening a Mooncake directory as a kvbucket writer would treat its
     files as broken kvbucket files; refuse instead."""
-    if path.is_dir() and mooncake.detect_format(path) == "mooncake":
+    if _directory_identity(path) is not None and mooncake.detect_format(path) == "mooncake":
         raise Failure(
             f"{path} looks like a Mooncake directory; {what} would treat its files as broken "
             "kvbucket files. Use --format mooncake to check it, or "
@@ -332,17 +346,8 @@ def _plain(obj: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("kvbucket")
-    except PackageNotFoundError:  # running from a checkout
-        return "dev"
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), prog_name="kvbucket")
+@click.version_option(installed_version(), prog_name="kvbucket")
 @_verbose_option
 def cli() -> None:
     """Inspect, check, repair and benchmark kvbucket stores and Mooncake
@@ -557,12 +562,13 @@ def _stat_value(name: str, value: Any, limits_known: bool = True) -> str:
 
 
 def _mooncake_stats(path: Path, as_json: bool) -> dict[str, Any]:
-    scan = mooncake.scan_mooncake(path, progress=_each(as_json, desc="checking buckets", unit="bucket"))
+    fs = FileSystem()
+    scan = mooncake.scan_mooncake(path, fs, progress=_each(as_json, desc="checking buckets", unit="bucket"))
     physical = 0
     for bucket in scan.buckets:
         for identity in (bucket.data, bucket.meta_file):
             with contextlib.suppress(OSError):
-                physical += os.lstat(path / identity.name).st_blocks * 512
+                physical += fs.stat(os.fspath(path / identity.name)).st_blocks * 512
     return {
         "path": os.fspath(path),
         "format": "mooncake",
@@ -736,7 +742,7 @@ def import_cmd(source: str, destination: str, from_mooncake: bool, keep_tenant: 
     src = _existing_dir(source)
     dst = Path(destination)
     log.info("importing the Mooncake directory %s into %s", src, dst)
-    if dst.exists() and os.path.samefile(src, dst):
+    if _directory_identity(src) == _directory_identity(dst):
         raise Failure("SOURCE and DESTINATION are the same directory")
     if mooncake.detect_format(src) == "kvbucket":
         raise Failure(f"{src} looks like a kvbucket store, not a Mooncake directory")
@@ -760,7 +766,7 @@ def _import_text(report: mooncake.ImportReport) -> str:
     if report.skipped_buckets:
         lines.append(f"skipped {len(report.skipped_buckets)} broken source bucket(s):")
         lines.extend(
-            f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {mooncake.PROBLEM_KINDS[f.kind]}: {f.detail}"
+            f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {f.kind.description}: {f.detail}"
             for f in report.skipped_buckets
         )
     if report.skipped:
