@@ -391,21 +391,23 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
     path = _existing_dir(directory)
     log.info("fsck %s%s%s", path, " --deep" if deep else "", " --repair" if repair else " (read-only)")
     bars: fsck.Progress = functools.partial(_bar, as_json)
+    fs = FileSystem()
     if _resolve_format(path, fmt) == "mooncake":
-        report = fsck.check_mooncake(path, deep=deep, progress=bars)
+        report = fsck.check_mooncake(path, deep=deep, progress=bars, fs=fs)
         plan = _repair_plan(report.to_json()["problems"], quarantine)
         if repair and not dry_run:
             _announce(as_json, plan)
-            fsck.repair_mooncake(report, quarantine=quarantine)
+            with _repair_errors(path):
+                fsck.repair_mooncake(report, quarantine=quarantine, fs=fs)
     elif repair and not dry_run:
         _require_store(path, "repairing it as a kvbucket store")
-        report = fsck.check(path, progress=bars)  # --deep verifies after recovery, under the lock
+        report = fsck.check(path, progress=bars, fs=fs)  # --deep verifies after recovery, under the lock
         plan = _repair_plan(report.to_json()["problems"], quarantine)
         _announce(as_json, plan)
-        with _open_writer(path, "repair", quarantine=quarantine) as store:
-            fsck.repair(store, report, deep=deep, progress=bars)
+        with _repair_errors(path), _open_writer(path, "repair", quarantine=quarantine, filesystem=fs) as store:
+            fsck.repair(store, report, deep=deep, progress=bars, fs=fs)
     else:
-        report = fsck.check(path, deep=deep, progress=bars)
+        report = fsck.check(path, deep=deep, progress=bars, fs=fs)
         plan = _repair_plan(report.to_json()["problems"], quarantine)
     payload = {**report.to_json(), "exit_code": EXIT_OK if report.clean else EXIT_PROBLEMS}
     log.info("fsck %s: %d problem(s), %d foreign entries", path, len(payload["problems"]), len(payload["foreign"]))
@@ -414,6 +416,19 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
         payload["dry_run"] = dry_run
     _emit(as_json, payload, lambda: _fsck_text(payload))
     return int(payload["exit_code"])
+
+
+@contextlib.contextmanager
+def _repair_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` in the middle of a repair into a :class:`Failure`
+    that says what state the directory is in and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise Failure(
+            f"the repair of {path} stopped: {_os_message(exc)}. Each file it removed is gone and every other "
+            f"file is as it was; fix the cause, then run 'kvbucket fsck --repair {path}' again to finish."
+        ) from None
 
 
 def _repair_plan(problems: list[dict[str, Any]], quarantine: bool) -> dict[str, Any]:
