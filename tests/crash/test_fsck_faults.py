@@ -71,7 +71,7 @@ def test_mooncake_repair_fails_cleanly_at_every_call(tmp_path: Path, quarantine:
             assert report.repair is None and not report.clean
         else:  # the fault hit the confirming scan, which reports a meta it cannot read
             assert report.repair is not None and not report.clean, fail_at
-            assert all("cannot read" in p["detail"] for p in report.repair["remaining_problems"]), fail_at
+            assert all("cannot read" in p.detail for p in report.repair.remaining_problems), fail_at
         assert faulty.fired, fail_at
         assert [p.to_json() for p in report.problems] == problems_before
         after = tree_digest(d.root)

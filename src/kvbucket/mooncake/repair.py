@@ -44,14 +44,6 @@ class RepairResult:
         """True when every reported file was removed."""
         return not self.skipped
 
-    def to_json(self) -> dict[str, object]:
-        """A JSON-ready description."""
-        return {
-            "removed": self.removed,
-            "freed_bytes": self.freed_bytes,
-            "skipped": [{"file": name, "reason": why} for name, why in self.skipped],
-        }
-
 
 def _unchanged(fs: FileSystem, path: str, identity: FileIdentity) -> bool:
     """Whether ``path`` is still the file the scan saw (guards against a

@@ -34,11 +34,48 @@ from .._core.recovery import DirectoryScan, Finding, build_index, scan_directory
 if TYPE_CHECKING:
     from ..store import BucketStore
 
-__all__ = ["FsckReport", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
+__all__ = ["FsckReport", "RepairSummary", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+@dataclasses.dataclass(kw_only=True)
+class RepairSummary:
+    """What a repair did; the fields of one engine only are ``None`` for the other."""
+
+    removed: list[str]
+    """Files that left the directory (deleted or quarantined)."""
+    freed_bytes: int
+    """Bytes of the deleted files (quarantined ones are not freed)."""
+    quarantined_bytes: int | None = None
+    """Bytes moved to ``quarantine/`` (Mooncake: only with quarantine)."""
+    rewritten_buckets: list[int] | None = None
+    """kvbucket: metas rewritten to finish an interrupted compaction."""
+    salvaged_buckets: list[int] | None = None
+    """kvbucket: buckets whose verified objects were kept under a rewritten meta."""
+    dropped_keys: list[str] | None = None
+    """kvbucket: keys of the broken buckets."""
+    removed_keys: list[str] | None = None
+    """kvbucket: corrupt objects removed (``--deep``)."""
+    skipped: list[tuple[str, str]] | None = None
+    """Mooncake: ``(file, reason)`` for files left in place (changed since the check)."""
+    quarantined: bool
+    remaining_problems: list[Problem]
+    """What a fresh check after the repair still finds."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: the fields that apply (``skipped`` as ``file``/``reason`` objects)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        if self.skipped is not None:
+            out["skipped"] = [{"file": name, "reason": why} for name, why in self.skipped]
+        out["remaining_problems"] = [problem.to_json() for problem in self.remaining_problems]
+        return out
+
 
 @dataclasses.dataclass(kw_only=True)
 class FsckReport:
@@ -68,12 +105,8 @@ class FsckReport:
     problems: list[Problem]
     foreign: list[ForeignFile]
     """Entries that are not the engine's, never touched."""
-    repair: dict[str, Any] | None = None
-    """After a repair: ``removed`` (file names), ``freed_bytes`` (of deleted
-    files only), ``quarantined``, ``remaining_problems``; kvbucket adds
-    ``quarantined_bytes``, ``rewritten_buckets``, ``salvaged_buckets``,
-    ``dropped_keys`` (keys of broken buckets) and ``removed_keys`` (corrupt
-    objects), Mooncake ``skipped`` (``file``, ``reason``)."""
+    repair: RepairSummary | None = None
+    """What a repair did (``None`` before one)."""
     clean: bool = False
     """No problems; after a repair: nothing left to fix."""
     scan: mooncake.MooncakeScan | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -84,6 +117,7 @@ class FsckReport:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scan"}
         out["problems"] = [problem.to_json() for problem in self.problems]
         out["foreign"] = [entry.to_json() for entry in self.foreign]
+        out["repair"] = None if self.repair is None else self.repair.to_json()
         if self.duplicate_keys is None:
             del out["duplicate_keys"]
         return out
@@ -196,17 +230,17 @@ def repair(
     if deep:
         remaining += _verify(fs, root, after_index, progress)
     report.deep, report.writer_active = deep, False
-    report.repair = {
-        "removed": list(recovery.removed_files),
-        "freed_bytes": recovery.freed_bytes,
-        "quarantined_bytes": recovery.quarantined_bytes,
-        "rewritten_buckets": list(recovery.rewritten_buckets),
-        "salvaged_buckets": list(recovery.salvaged_buckets),
-        "dropped_keys": list(recovery.dropped_keys),
-        "removed_keys": removed_keys,
-        "quarantined": recovery.quarantined,
-        "remaining_problems": [problem.to_json() for problem in remaining],
-    }
+    report.repair = RepairSummary(
+        removed=list(recovery.removed_files),
+        freed_bytes=recovery.freed_bytes,
+        quarantined_bytes=recovery.quarantined_bytes,
+        rewritten_buckets=list(recovery.rewritten_buckets),
+        salvaged_buckets=list(recovery.salvaged_buckets),
+        dropped_keys=list(recovery.dropped_keys),
+        removed_keys=removed_keys,
+        quarantined=recovery.quarantined,
+        remaining_problems=remaining,
+    )
     report.clean = not remaining and not after.shadowed
     return report
 
@@ -356,8 +390,13 @@ def repair_mooncake(report: FsckReport, *, quarantine: bool = False, fs: FileSys
         raise ValueError("repair_mooncake needs a report from check_mooncake")
     result = mooncake.repair_mooncake(report.scan, fs, quarantine=quarantine)
     after = mooncake.scan_mooncake(report.path, fs)
-    report.repair = {**result.to_json(), "quarantined": quarantine, "remaining_problems": [f.to_json() for f in after.findings]}
-    if quarantine:  # moved, not freed
-        report.repair["quarantined_bytes"], report.repair["freed_bytes"] = report.repair["freed_bytes"], 0
+    report.repair = RepairSummary(
+        removed=result.removed,
+        freed_bytes=0 if quarantine else result.freed_bytes,  # quarantined files are moved, not freed
+        quarantined_bytes=result.freed_bytes if quarantine else None,
+        skipped=result.skipped,
+        quarantined=quarantine,
+        remaining_problems=[f.problem() for f in after.findings],
+    )
     report.clean = result.complete and not after.findings
     return report
