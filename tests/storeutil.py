@@ -9,6 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kvbucket import BucketStore
 from kvbucket._core.fs import FileSystem
 from kvbucket.errors import StorageIOError
 
@@ -59,6 +62,25 @@ class FailingStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+
+def fail_next_writes(monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    """The next ``failures`` bucket writes of any store raise like a full disk
+    (whichever thread writes: an adapter's own, or an offload queue's)."""
+    real = BucketStore.batch_offload
+    lock = threading.Lock()
+    left = [failures]
+
+    def batch_offload(self: BucketStore, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            fail = left[0] > 0
+            if fail:
+                left[0] -= 1
+        if fail:
+            raise StorageIOError("writing bucket: No space left on device", OSError(28, "No space left on device"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BucketStore, "batch_offload", batch_offload)
 
 
 class DeletionGate(FileSystem):

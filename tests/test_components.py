@@ -147,28 +147,35 @@ def test_rebuilt_meta_lists_exactly_the_records_given() -> None:
 
 
 class _DirectoryCheck(FileSystem):
-    """Records (or fails) the check of the store directory."""
+    """Records (or fails) the calls on the store directory itself."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.checked: list[str] = []
+    def __init__(self, directory: Path, fail: bool = False) -> None:
+        self.directory = os.fspath(directory)
+        self.calls: list[str] = []
         self.fail = fail
 
-    def stat_target(self, path: str) -> os.stat_result:
-        self.checked.append(path)
-        if self.fail:
-            raise OSError(errno.EIO, "injected")
-        return super().stat_target(path)
+    def stat(self, path: str) -> os.stat_result:
+        if os.path.normpath(path) == self.directory:
+            self.calls.append("stat")
+            if self.fail:
+                raise OSError(errno.EIO, "injected")
+        return super().stat(path)
+
+    def mkdir(self, path: str) -> None:
+        if os.path.normpath(path) == self.directory:
+            self.calls.append("mkdir")
+        super().mkdir(path)
 
 
 def test_open_checks_the_store_directory_through_the_filesystem(tmp_path: Path) -> None:
-    fs = _DirectoryCheck()
+    fs = _DirectoryCheck(tmp_path / "store")
     with BucketStore.open(tmp_path / "store", filesystem=fs):
         pass
-    assert fs.checked == [os.fspath(tmp_path / "store")]
-    failing = _DirectoryCheck(fail=True)
+    assert fs.calls[:2] == ["stat", "mkdir"], "open() looked for the directory behind the FileSystem's back"
+    failing = _DirectoryCheck(tmp_path / "other", fail=True)
     with pytest.raises(StorageIOError, match="checking"):
         BucketStore.open(tmp_path / "other", filesystem=failing)
-    assert not (tmp_path / "other").exists()
+    assert failing.calls == ["stat"] and not (tmp_path / "other").exists()
 
 
 def test_open_follows_a_link_to_the_store_directory_and_refuses_a_file(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from kvbucket import BucketConfig, BucketStore
+from kvbucket import BucketConfig, BucketStore, OffloadQueue
 from kvbucket.config import parse_size
 from kvbucket.errors import InvalidArgument
 from kvbucket.integrations._common import store_options
+from kvbucket.metrics import check_endpoint
 
 
 def test_defaults() -> None:
@@ -140,6 +141,37 @@ def test_every_source_refuses_a_bad_value_naming_source_and_setting(tmp_path: Pa
     for message, attempt in attempts.items():
         with pytest.raises(InvalidArgument, match=message):
             attempt()
+
+
+def test_a_bad_boolean_is_refused_alike_from_the_environment_and_an_engine_config() -> None:
+    """The environment and the adapters once parsed booleans apart: an
+    engine config's ``"ture"`` read as False where the environment refused it."""
+    with pytest.raises(InvalidArgument) as from_env:
+        BucketConfig.from_env({"KVBUCKET_VERIFY_CHECKSUMS": "ture"}, path="/x")
+    with pytest.raises(InvalidArgument) as from_engine:
+        store_options({"verify_checksums": "ture"}, "an engine config")
+    env_message, engine_message = str(from_env.value), str(from_engine.value)
+    assert env_message.startswith("environment variable KVBUCKET_VERIFY_CHECKSUMS: ")
+    assert engine_message.startswith("an engine config: ")
+    refusal = "verify_checksums must be True or False"
+    assert env_message.partition(": ")[2] == engine_message.partition(": ")[2]
+    assert engine_message.partition(": ")[2].startswith(refusal) and engine_message.endswith("got 'ture'")
+
+
+def test_whole_number_arguments_are_refused_in_one_wording(tmp_path: Path) -> None:
+    """A config field, an OffloadQueue argument and the metrics port: a bool is
+    no whole number, and each refusal reads the same."""
+    with BucketStore.open(tmp_path / "s", durability="relaxed") as store:
+        attempts = {
+            "io_threads must be a whole number >= 1; got True": lambda: BucketConfig(path="/x", io_threads=True).validated(),  # type: ignore[arg-type]
+            "workers must be a whole number >= 1; got True": lambda: OffloadQueue(store, workers=True),
+            "max_staged_bytes must be a whole number >= 1; got 0": lambda: OffloadQueue(store, max_staged_bytes=0),
+            "metrics port (0: any free port) must be a whole number from 0 to 65535; got True": lambda: check_endpoint(True, "127.0.0.1"),
+        }
+        for message, attempt in attempts.items():
+            with pytest.raises(InvalidArgument) as refused:
+                attempt()
+            assert str(refused.value) == message
 
 
 def test_open_takes_sizes_with_units(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbucket import BucketStore, datafile
+from kvbucket import BucketStore
+from kvbucket._core import datafile
 from kvbucket._core.format import ALIGNMENT, aligned_layout
 from kvbucket._core.fs import O_DIRECT, WRITE_CHUNK, FileSystem
 from storeutil import value_for

@@ -72,7 +72,7 @@ def test_demo_folder_is_removed_when_the_run_fails(tmp_path: Path, monkeypatch: 
 PUBLIC_MODULES = {
     "kvbucket": ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", "KeyNotFound"],
     "kvbucket.store": ["BucketStore", "StoreStats"],
-    "kvbucket.pipeline": ["OffloadQueue"],
+    "kvbucket.pipeline": ["OffloadQueue", "KeyDoneCallback", "Callback"],
     "kvbucket.config": ["BucketConfig", "parse_size"],
     "kvbucket.errors": ["KvBucketError", "CorruptionError", "CapacityExceeded"],
     "kvbucket.metrics": ["serve_metrics", "exposition"],

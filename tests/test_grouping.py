@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import kvbucket.store as store_module
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
-from kvbucket.policy.grouping import OffloadGrouper
+from kvbucket.policy.grouping import OffloadGrouper, cut_batches, split_batches
 from storeutil import value_for
 
 
@@ -311,3 +311,51 @@ def test_grouper_properties(calls: list[Any], size_limit: int, keys_limit: int, 
             nxt = flat[flat.index(group[-1]) + 1] if group[-1] != flat[-1] else (after[0] if after else None)
             assert len(group) == keys_limit or size >= size_limit or (nxt is not None and size + offered[nxt] > size_limit), (group, nxt)
         stored.update(flat)  # the pipeline writes what it was given before its next call
+
+
+# -- cut_batches: the one cutter of the grouper, compaction, the importer and the adapters
+
+Item = tuple[int, int, int]  # (position, bytes, keys)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    weights=st.lists(st.tuples(st.integers(0, 300), st.integers(1, 3)), max_size=30),
+    max_bytes=st.integers(1, 500),
+    max_keys=st.integers(1, 6),
+)
+def test_cut_batches_properties(weights: list[tuple[int, int]], max_bytes: int, max_keys: int) -> None:
+    items: list[Item] = [(i, b, k) for i, (b, k) in enumerate(weights)]
+    full, rest = cut_batches(items, max_bytes=max_bytes, max_keys=max_keys, size=lambda item: item[1], keys=lambda item: item[2])
+    batches = [*full, rest] if rest else full
+    assert split_batches(items, max_bytes=max_bytes, max_keys=max_keys, size=lambda item: item[1], keys=lambda item: item[2]) == batches
+    # in order, nothing lost, nothing twice, no empty batch
+    assert [item for batch in batches for item in batch] == items
+    assert all(batch for batch in batches)
+    for position, batch in enumerate(batches):
+        batch_bytes, batch_keys = sum(item[1] for item in batch), sum(item[2] for item in batch)
+        # only a batch of one item is ever over a limit
+        assert len(batch) == 1 or (batch_bytes <= max_bytes and batch_keys <= max_keys)
+        if batch is rest:
+            assert batch_bytes < max_bytes and batch_keys < max_keys, "the rest is a partial batch"
+            continue
+        # a full batch reached a limit, or the next item would have pushed it past one
+        nxt = batches[position + 1][0] if position + 1 < len(batches) else None
+        reached = batch_bytes >= max_bytes or batch_keys >= max_keys
+        assert reached or (nxt is not None and (batch_bytes + nxt[1] > max_bytes or batch_keys + nxt[2] > max_keys)), (batch, nxt)
+
+
+def test_cut_batches_counts_one_key_per_item_by_default() -> None:
+    full, rest = cut_batches(["a", "b", "c", "d", "e"], max_bytes=1 << 20, max_keys=2, size=lambda key: 10)
+    assert (full, rest) == ([["a", "b"], ["c", "d"]], ["e"])
+
+
+def test_an_item_over_the_byte_limit_is_a_batch_of_its_own() -> None:
+    sizes = {"a": 10, "big": 500, "b": 10}
+    assert split_batches(sizes, max_bytes=100, max_keys=10, size=sizes.__getitem__) == [["a"], ["big"], ["b"]]
+
+
+def test_the_limits_are_keyword_only() -> None:
+    """Two of the cutters this one replaced took the limits in opposite orders."""
+    with pytest.raises(TypeError):
+        cut_batches(["a"], 100, 10, size=len)  # type: ignore[misc]

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
+from adapter_suite import AdapterSuite, metric, page_bytes
+from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument, StoreLocked
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
-from storeutil import FailingStore
+from storeutil import fail_next_writes
 
 CHUNK = 64 * 1024
 
@@ -33,10 +39,15 @@ def opened(module: Any) -> Iterator[list[Any]]:
         adapter.close()
 
 
-def plugin(opened: list[Any], root: Path, **params: Any) -> Any:
+def load_plugin(root: Path, **params: Any) -> Any:
     """Load the adapter as the MP server does: ``{"type": "plugin", ...}``."""
     spec = {"module_path": lm.MODULE, "class_name": "KvBucketL2Adapter", "adapter_params": {"storage_path": str(root), **params}}
-    adapter = lm.create_plugin_adapter(lm.PluginL2AdapterConfig.from_dict(spec))
+    return lm.create_plugin_adapter(lm.PluginL2AdapterConfig.from_dict(spec))
+
+
+def plugin(opened: list[Any], root: Path, **params: Any) -> Any:
+    """:func:`load_plugin`, closed at the end of the test."""
+    adapter = load_plugin(root, **params)
     opened.append(adapter)
     return adapter
 
@@ -55,7 +66,7 @@ def test_module_imports_without_lmcache() -> None:
     code = (
         "import sys, kvbucket.integrations.lmcache as m\n"
         "assert 'lmcache' not in sys.modules\n"
-        "assert m.KvBucketL2Adapter.__mro__[1].__module__ == 'kvbucket.integrations._lmcache_fallback'\n"
+        "assert m.KvBucketL2Adapter.__mro__[1].__module__ == 'kvbucket.integrations._standins'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
@@ -151,14 +162,49 @@ def test_kvbucket_eviction_keeps_usage_right(opened: list[Any], tmp_path: Path) 
     assert adapter.get_usage().total_bytes_used == 2 * CHUNK
 
 
-def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path) -> None:
+def test_a_failed_store_task_is_reported_and_the_adapter_recovers(opened: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = plugin(opened, tmp_path)
-    adapter._store = FailingStore(adapter._store, failures=1)
+    fail_next_writes(monkeypatch, 1)
     keys, objects = [key(1), key(2)], chunks(2)
     assert not lm.store(adapter, keys, objects).is_successful()
     assert lm.lookup(adapter, keys) == [] and adapter.get_usage().total_bytes_used == 0
     assert lm.store(adapter, keys, objects).is_successful()
     assert lm.lookup(adapter, keys) == [0, 1]
+
+
+def test_store_tasks_are_written_by_an_offload_queue(opened: list[Any], tmp_path: Path) -> None:
+    adapter = plugin(opened, tmp_path, metrics_port=0)
+    assert lm.store(adapter, [key(1), key(2)], chunks(2)).is_successful()
+    url = adapter.metrics_server.url
+    assert metric(url, "kvbucket_queue_stored_keys_total") == 2
+    assert metric(url, "kvbucket_queue_staged_keys") == 0
+
+
+def test_a_key_another_task_is_storing_joins_that_write(opened: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = plugin(opened, tmp_path)
+    writing, release = threading.Event(), threading.Event()
+    real = BucketStore.batch_offload
+
+    def held(self: BucketStore, *args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        assert release.wait(60)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BucketStore, "batch_offload", held)
+    objects = chunks(2)
+    first = adapter.submit_store_task([key(1)], objects[:1])
+    assert writing.wait(60)  # key 1's bucket is being written
+    second = adapter.submit_store_task([key(1), key(2)], objects)
+    assert adapter.pop_completed_store_tasks() == {}  # neither task is durable yet
+    release.set()
+    results: dict[int, Any] = {}
+    while len(results) < 2:
+        lm.wait_fd(adapter.get_store_event_fd())
+        results.update(adapter.pop_completed_store_tasks())
+    assert results[first].is_successful() and results[second].is_successful()
+    assert (results[first].bytes_transferred(), results[second].bytes_transferred()) == (CHUNK, CHUNK)  # key 1 counts once
+    assert adapter.get_usage().total_bytes_used == 2 * CHUNK
+    assert adapter.report_status()["pending_store_tasks"] == 0
 
 
 def test_loads_of_wrong_size_or_corrupt_objects_fail_per_key(opened: list[Any], tmp_path: Path) -> None:
@@ -274,3 +320,39 @@ def test_watermark_settings_reach_the_store(opened: list[Any], tmp_path: Path) -
     adapter = plugin(opened, tmp_path, max_size_gb=1, eviction_high_watermark=0.6, eviction_low_watermark=0.3, lookup_lease_s=0)
     config = adapter._store.config
     assert (config.eviction_high_watermark, config.eviction_low_watermark, config.lookup_lease_s) == (0.6, 0.3, 0.0)
+
+
+class TestSuite(AdapterSuite):
+    """The shared adapter tests, through the plugin loader and store/lookup/load tasks."""
+
+    module_name, adapter_class, engine_name = lm.MODULE, "KvBucketL2Adapter", "lmcache"
+    page_size = CHUNK
+
+    def engine(self) -> contextlib.AbstractContextManager[ModuleType]:
+        return lm.installed()
+
+    def open(self, module: ModuleType, root: Path, **settings: Any) -> Any:
+        return load_plugin(root, **settings)
+
+    def store(self, adapter: Any, pages: list[int]) -> list[bool]:
+        objects = [FakeMemoryObj(CHUNK) for _ in pages]
+        for obj, page in zip(objects, pages):
+            obj.tensor[:] = np.frombuffer(page_bytes(page, CHUNK), np.uint8)
+        return [lm.store(adapter, [key(p) for p in pages], objects).is_successful()] * len(pages)
+
+    def load(self, adapter: Any, pages: list[int]) -> list[bytes | None]:
+        targets = [FakeMemoryObj(CHUNK) for _ in pages]
+        loaded = lm.load(adapter, [key(p) for p in pages], targets)
+        return [target.tensor.tobytes() if i in loaded else None for i, target in enumerate(targets)]
+
+    def lookup(self, adapter: Any, pages: list[int]) -> list[bool]:
+        keys = [key(p) for p in pages]
+        hits = lm.lookup(adapter, keys)
+        adapter.submit_unlock([keys[i] for i in hits])
+        return [i in hits for i in range(len(keys))]
+
+    def bucket_store(self, adapter: Any) -> BucketStore:
+        return adapter._store
+
+    def close(self, adapter: Any) -> None:
+        adapter.close()

@@ -196,7 +196,7 @@ def test_sglang_setting_serves_the_rank_store(tmp_path: Path) -> None:
 
 
 def test_vllm_setting_serves_store_and_queue(tmp_path: Path) -> None:
-    tier = tier_module.make_tier_class(vs.API)(
+    tier = tier_module.KvBucketTierManager(
         offloading_spec=vs.make_spec(rank=0),
         primary_kv_view=memoryview(vs.primary_memory(4, 64 << 10)),
         tier_type="kvbucket",

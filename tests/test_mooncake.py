@@ -26,19 +26,19 @@ GOLDEN = bytes([0x08, 0x0B, 0x12, 0x02, 0x61, 0x62, 0x1A, 0x04, 0x10, 0x02, 0x18
 
 
 def test_golden_bytes_decode_and_encode() -> None:
-    meta = mc.decode_meta(GOLDEN)
+    meta = mc.decode_bucket_meta(GOLDEN)
     assert meta == mc.BucketMetadata(11, [b"ab"], [mc.ObjectMetadata(0, 2, 9)])
-    assert mc.encode_meta(meta) == GOLDEN
+    assert mc.encode_bucket_meta(meta) == GOLDEN
     assert bucket_metadata(11, [b"ab"], [(0, 2, 9)]) == GOLDEN
 
 
 def test_multibyte_varints_and_empty_entries() -> None:
     raw = bucket_metadata(300, [b"", b"k"], [(0, 0, 0), (1 << 40, 1, 299)])
-    meta = mc.decode_meta(raw)
+    meta = mc.decode_bucket_meta(raw)
     assert meta.data_size == 300
     assert meta.keys == [b"", b"k"]
     assert meta.metadatas == [mc.ObjectMetadata(0, 0, 0), mc.ObjectMetadata(1 << 40, 1, 299)]
-    assert mc.encode_meta(meta) == raw
+    assert mc.encode_bucket_meta(meta) == raw
 
 
 _objects = st.lists(
@@ -52,17 +52,17 @@ def test_roundtrip_against_independent_encoder(data_size: int, objects: list[tup
     keys = [o[0] for o in objects]
     records = [o[1:] for o in objects]
     raw = bucket_metadata(data_size, keys, records)
-    meta = mc.decode_meta(raw)
+    meta = mc.decode_bucket_meta(raw)
     assert meta.data_size == data_size
     assert meta.keys == keys
     assert [(m.offset, m.key_size, m.data_size) for m in meta.metadatas] == records
-    assert mc.encode_meta(meta) == raw
+    assert mc.encode_bucket_meta(meta) == raw
 
 
 def test_unknown_fields_are_skipped() -> None:
     extra = varint(9 << 3) + varint(5) + varint(10 << 3 | 2) + varint(3) + b"xyz"
     extra += varint(11 << 3 | 1) + b"\x00" * 8 + varint(12 << 3 | 5) + b"\x00" * 4
-    assert mc.decode_meta(GOLDEN + extra) == mc.decode_meta(GOLDEN)
+    assert mc.decode_bucket_meta(GOLDEN + extra) == mc.decode_bucket_meta(GOLDEN)
 
 
 @pytest.mark.parametrize(
@@ -86,10 +86,10 @@ def test_unknown_fields_are_skipped() -> None:
 )
 def test_malformed_metas_raise_typed_error(raw: bytes, message: str | None) -> None:
     if message is None:
-        mc.decode_meta(raw)
+        mc.decode_bucket_meta(raw)
         return
     with pytest.raises(mc.MooncakeMetaError, match=message) as info:
-        mc.decode_meta(raw)
+        mc.decode_bucket_meta(raw)
     assert isinstance(info.value, CorruptionError)
 
 
@@ -98,7 +98,7 @@ def test_truncation_at_every_byte_parses_or_raises_typed_error() -> None:
     outcomes = set()
     for length in range(len(raw)):
         try:
-            mc.decode_meta(raw[:length])
+            mc.decode_bucket_meta(raw[:length])
             outcomes.add("parsed")
         except mc.MooncakeMetaError:
             outcomes.add("error")
@@ -127,7 +127,7 @@ def test_split_tenant() -> None:
     ],
 )
 def test_parse_name_is_exact(name: str, expected: tuple[str, str] | None) -> None:
-    assert mc.parse_name(name) == expected
+    assert mc.parse_file_name(name) == expected
 
 
 # -- scanning ------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_repair_with_quarantine_moves_files_out_of_mooncakes_reach(damaged: Moon
     assert result.complete
     quarantined = sorted(os.listdir(damaged.root / "quarantine"))
     assert "2.bucket.quarantined" in quarantined
-    assert all(name.endswith(".quarantined") and mc.parse_name(name) is None for name in quarantined)
+    assert all(name.endswith(".quarantined") and mc.parse_file_name(name) is None for name in quarantined)
     assert (damaged.root / "quarantine" / "2.bucket.quarantined").read_bytes() == orphan
     assert not mc.scan_mooncake(damaged.root).findings
 

@@ -463,6 +463,12 @@ def test_flush_of_an_idle_queue_returns(store: BucketStore) -> None:
         {"put_timeout": -1},
         {"workers": 0},
         {"max_delay_s": -0.5},
+        {"max_staged_bytes": True},
+        {"workers": True},
+        {"put_timeout": True},
+        {"put_timeout": float("nan")},
+        {"max_delay_s": False},
+        {"max_delay_s": float("nan")},
     ],
 )
 def test_bad_arguments(store: BucketStore, kwargs: dict[str, Any]) -> None:

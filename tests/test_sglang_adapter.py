@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
+from adapter_suite import AdapterSuite, page_bytes
+from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
 from standins import sglang_standin as sg
 from storeutil import FailingStore
@@ -50,7 +54,7 @@ def test_module_imports_without_sglang() -> None:
     code = (
         "import sys, kvbucket.integrations.sglang as m\n"
         "assert 'sglang' not in sys.modules\n"
-        "assert m.KvBucketHiCacheStorage.__mro__[1].__module__ == 'kvbucket.integrations.sglang'\n"
+        "assert m.KvBucketHiCacheStorage.__mro__[1].__module__ == 'kvbucket.integrations._standins'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
@@ -280,3 +284,45 @@ def test_watermark_settings_reach_the_store(opened: list[Any], tmp_path: Path) -
     store_config = backend._store.config
     assert (store_config.eviction_high_watermark, store_config.eviction_low_watermark) == (0.7, 0.4)
     assert (store_config.background_eviction, store_config.lookup_lease_s) == (False, 2.0)
+
+
+def page_hash(page: int) -> str:
+    """The page hash SGLang would give page ``page``."""
+    return f"{page:064x}"
+
+
+class TestSuite(AdapterSuite):
+    """The shared adapter tests, through SGLang's factory and the zero-copy calls on an MHA host pool."""
+
+    module_name, adapter_class, engine_name = sg.MODULE, "KvBucketHiCacheStorage", "sglang"
+    page_size = len(sg.FakeHostPool().page_bytes(0))
+    load_slot = 8
+    """Loads go to host pages from here on (stores come from pages 0, 1, ...)."""
+
+    def engine(self) -> contextlib.AbstractContextManager[ModuleType]:
+        return sg.installed()
+
+    def open(self, module: ModuleType, root: Path, **settings: Any) -> Any:
+        return sg.attach(sg.make_config(root, **settings), sg.FakeHostPool())
+
+    def store(self, adapter: Any, pages: list[int]) -> list[bool]:
+        pool = adapter.mem_pool_host
+        for slot, page in enumerate(pages):
+            pool.set_from_flat_data_page(slot * pool.page_size, np.frombuffer(page_bytes(page, self.page_size), dtype=pool.dtype))
+        return list(adapter.batch_set_v1([page_hash(p) for p in pages], pool.page_indices(range(len(pages)))))
+
+    def load(self, adapter: Any, pages: list[int]) -> list[bytes | None]:
+        pool = adapter.mem_pool_host
+        pool.kv_buffer[...] = 0
+        slots = range(self.load_slot, self.load_slot + len(pages))
+        loaded = adapter.batch_get_v1([page_hash(p) for p in pages], pool.page_indices(slots))
+        return [pool.page_bytes(slot) if ok else None for slot, ok in zip(slots, loaded)]
+
+    def lookup(self, adapter: Any, pages: list[int]) -> list[bool]:
+        return [adapter.exists(page_hash(p)) for p in pages]
+
+    def bucket_store(self, adapter: Any) -> BucketStore:
+        return adapter._store
+
+    def close(self, adapter: Any) -> None:
+        adapter.close()

@@ -7,25 +7,30 @@ memoryview of page-aligned host memory, ``drain_jobs()``, then
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import itertools
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
+from adapter_suite import AdapterSuite, page_bytes
 from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
-from kvbucket.integrations import vllm as tier_module
 from standins import vllm_standin as vs
+from standins.modules import imported_without
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16
 
-TierClass = tier_module.make_tier_class(vs.API)
+with vs.installed() as tier_module:  # the tier module built on the stand-ins of vLLM
+    TierClass = tier_module.KvBucketTierManager
 
 
 def make_tier(root: Path, memory: np.ndarray, *, rank: int = 0, cls: type = TierClass, **options: Any) -> Any:
@@ -358,7 +363,8 @@ def test_get_stats_reports_counter_increments_and_usage(tier: Any, memory: np.nd
 
 
 def test_get_stats_without_vllm_metrics_is_none(tmp_path: Path, memory: np.ndarray) -> None:
-    bare = tier_module.make_tier_class(tier_module.FALLBACK_API)
+    with imported_without("vllm", vs.MODULE) as bare_module:  # on kvbucket's own stand-ins
+        bare = bare_module.KvBucketTierManager
     assert bare.build_metric_definitions({}) == {}
     opened = make_tier(tmp_path, memory, cls=bare)
     try:
@@ -392,3 +398,45 @@ def test_watermark_settings_map_onto_the_store(tmp_path: Path, memory: np.ndarra
         assert config.background_eviction is True
     finally:
         tier.shutdown()
+
+
+class TestSuite(AdapterSuite):
+    """The shared adapter tests, through store and load jobs on the primary tier's memory."""
+
+    module_name, adapter_class, engine_name = vs.MODULE, "KvBucketTierManager", "vllm"
+    page_size = CHUNK_BYTES
+    load_slot = NUM_CHUNKS // 2
+    """Loads go to chunks from here on (stores come from chunks 0, 1, ...)."""
+    job_ids = itertools.count(1)
+
+    def engine(self) -> contextlib.AbstractContextManager[ModuleType]:
+        return vs.installed()
+
+    def open(self, module: ModuleType, root: Path, **settings: Any) -> Any:
+        memory = vs.primary_memory(NUM_CHUNKS, CHUNK_BYTES)
+        tier = module.KvBucketTierManager(vs.make_spec(), memoryview(memory), "kvbucket", root_dir=str(root), **settings)
+        tier.test_rows = memory.view(np.uint8)  # the primary memory, one chunk a row
+        return tier
+
+    def store(self, adapter: Any, pages: list[int]) -> list[bool]:
+        for slot, page in enumerate(pages):
+            adapter.test_rows[slot] = np.frombuffer(page_bytes(page, CHUNK_BYTES), np.uint8)
+        (result,) = store_keys(adapter, next(self.job_ids), [vs.key(p) for p in pages], list(range(len(pages))))
+        return [result.success] * len(pages)
+
+    def load(self, adapter: Any, pages: list[int]) -> list[bytes | None]:
+        adapter.test_rows[...] = 0
+        keys = [vs.key(p) for p in pages]
+        slots = list(range(self.load_slot, self.load_slot + len(pages)))
+        (result,) = load_keys(adapter, next(self.job_ids), keys, slots)
+        loaded = set(keys) if result.success else set(result.successful_keys or ())
+        return [adapter.test_rows[slot].tobytes() if key in loaded else None for key, slot in zip(keys, slots)]
+
+    def lookup(self, adapter: Any, pages: list[int]) -> list[bool]:
+        return [adapter.lookup(vs.key(p), vs.CTX).name == "HIT" for p in pages]
+
+    def bucket_store(self, adapter: Any) -> BucketStore:
+        return adapter.store
+
+    def close(self, adapter: Any) -> None:
+        adapter.shutdown()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import sys
@@ -23,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from ._core.arguments import is_int, is_number, number_range, whole_number
 from ._core.format import MAX_BUCKET_KEYS
 from .errors import InvalidArgument
 
@@ -247,7 +247,7 @@ def _parse_size_value(setting: Setting, value: object) -> int:
 
 
 def _parse_count(setting: Setting, value: object) -> int:
-    return _parse_whole(setting, value, _decimal, f"a whole number >= {setting.minimum:g}")
+    return _parse_whole(setting, value, _decimal, whole_number(int(setting.minimum)))
 
 
 def _parse_whole(setting: Setting, value: object, parse_text: Callable[[str], int], what: str) -> int:
@@ -259,7 +259,7 @@ def _parse_whole(setting: Setting, value: object, parse_text: Callable[[str], in
             value = parse_text(value)
         except ValueError:
             raise ValueError(what) from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < setting.minimum:
+    if not is_int(value) or value < setting.minimum:
         raise ValueError(what)
     return value
 
@@ -271,7 +271,7 @@ def _decimal(text: str) -> int:
 
 
 def _parse_number(setting: Setting, value: object) -> float:
-    what = f"a number >= {setting.minimum:g}"
+    what = number_range(setting.minimum)
     number = _finite(value, what)
     if number < setting.minimum:
         raise ValueError(what)
@@ -293,7 +293,7 @@ def _finite(value: object, what: str) -> float:
             value = float(value)
         except ValueError:
             raise ValueError(what) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise ValueError(what)
     return float(value)
 

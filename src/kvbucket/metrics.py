@@ -18,14 +18,21 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._core.counters import LATENCY_BOUNDS, LOOKUP_OPS, Histogram
+from ._core.arguments import check_int
+from ._core.counters import LATENCY_BOUNDS, LOOKUP_OPS, CounterSnapshot, Histogram, QueueSnapshot
+from ._core.interfaces import QueueObservation, StoreObservation
 from .errors import InvalidArgument, KvBucketError, StorageIOError, StoreClosed
+
+if TYPE_CHECKING:
+    from ._core.recovery import RecoveryReport
+    from .pipeline import PipelineStats
+    from .store import StoreStats
 
 __all__ = ["StoreCollector", "MetricsServer", "serve_metrics", "exposition", "make_registry", "check_endpoint"]
 
@@ -42,7 +49,7 @@ class StoreCollector(Collector):
     ``kvbucket_store_open 0``.
     """
 
-    def __init__(self, store: Any, queue: Any = None) -> None:
+    def __init__(self, store: StoreObservation, queue: QueueObservation | None = None) -> None:
         self._store = store
         self._queue = queue
 
@@ -64,7 +71,7 @@ class StoreCollector(Collector):
             yield from _queue_families(label, self._queue.stats(), self._queue.counters())
 
 
-def _lookup_families(label: str, counters: Any) -> Iterator[Metric]:
+def _lookup_families(label: str, counters: CounterSnapshot) -> Iterator[Metric]:
     lookups = CounterMetricFamily(
         "kvbucket_lookups", "Objects looked up, by call (exists, load, get) and result (hit, miss).", labels=["store", "op", "result"]
     )
@@ -83,7 +90,7 @@ def _lookup_families(label: str, counters: Any) -> Iterator[Metric]:
     yield looked_bytes
 
 
-def _io_families(label: str, counters: Any) -> Iterator[Metric]:
+def _io_families(label: str, counters: CounterSnapshot) -> Iterator[Metric]:
     yield _counter("kvbucket_read_objects", "Objects read and verified by successful loads and gets.", label, counters.read_objects)
     yield _counter("kvbucket_read_bytes", "Value bytes read by successful loads and gets.", label, counters.read_bytes)
     yield _counter("kvbucket_written_objects", "Objects committed (offloads and compaction).", label, counters.written_objects)
@@ -96,7 +103,7 @@ def _io_families(label: str, counters: Any) -> Iterator[Metric]:
     yield _counter("kvbucket_truncated_reads", "Objects whose data file ended before the object (not returned).", label, counters.truncated_reads)
 
 
-def _usage_families(label: str, stats: Any) -> Iterator[Metric]:
+def _usage_families(label: str, stats: StoreStats) -> Iterator[Metric]:
     usage = GaugeMetricFamily("kvbucket_usage", "Current usage, by resource (logical_bytes, physical_bytes, keys).", labels=["store", "resource"])
     limit = GaugeMetricFamily(
         "kvbucket_limit", "The limit of each resource; 0 means unlimited (or, for a readonly store, not recorded).", labels=["store", "resource"]
@@ -118,7 +125,7 @@ def _usage_families(label: str, stats: Any) -> Iterator[Metric]:
     yield _counter("kvbucket_evicted_keys", "Objects evicted since open.", label, stats.evicted_keys)
 
 
-def _recovery_families(label: str, report: Any) -> Iterator[Metric]:
+def _recovery_families(label: str, report: RecoveryReport) -> Iterator[Metric]:
     actions = GaugeMetricFamily(
         "kvbucket_recovery_actions",
         "What recovery did at the last open, by action (count of buckets, files or keys).",
@@ -138,7 +145,7 @@ def _recovery_families(label: str, report: Any) -> Iterator[Metric]:
     yield _gauge("kvbucket_recovery_quarantined_bytes", "Bytes recovery moved to quarantine/ at the last open.", label, report.quarantined_bytes)
 
 
-def _queue_families(label: str, stats: Any, counters: Any) -> Iterator[Metric]:
+def _queue_families(label: str, stats: PipelineStats, counters: QueueSnapshot) -> Iterator[Metric]:
     yield _gauge("kvbucket_queue_staged_keys", "Keys staged in the offload queue and not yet written (queue depth).", label, stats.staged_keys)
     yield _gauge("kvbucket_queue_staged_bytes", "Value bytes staged in the offload queue.", label, stats.staged_bytes)
     yield _gauge("kvbucket_queue_max_staged_bytes", "The offload queue's staging limit.", label, stats.max_staged_bytes)
@@ -173,14 +180,14 @@ def _histogram(name: str, documentation: str, label: str, histogram: Histogram) 
     return family
 
 
-def make_registry(store: Any, queue: Any = None) -> CollectorRegistry:
+def make_registry(store: StoreObservation, queue: QueueObservation | None = None) -> CollectorRegistry:
     """A registry holding one :class:`StoreCollector` (and nothing else)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store, queue))
     return registry
 
 
-def exposition(store: Any, queue: Any = None) -> str:
+def exposition(store: StoreObservation, queue: QueueObservation | None = None) -> str:
     """The Prometheus text exposition of ``store`` (and ``queue``) now."""
     return generate_latest(make_registry(store, queue)).decode()
 
@@ -218,7 +225,7 @@ class MetricsServer:
         self.close()
 
 
-def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1", queue: Any = None) -> MetricsServer:
+def serve_metrics(store: StoreObservation, port: int, addr: str = "127.0.0.1", queue: QueueObservation | None = None) -> MetricsServer:
     """Serve ``store``'s (and ``queue``'s) metrics at ``http://addr:port/metrics``.
 
     ``port`` 0 picks a free port (see :attr:`MetricsServer.port`). The
@@ -240,8 +247,7 @@ def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1", queue: Any = N
 
 def check_endpoint(port: object, addr: object) -> None:
     """Raise :class:`InvalidArgument` unless ``port`` is 0..65535 and ``addr`` an IP address."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise InvalidArgument(f"metrics port must be a whole number from 0 to 65535 (0: any free port); got {port!r}")
+    check_int(port, "metrics port (0: any free port)", minimum=0, maximum=65535)
     try:
         ipaddress.ip_address(addr)  # type: ignore[arg-type]
     except ValueError:

@@ -69,12 +69,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from ._core.arguments import check_lookup_key, key_mapping, key_value_pairs, lookup_keys
+from ._core.arguments import check_int, check_lookup_key, check_number, key_mapping, key_value_pairs, lookup_keys
 from ._core.buffers import Buffer, value_views, writable_view
 from ._core.counters import QueueCounters, QueueSnapshot
 from ._core.format import check_key
+from ._core.interfaces import EvictionListener, OffloadTarget
 from .errors import (
     CapacityExceeded,
     InvalidArgument,
@@ -84,42 +85,16 @@ from .errors import (
     StoreClosed,
 )
 
-__all__ = ["OffloadQueue", "PipelineStats", "Callback"]
+__all__ = ["Callback", "KeyDoneCallback", "OffloadQueue", "PipelineStats"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-Callback = Callable[[str, "BaseException | None"], Any]
-"""``callback(key, error)``: ``error`` is ``None`` when ``key`` is stored."""
+KeyDoneCallback = Callable[[str, "BaseException | None"], Any]
+Callback = KeyDoneCallback  # the name of releases before 0.2; kvbucket.pipeline is public
+"""``callback(key, error)``, called once a staged key is resolved: ``error``
+is ``None`` when ``key`` is stored."""
 
 Backpressure = Literal["block", "reject"]
-
-
-class QueueStore(Protocol):
-    """The store calls an :class:`OffloadQueue` makes; a :class:`~kvbucket.BucketStore` has them all."""
-
-    def exists(self, key: str) -> bool: ...
-
-    def batch_exists(self, keys: Iterable[str]) -> list[bool]: ...
-
-    def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]: ...
-
-    def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None: ...
-
-    def release(self, keys: Iterable[str]) -> None: ...
-
-    def batch_load(self, destinations: Mapping[str, Buffer]) -> None: ...
-
-    def batch_offload(
-        self, objects: Mapping[str, list[memoryview]], *, on_evict: Callable[[list[str]], object] | None, on_duplicate: str
-    ) -> int | None: ...
-
-    def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]: ...
-
-    def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]: ...
-
-    def pending_group(self) -> list[str]: ...
-
-_DEFAULT_DELAY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -151,7 +126,7 @@ class _Entry:
         self.key = key
         self.views = views
         self.size = size
-        self.waiters: list[tuple[Future[None], Callback | None]] = []
+        self.waiters: list[tuple[Future[None], KeyDoneCallback | None]] = []
         self.readers = 0
         self.done: Future[None] = Future()  # resolved after every waiter
 
@@ -174,8 +149,9 @@ class OffloadQueue:
     """Stage objects now, write them to a :class:`~kvbucket.BucketStore` in the background.
 
     Args:
-        store: an open, writable store. The queue does not own it:
-            :meth:`close` leaves it open.
+        store: an open, writable store (or anything with the store calls
+            of :class:`~kvbucket._core.interfaces.OffloadTarget`). The queue
+            does not own it: :meth:`close` leaves it open.
         max_staged_bytes: most value bytes staged at once (>= 1).
         backpressure: ``"block"`` (wait for room) or ``"reject"`` (raise
             :class:`~kvbucket.errors.CapacityExceeded`) when a put does not fit.
@@ -198,13 +174,13 @@ class OffloadQueue:
 
     def __init__(
         self,
-        store: QueueStore,
+        store: OffloadTarget,
         *,
         max_staged_bytes: int = 1 << 30,
         backpressure: Backpressure = "block",
         put_timeout: float | None = None,
         workers: int = 1,
-        on_evict: Callable[[list[str]], Any] | None = None,
+        on_evict: EvictionListener | None = None,
         max_delay_s: float | None = None,
         bucket_per_batch: bool = True,
     ) -> None:
@@ -214,7 +190,7 @@ class OffloadQueue:
         self._backpressure = backpressure
         self._put_timeout = put_timeout
         self._on_evict = on_evict
-        self._delay = _store_delay(store) if max_delay_s is None else float(max_delay_s)
+        self._delay = store.config.group_max_delay_s if max_delay_s is None else float(max_delay_s)
         self._bucket_per_batch = bool(bucket_per_batch)
 
         self._lock = threading.Lock()
@@ -244,7 +220,7 @@ class OffloadQueue:
             thread.start()
 
     # -- staging ------------------------------------------------------------
-    def put(self, key: str, value: Buffer | list[Buffer], callback: Callback | None = None) -> Future[None]:
+    def put(self, key: str, value: Buffer | list[Buffer], callback: KeyDoneCallback | None = None) -> Future[None]:
         """Stage one object; returns a future that resolves when it is stored.
 
         ``value`` is one buffer or a list of buffers written back to back; it
@@ -259,7 +235,7 @@ class OffloadQueue:
     def put_batch(
         self,
         mapping: Mapping[str, Buffer | list[Buffer]] | Iterable[tuple[str, Buffer | list[Buffer]]],
-        callback: Callback | None = None,
+        callback: KeyDoneCallback | None = None,
     ) -> dict[str, Future[None]]:
         """Stage several objects at once (all or nothing); one future per key.
 
@@ -275,7 +251,7 @@ class OffloadQueue:
             raise InvalidArgument("put_batch needs at least one object")
         return self._stage(prepared, callback, batch=self._bucket_per_batch)
 
-    def _stage(self, prepared: dict[str, tuple[list[memoryview], int]], callback: Callback | None, batch: bool) -> dict[str, Future[None]]:
+    def _stage(self, prepared: dict[str, tuple[list[memoryview], int]], callback: KeyDoneCallback | None, batch: bool) -> dict[str, Future[None]]:
         """Stage ``prepared``; its new keys form one batch of their own when ``batch``."""
         with self._cond:
             self._check_open()
@@ -529,7 +505,7 @@ class OffloadQueue:
             try:
                 self._write(group)
             except BaseException as exc:  # never leave a key unresolved, even on a bug
-                logger.exception("offload worker failed while writing %d key(s)", len(group.entries))
+                log.exception("offload worker failed while writing %d key(s)", len(group.entries))
                 self._finish(group.entries, exc)
             finally:
                 with self._cond:
@@ -610,7 +586,7 @@ class OffloadQueue:
         """Queue what a grouper call on ``handed`` emitted, or fail all of
         ``handed`` when it raised (its state is unknown)."""
         if error is not None:
-            logger.error("%s failed; %d staged key(s) fail with it: %s", grouper, len(handed), error)
+            log.error("%s failed; %d staged key(s) fail with it: %s", grouper, len(handed), error)
             self._ready.append(_Group(self._entries_of(handed), error=error))
         else:
             self._queue_groups(groups, handed, pending)
@@ -688,7 +664,7 @@ class OffloadQueue:
         stored = self._store.batch_exists([entry.key for entry in entries])
         self._finish([e for e, hit in zip(entries, stored) if hit], None)
         for entry in (e for e, hit in zip(entries, stored) if not hit):
-            logger.warning("key %r left the offload grouping unwritten; writing it alone", entry.key)
+            log.warning("key %r left the offload grouping unwritten; writing it alone", entry.key)
             self._offload([entry])
 
     def _finish(self, entries: list[_Entry], error: BaseException | None) -> None:
@@ -724,7 +700,7 @@ def _resolve(entry: _Entry, error: BaseException | None) -> None:
             try:
                 callback(entry.key, error)
             except Exception:
-                logger.exception("offload completion callback failed for key %r", entry.key)
+                log.exception("offload completion callback failed for key %r", entry.key)
         if error is None:
             future.set_result(None)
         else:
@@ -750,22 +726,14 @@ def _copy_out(entry: _Entry, dest: memoryview) -> None:
         offset += view.nbytes
 
 
-def _store_delay(store: QueueStore) -> float:
-    config = getattr(store, "config", None)
-    delay = getattr(config, "group_max_delay_s", _DEFAULT_DELAY_S)
-    return float(delay) if isinstance(delay, (int, float)) else _DEFAULT_DELAY_S
-
-
 def _validate_args(
     max_staged_bytes: int, backpressure: str, put_timeout: float | None, workers: int, max_delay_s: float | None
 ) -> None:
-    if isinstance(max_staged_bytes, bool) or not isinstance(max_staged_bytes, int) or max_staged_bytes < 1:
-        raise InvalidArgument(f"max_staged_bytes must be an integer >= 1; got {max_staged_bytes!r}")
+    check_int(max_staged_bytes, "max_staged_bytes", minimum=1)
     if backpressure not in ("block", "reject"):
         raise InvalidArgument(f"backpressure must be 'block' or 'reject'; got {backpressure!r}")
-    if put_timeout is not None and (not isinstance(put_timeout, (int, float)) or put_timeout < 0):
-        raise InvalidArgument(f"put_timeout must be None or a number >= 0; got {put_timeout!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise InvalidArgument(f"workers must be an integer >= 1; got {workers!r}")
-    if max_delay_s is not None and (not isinstance(max_delay_s, (int, float)) or max_delay_s < 0):
-        raise InvalidArgument(f"max_delay_s must be None or a number >= 0; got {max_delay_s!r}")
+    if put_timeout is not None:
+        check_number(put_timeout, "put_timeout")
+    check_int(workers, "workers", minimum=1)
+    if max_delay_s is not None:
+        check_number(max_delay_s, "max_delay_s")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from array import array
@@ -55,7 +54,7 @@ from ._core.format import (
     check_key,
     packed_layout,
 )
-from ._core.fs import FileSystem, run_io
+from ._core.fs import FileSystem, run_io, stat_directory
 from ._core.index import Bucket, ObjectMeta
 from ._core.lease import Clock
 from ._core.lockfile import StoreLock, WriterLimits
@@ -71,7 +70,7 @@ from .errors import (
     StorageIOError,
 )
 from .policy.eviction import make_policy
-from .policy.grouping import OffloadGrouper
+from .policy.grouping import OffloadGrouper, split_batches
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +525,13 @@ class BucketStore:
         with self._writer:
             self._begin_mutation()
             candidates = [b for b in self._catalog.buckets() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
-            groups = _compaction_groups(candidates, self._config.bucket_size_limit, self._config.bucket_keys_limit)
+            groups = split_batches(
+                candidates,
+                max_bytes=self._config.bucket_size_limit,
+                max_keys=self._config.bucket_keys_limit,
+                size=lambda bucket: bucket.logical,
+                keys=lambda bucket: len(bucket.keys),
+            )
             return sum(self._files.compact(group, self.batch_get([k for b in group for k in b.keys])) for group in groups)
 
     def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
@@ -605,17 +610,16 @@ def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:
 
 
 def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
-    """Check ``directory`` is one (following a link), or create it for a writer."""
+    """Check ``directory`` is one (a link to one is followed), or create it for a writer."""
     try:
-        found = fs.stat_target(directory)
+        stat_directory(fs, directory)
+        return
     except FileNotFoundError:
-        found = None
+        pass
+    except NotADirectoryError as exc:
+        raise InvalidArgument(f"{directory} exists and is not a directory (or a component of its path is not one)") from exc
     except OSError as exc:
         raise StorageIOError(f"checking {directory} failed: {exc.strerror}", exc) from exc
-    if found is not None:
-        if stat.S_ISDIR(found.st_mode):
-            return
-        raise InvalidArgument(f"{directory} exists and is not a directory")
     if readonly:
         raise InvalidArgument(f"{directory} does not exist (readonly=True never creates it)")
     try:
@@ -661,21 +665,6 @@ def _check_bucket_limits(batch: list[_Object], config: BucketConfig) -> None:
         raise InvalidArgument(
             f"batch of {size} value bytes exceeds bucket_size_limit={config.bucket_size_limit}; split it (group_for_offload does)"
         )
-
-
-def _compaction_groups(candidates: list[Bucket], size_limit: int, keys_limit: int) -> Iterator[list[Bucket]]:
-    """Old buckets whose live objects together fit one new bucket."""
-    group: list[Bucket] = []
-    size = keys = 0
-    for bucket in candidates:
-        if group and (size + bucket.logical > size_limit or keys + len(bucket.keys) > keys_limit):
-            yield group
-            group, size, keys = [], 0, 0
-        group.append(bucket)
-        size += bucket.logical
-        keys += len(bucket.keys)
-    if group:
-        yield group
 
 
 def _lease_seconds(lease_s: float | None, config: BucketConfig) -> float:

@@ -46,7 +46,6 @@ PRIMITIVES = (
     "fsync",
     "fstat",
     "stat",
-    "stat_target",
     "rename",
     "link",
     "unlink",
@@ -119,9 +118,6 @@ class ForwardingFS(FileSystem):
 
     def stat(self, path):
         return self.inner.stat(path)
-
-    def stat_target(self, path):
-        return self.inner.stat_target(path)
 
     def rename(self, src, dst):
         return self.inner.rename(src, dst)
@@ -370,9 +366,6 @@ class FaultFS(FdNames):
 
     def stat(self, path):
         return self._plain("stat", "stat", path)
-
-    def stat_target(self, path):
-        return self._plain("stat_target", "stat_target", path)
 
     def rename(self, src, dst):
         return self._plain("rename", "rename", src, dst)

@@ -201,7 +201,7 @@ def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | No
     kind = op["op"]
 
     def on_evict(keys) -> None:
-        emit({"ev": "evict", "i": i, "keys": sorted(keys)})
+        emit({"ev": "evict", "i": i, "keys": sorted(keys), "bg": False})  # the caller's own eviction
 
     if kind == "offload":
         objects = {k: value_for(k) for k in op["keys"]}

@@ -18,10 +18,10 @@ def module(name: str, **attrs: Any) -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def imported_against(modules: dict[str, types.ModuleType], target: str) -> Iterator[types.ModuleType]:
+def imported_against(modules: dict[str, types.ModuleType | None], target: str) -> Iterator[types.ModuleType]:
     """Install ``modules``, (re)import ``target`` against them, and restore
     ``sys.modules`` exactly as it was afterwards."""
-    saved = {name: sys.modules.get(name) for name in [*modules, target]}
+    saved = {name: sys.modules.get(name) for name in [*modules, target]}  # a None value blocks that import
     sys.modules.update(modules)
     sys.modules.pop(target, None)
     try:
@@ -32,3 +32,8 @@ def imported_against(modules: dict[str, types.ModuleType], target: str) -> Itera
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = previous
+
+
+def imported_without(engine: str, target: str) -> contextlib.AbstractContextManager[types.ModuleType]:
+    """(Re)import ``target`` where ``engine`` cannot be imported, even if it is installed."""
+    return imported_against({engine: None}, target)

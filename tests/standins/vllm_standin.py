@@ -6,20 +6,28 @@ They follow vLLM's documented signatures (``vllm/v1/kv_offload/base.py`` and
 ``memoryview`` over page-aligned host memory shaped ``(num_chunks, ...)``,
 ``TransferJob`` s with ``chunk_ids`` as a numpy array, and
 ``drain_jobs()`` followed by ``get_finished_jobs()``. Written for the tests;
-no vLLM code is copied.
+no vLLM code is copied. :func:`installed` puts them into ``sys.modules``
+under vLLM's module names so that ``kvbucket.integrations.vllm`` subclasses
+the stand-in ABC.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
+import types
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
+
+from standins.modules import imported_against, module
+
+MODULE = "kvbucket.integrations.vllm"
 
 OffloadKey = bytes
 
@@ -151,17 +159,24 @@ class OffloadingConnectorStats:
         return not self.data["data"]
 
 
-API = SimpleNamespace(
-    SecondaryTierManager=SecondaryTierManager,
-    JobResult=JobResult,
-    LookupResult=LookupResult,
-    RequestOffloadingContext=RequestOffloadingContext,
-    Medium=Medium,
-    Stats=OffloadingConnectorStats,
-    CounterMetadata=OffloadingCounterMetadata,
-    GaugeMetadata=OffloadingGaugeMetadata,
-)
-"""The names ``kvbucket.integrations.vllm.make_tier_class`` builds on."""
+@contextlib.contextmanager
+def installed() -> Iterator[types.ModuleType]:
+    """Install the stand-ins as ``vllm.*`` and (re)import the tier module against them."""
+    offload, metrics = "vllm.v1.kv_offload", "vllm.distributed.kv_transfer.kv_connector.v1.offloading"
+    base = module(
+        f"{offload}.base",
+        LookupResult=LookupResult, Medium=Medium, ReqContext=ReqContext, RequestOffloadingContext=RequestOffloadingContext,
+        OffloadingCounterMetadata=OffloadingCounterMetadata, OffloadingGaugeMetadata=OffloadingGaugeMetadata,
+        make_offload_key=make_offload_key,
+    )
+    tiering = module(f"{offload}.tiering.base", SecondaryTierManager=SecondaryTierManager, JobResult=JobResult, TransferJob=TransferJob)
+    parents = ["vllm", "vllm.v1", offload, f"{offload}.tiering", *(metrics.rsplit(".", n)[0] for n in range(4, 0, -1)), metrics]
+    modules = {name: module(name) for name in parents}
+    modules.update({base.__name__: base, tiering.__name__: tiering})
+    modules[f"{metrics}.metrics"] = module(f"{metrics}.metrics", OffloadingConnectorStats=OffloadingConnectorStats)
+    with imported_against(modules, MODULE) as tier_module:
+        yield tier_module
+
 
 CTX = ReqContext(req_id="test")
 

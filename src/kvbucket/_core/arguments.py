@@ -1,4 +1,4 @@
-"""Checks of the key and mapping arguments of the public methods.
+"""Checks of the arguments of the public methods: keys, mappings and numbers.
 
 Every public method that takes keys or a mapping validates it here before it
 touches the store, so a wrong type gets :class:`InvalidArgument` naming the
@@ -9,17 +9,36 @@ would be its one-character substrings).
 Lookups (``exists``, ``batch_exists``, ``batch_query``) only need each key to
 be a ``str``: a ``str`` that could never be stored (empty, too long) is simply
 not found. Everything else applies :func:`~kvbucket._core.format.check_key` in full.
+
+A count or a limit is a whole number (:func:`check_int`) and a duration or
+a ratio a finite number (:func:`check_number`); a bool is neither (Python
+takes ``True`` as 1, which no one means). Every such error reads
+``<name> must be <what>; got <value>``, worded by :func:`whole_number` and
+:func:`number_range`, which the configuration parser uses too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import InvalidArgument
 from .format import check_key
 
-__all__ = ["check_lookup_key", "lookup_keys", "key_list", "key_mapping", "key_value_pairs"]
+__all__ = [
+    "check_lookup_key",
+    "lookup_keys",
+    "key_list",
+    "key_mapping",
+    "key_value_pairs",
+    "is_int",
+    "is_number",
+    "whole_number",
+    "number_range",
+    "check_int",
+    "check_number",
+]
 
 _ONE_VALUE = (str, bytes, bytearray, memoryview)
 """Iterable, but one key (or one value), never a collection of keys."""
@@ -78,3 +97,39 @@ def _check_collection(keys: object, method: str) -> Iterable[object]:
     if not isinstance(keys, Iterable):
         raise InvalidArgument(f"{method} takes a collection (for example a list) of str keys; got {type(keys).__name__} {keys!r:.60}")
     return keys
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an int and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a finite int or float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> str:
+    """What a whole number from ``minimum`` (to ``maximum``) is called in errors."""
+    return f"a whole number >= {minimum}" if maximum is None else f"a whole number from {minimum} to {maximum}"
+
+
+def number_range(minimum: float, maximum: float | None = None) -> str:
+    """What a finite number from ``minimum`` (to ``maximum``) is called in errors."""
+    return f"a number >= {minimum:g}" if maximum is None else f"a number from {minimum:g} to {maximum:g}"
+
+
+def check_int(value: object, name: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value``, once it is an int (not a bool) from ``minimum`` to ``maximum``
+    (inclusive); else :class:`InvalidArgument` naming ``name``."""
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise InvalidArgument(f"{name} must be {whole_number(minimum, maximum)}; got {value!r:.60}")
+    return value
+
+
+def check_number(value: object, name: str, minimum: float = 0.0, maximum: float | None = None) -> float:
+    """``value`` as a float, once it is a finite int or float (not a bool) from
+    ``minimum`` to ``maximum`` (inclusive); else :class:`InvalidArgument` naming ``name``."""
+    if not is_number(value) or value < minimum or (maximum is not None and value > maximum):
+        raise InvalidArgument(f"{name} must be {number_range(minimum, maximum)}; got {value!r:.60}")
+    return float(value)

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from ..errors import StorageIOError
 
-__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "run_io"]
+__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "run_io", "stat_directory"]
 
 _T = TypeVar("_T")
 
@@ -35,36 +35,48 @@ class FileSystem:
 
     # -- primitives -------------------------------------------------------
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        """A new descriptor (close-on-exec) of ``path`` opened with ``flags``; raises
+        FileNotFoundError when it does not exist and ``O_CREAT`` is not given,
+        FileExistsError when it exists and ``O_CREAT | O_EXCL`` is."""
         return os.open(path, flags | os.O_CLOEXEC, mode)
 
     def close(self, fd: int) -> None:
+        """Release ``fd``; the descriptor is released even when it raises (an error of a
+        deferred write)."""
         os.close(fd)
 
     def pwritev(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        """Write ``buffers`` back to back at ``offset``; returns the bytes written,
+        which may be fewer than given."""
         return os.pwritev(fd, buffers, offset)
 
     def preadv(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        """Fill ``buffers`` back to back from ``offset``; returns the bytes read, 0 at
+        end of file, possibly fewer than asked before it."""
         return os.preadv(fd, buffers, offset)
 
     def fdatasync(self, fd: int) -> None:
+        """Make the file's data (and the size) durable; raises OSError when the device
+        reports a lost write."""
         os.fdatasync(fd)
 
     def fsync(self, fd: int) -> None:
+        """Make the file's data and metadata durable; raises OSError when the device
+        reports a lost write."""
         os.fsync(fd)
 
     def fstat(self, fd: int) -> os.stat_result:
+        """The status of the open file ``fd``."""
         return os.fstat(fd)
 
     def stat(self, path: str) -> os.stat_result:
+        """The status of the entry ``path`` itself (a final link is not followed);
+        raises FileNotFoundError when it does not exist."""
         return os.stat(path, follow_symlinks=False)
 
-    def stat_target(self, path: str) -> os.stat_result:
-        """Stat what ``path`` names, following links (only for the store
-        directory itself, which may be a link); ``FileNotFoundError`` when
-        nothing is there."""
-        return os.stat(path)
-
     def rename(self, src: str, dst: str) -> None:
+        """Atomically give ``src`` the name ``dst``, replacing a file there; raises
+        FileNotFoundError when ``src`` does not exist."""
         os.rename(src, dst)
 
     def link(self, src: str, dst: str) -> None:
@@ -73,16 +85,24 @@ class FileSystem:
         os.link(src, dst, follow_symlinks=False)
 
     def unlink(self, path: str) -> None:
+        """Remove the name ``path`` (a link itself, never its target); raises
+        FileNotFoundError when it does not exist."""
         os.unlink(path)
 
     def mkdir(self, path: str) -> None:
+        """Create the directory ``path`` and any missing parents; nothing when it
+        already is a directory, FileExistsError when another entry holds the name."""
         os.makedirs(path, exist_ok=True)
 
     def listdir(self, path: str) -> list[str]:
+        """The names in the directory ``path`` (no ``.``/``..``, any order); raises
+        FileNotFoundError when it does not exist, NotADirectoryError when it is not a
+        directory."""
         return os.listdir(path)
 
     def fsync_dir(self, path: str) -> None:
-        """Make the directory's entries (creates, renames, unlinks) durable."""
+        """Make the directory's entries (creates, renames, unlinks) durable; raises
+        FileNotFoundError when it does not exist."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -98,7 +118,8 @@ class FileSystem:
         return True
 
     def advise_dontneed(self, fd: int) -> None:
-        """Drop the file's pages from the page cache (benchmarks: cold reads)."""
+        """Drop the file's pages from the page cache (benchmarks: cold reads); a hint,
+        with no effect on the content."""
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     # -- loops built on the primitives ------------------------------------
@@ -185,3 +206,11 @@ def _advance(chunk: list[memoryview], written: int) -> list[memoryview]:
     if written:
         chunk = [chunk[0][written:], *chunk[1:]]
     return chunk
+
+
+def stat_directory(fs: FileSystem, path: str) -> os.stat_result:
+    """The status of the directory ``path``, a link to one followed (the
+    store's own path may be a link; its entries never are); raises
+    FileNotFoundError when nothing is there, NotADirectoryError when it is
+    not a directory."""
+    return fs.stat(os.path.join(path, "."))  # "." makes the kernel resolve a link and require a directory

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from .. import mooncake
 from ..errors import CorruptionError, ForeignDirectory, ForeignEntry, MooncakeDirectory
+from ..mooncake.detect import meta_kind
 from .checksum import crc32c
 from .commit import delete_bucket_files, publish_meta, unlink_if_present
 from .format import (
@@ -46,19 +46,12 @@ from .format import (
 from .fs import FileSystem
 from .index import Bucket, Index
 from .lockfile import StoreLock
+from .problems import ProblemKind
 from .quarantine import move_to_quarantine, quarantine_folder
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Finding", "LoadedBucket", "DirectoryScan", "RecoveryReport", "scan_directory", "build_index", "check_ownership", "repair"]
-
-ORPHAN_DATA = "orphan_data"
-META_WITHOUT_DATA = "meta_without_data"
-INVALID_META = "invalid_meta"
-SHORT_DATA = "short_data"
-LONG_DATA = "long_data"
-EMPTY_BUCKET = "empty_bucket"
-TEMPORARY = "temporary"
 
 LARGE_META = 1 << 20
 """Metas longer than this are read whole only after a header check."""
@@ -71,9 +64,9 @@ SCAN_THREADS = 8
 class Finding:
     """One problem in a store directory and the files it concerns."""
 
-    kind: str
-    """``orphan_data``, ``meta_without_data``, ``invalid_meta``, ``short_data``,
-    ``long_data``, ``empty_bucket`` or ``temporary``."""
+    kind: ProblemKind
+    """``ORPHAN_DATA``, ``META_WITHOUT_DATA``, ``INVALID_META``, ``SHORT_DATA``,
+    ``LONG_DATA``, ``EMPTY_BUCKET`` or ``TEMPORARY``."""
     bucket_id: int
     files: tuple[str, ...]
     bytes: int
@@ -236,17 +229,17 @@ def _classify(
 ) -> None:
     tmp = files.get(FileKind.TMP)
     if tmp is not None:
-        scan.findings.append(Finding(TEMPORARY, bucket_id, (tmp_name(bucket_id),), tmp.st_size, "temporary file of an unfinished write"))
+        scan.findings.append(Finding(ProblemKind.TEMPORARY, bucket_id, (tmp_name(bucket_id),), tmp.st_size, "temporary file of an unfinished write"))
     data, meta_st = files.get(FileKind.DATA), files.get(FileKind.META)
     names = tuple(n for n, st in ((meta_name(bucket_id), meta_st), (data_name(bucket_id), data)) if st is not None)
     size = sum(st.st_size for st in (meta_st, data) if st is not None)
     if meta_st is None or raw_meta is None:
         if data is not None:
-            scan.findings.append(Finding(ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
+            scan.findings.append(Finding(ProblemKind.ORPHAN_DATA, bucket_id, names, size, "data file without a committed meta"))
         return
     if isinstance(raw_meta, bytes) and not meta_is_ours(raw_meta):  # another program's bucket: both files foreign
         scan.foreign += names
-        if mooncake.meta_kind(raw_meta) == "mooncake":
+        if meta_kind(raw_meta) == "mooncake":
             scan.mooncake_metas.append(meta_name(bucket_id))
         return
     scan.own_metas += isinstance(raw_meta, bytes) and raw_meta.startswith(META_MAGIC)
@@ -271,13 +264,13 @@ def _check_pair(raw_meta: bytes | CorruptionError, bucket_id: int, data: os.stat
             raise raw_meta
         meta = decode_meta(raw_meta, bucket_id)
     except CorruptionError as exc:
-        return Finding(INVALID_META, bucket_id, (), 0, str(exc))
+        return Finding(ProblemKind.INVALID_META, bucket_id, (), 0, str(exc))
     if data is None:
-        return Finding(META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file", tuple(meta.keys))
+        return Finding(ProblemKind.META_WITHOUT_DATA, bucket_id, (), 0, "meta without its data file", tuple(meta.keys))
     if data.st_size != meta.data_length:
         return meta
     if not meta.keys:
-        return Finding(EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
+        return Finding(ProblemKind.EMPTY_BUCKET, bucket_id, (), 0, "meta lists no objects")
     return meta
 
 
@@ -286,7 +279,7 @@ def _salvage(fs: FileSystem, data_path: str, meta: BucketMeta, data_size: int) -
     records another length: its ``salvage`` lists the objects that lie inside
     the file and whose CRC32C matches (data length = the file's), or is None
     when no object survives. Reads only."""
-    kind = SHORT_DATA if data_size < meta.data_length else LONG_DATA
+    kind = ProblemKind.SHORT_DATA if data_size < meta.data_length else ProblemKind.LONG_DATA
     kept = _intact_objects(fs, data_path, meta, data_size)
     dropped = tuple(key for key in meta.keys if key not in kept)
     reason = f"data file is {data_size} bytes, meta records {meta.data_length}"
@@ -413,7 +406,7 @@ def _remove_files(fs: FileSystem, directory: str, finding: Finding, folder: str 
         report.freed_bytes += finding.bytes
     else:
         report.quarantined_bytes += finding.bytes
-    if finding.kind != TEMPORARY:
+    if finding.kind is not ProblemKind.TEMPORARY:
         report.dropped_buckets.append((finding.bucket_id, finding.reason))
     report.dropped_keys += finding.dropped_keys
     log.warning("recovery %s %s (bucket %d: %s, %d bytes)", action, ", ".join(finding.files), finding.bucket_id, finding.reason, finding.bytes)

@@ -1,5 +1,9 @@
-"""Helpers shared by the serving-engine adapters (no engine imports here).
+"""Helpers shared by the serving-engine adapters.
 
+* :func:`import_engine` imports the names an adapter builds on from its
+  engine; an adapter takes :mod:`~kvbucket.integrations._standins`' names
+  instead when it returns None (the one way every adapter runs without its
+  engine installed).
 * :func:`store_options` maps an engine's configuration dict onto
   :class:`~kvbucket.BucketConfig` fields (sizes may be written ``"200G"``)
   and refuses keys that no one reads; :func:`option` reads an adapter's own
@@ -9,34 +13,52 @@
   (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
-* :func:`split_batches` cuts a large write into bucket-sized batches.
+* :func:`~kvbucket.policy.grouping.split_batches` cuts a large write into bucket-sized batches.
+* :func:`load_each` loads a batch, and key by key when the batch fails.
+* :class:`AllDone` calls back once every future of a job has resolved.
 * :func:`metrics_endpoint` reads the ``metrics_port``/``metrics_addr``
   settings; :func:`start_metrics` serves the store's Prometheus metrics there.
+* :func:`shut_down` closes what an adapter opened, in dependency order.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
+import logging
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import fields
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import BucketConfig, Setting, check_known_keys, coerce_field
 from ..errors import InvalidArgument, StoreLocked
+from ..policy.grouping import split_batches
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsServer
+    from ..pipeline import OffloadQueue
+    from ..store import BucketStore
 
 __all__ = [
+    "import_engine",
     "STORE_FIELDS",
     "store_options",
     "option",
     "open_store",
     "pointer_view",
     "split_batches",
+    "load_each",
+    "AllDone",
     "safe_component",
     "METRICS_KEYS",
     "metrics_endpoint",
     "start_metrics",
+    "shut_down",
 ]
 
 _SKIPPED_FIELDS = {"path", "readonly"}
@@ -44,6 +66,34 @@ STORE_FIELDS: frozenset[str] = frozenset(f.name for f in fields(BucketConfig)) -
 """BucketConfig fields an engine configuration may set directly."""
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+def import_engine(paths: Mapping[str, str | Sequence[str]], *, catch: tuple[type[Exception], ...] = (ImportError,)) -> SimpleNamespace | None:
+    """The engine's names, or None when any one of them cannot be imported.
+
+    ``paths`` maps each name to ``"module:attribute"`` (or to several, the
+    first that imports wins). All or nothing, so an adapter never mixes an
+    engine's classes with stand-ins. ``catch`` names the errors that mean
+    "not importable here" (an engine that fails to import on this host may
+    raise more than ImportError); any other error propagates.
+    """
+    not_there: tuple[type[Exception], ...] = (AttributeError, *catch)
+    found: dict[str, Any] = {}
+    for name, candidates in paths.items():
+        for path in (candidates,) if isinstance(candidates, str) else candidates:
+            module_name, _, attribute = path.partition(":")
+            try:
+                value = getattr(importlib.import_module(module_name), attribute)
+            except not_there as exc:
+                log.debug("%s is not importable (%s)", path, exc)
+                continue
+            found[name] = value
+            break
+        else:
+            return None
+    return SimpleNamespace(**found)
 
 
 def store_options(
@@ -104,16 +154,41 @@ def metrics_endpoint(params: Mapping[str, Any], source: str, offset: int = 0) ->
     return port, addr
 
 
-def start_metrics(endpoint: tuple[int, str] | None, store: Any, queue: Any = None) -> Any:
-    """Serve ``store``'s metrics at ``endpoint`` (a :class:`~kvbucket.metrics.MetricsServer`), or None."""
+def start_metrics(endpoint: tuple[int, str] | None, store: BucketStore, queue: OffloadQueue | None = None) -> MetricsServer | None:
+    """Serve ``store``'s metrics at ``endpoint`` (a :class:`~kvbucket.metrics.MetricsServer`), or None.
+
+    Called last while an adapter is built: when serving fails, ``queue`` and
+    ``store`` are closed (the adapter does not exist) and the error is re-raised.
+    """
     if endpoint is None:
         return None
     from ..metrics import serve_metrics
 
-    return serve_metrics(store, endpoint[0], endpoint[1], queue=queue)
+    try:
+        return serve_metrics(store, endpoint[0], endpoint[1], queue=queue)
+    except BaseException:
+        if queue is not None:
+            queue.close()
+        store.close()
+        raise
 
 
-def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> Any:
+def shut_down(
+    store: BucketStore, *, queue: OffloadQueue | None = None, pool: Executor | None = None, metrics_server: MetricsServer | None = None
+) -> None:
+    """Stop serving metrics, write everything ``queue`` holds staged, let
+    ``pool``'s tasks finish, then close ``store``: each step before the
+    store it uses goes away."""
+    if metrics_server is not None:
+        metrics_server.close()
+    if queue is not None:
+        queue.close()
+    if pool is not None:
+        pool.shutdown(wait=True)
+    store.close()
+
+
+def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, readonly: bool = False) -> BucketStore:
     """Open the store at ``path``: ``KVBUCKET_*`` env defaults, ``options`` win.
 
     A lock conflict is re-raised as :class:`StoreLocked` naming the path and
@@ -151,19 +226,55 @@ def pointer_view(ptr: int, size: int) -> memoryview:
     return memoryview(_ubyte_array(size).from_address(ptr)).cast("B")
 
 
-def split_batches(items: Sequence[tuple[str, T, int]], max_bytes: int, max_keys: int) -> Iterator[list[tuple[str, T, int]]]:
-    """Cut ``(key, value, size)`` items into runs of at most ``max_keys`` items
-    and ``max_bytes`` bytes (a single larger item still gets a run of its own)."""
-    batch: list[tuple[str, T, int]] = []
-    total = 0
-    for item in items:
-        if batch and (len(batch) >= max_keys or total + item[2] > max_bytes):
-            yield batch
-            batch, total = [], 0
-        batch.append(item)
-        total += item[2]
-    if batch:
-        yield batch
+def load_each(load: Callable[[dict[str, T]], Iterable[str]], dests: Mapping[str, T], errors: tuple[type[Exception], ...], what: str) -> set[str]:
+    """The keys of ``dests`` that ``load`` filled: all at once, else key by key.
+
+    ``load(batch)`` fills the buffers of ``batch`` and returns the keys it
+    found, or raises one of ``errors``; then each key is loaded on its own,
+    so a failing key (a corrupt object, a wrong buffer size) never fails the
+    others. Failures are logged, prefixed with ``what``.
+    """
+    if not dests:
+        return set()
+    try:
+        return set(load(dict(dests)))
+    except errors as exc:
+        log.warning("%s: batched load of %d keys failed (%s); loading key by key", what, len(dests), exc)
+    loaded: set[str] = set()
+    for key, dest in dests.items():
+        try:
+            loaded.update(load({key: dest}))
+        except errors as exc:
+            log.warning("%s: loading %r failed: %s", what, key, exc)
+    return loaded
+
+
+class AllDone:
+    """Calls ``done(failed)`` once every future it was given has resolved.
+
+    ``failed`` is the set of keys whose future raised. Futures resolve on
+    other threads; ``done`` runs on the thread that resolves the last one
+    (at once, on the caller's, when there are none).
+    """
+
+    def __init__(self, futures: Mapping[str, Future[None]], done: Callable[[set[str]], None]) -> None:
+        self._lock = threading.Lock()
+        self._left = len(futures)
+        self._failed: set[str] = set()
+        self._done = done
+        if not futures:
+            done(set())
+        for key, future in futures.items():
+            future.add_done_callback(functools.partial(self._resolved, key))
+
+    def _resolved(self, key: str, future: Future[None]) -> None:
+        with self._lock:
+            if future.exception() is not None:
+                self._failed.add(key)
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done(self._failed)
 
 
 def safe_component(text: str) -> str:

@@ -14,9 +14,10 @@ LMCache's plugin loader finds :class:`KvBucketL2AdapterConfig` by name
 
 What it does, in LMCache's terms:
 
-* **store** tasks go to one writer thread that commits them into kvbucket
-  buckets (tasks that queue up while a bucket is being written are grouped
-  into the next bucket); the store event fd fires once a task is durable.
+* **store** tasks are staged on an :class:`~kvbucket.OffloadQueue` (zero
+  copy: LMCache keeps the objects until the task completes), whose writer
+  commits each task's objects into buckets of their own; the store event fd
+  fires once a task is durable.
 * **lookup-and-lock** and **load** tasks run on a small reader pool; their
   results are one-shot bitmaps, signalled on their own event fds. A lock
   keeps a key from LMCache-driven :meth:`~KvBucketL2Adapter.delete` until
@@ -29,8 +30,9 @@ What it does, in LMCache's terms:
   accounting of ``get_usage()`` and is replayed to each registered listener
   (LMCache's L2 eviction policy), so nothing on disk is invisible to it.
 
-The module imports without LMCache; when LMCache is importable the adapter
-subclasses the real ``L2AdapterInterface``, as the plugin loader requires.
+The module imports without LMCache: the adapter subclasses the real
+``L2AdapterInterface`` when LMCache is importable (the plugin loader checks
+that), else kvbucket's stand-in (:mod:`~kvbucket.integrations._standins`).
 """
 
 from __future__ import annotations
@@ -40,36 +42,42 @@ import heapq
 import itertools
 import logging
 import os
-import queue
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
-from ._common import METRICS_KEYS, metrics_endpoint, open_store, option, split_batches, start_metrics, store_options
+from ..pipeline import OffloadQueue
+from . import _standins
+from ._common import METRICS_KEYS, AllDone, import_engine, load_each, metrics_endpoint, open_store, option, shut_down, start_metrics, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-try:  # the real classes when LMCache is installed
-    from lmcache.lmcache_native import Bitmap
-    from lmcache.v1.distributed.api import ObjectKey
-    from lmcache.v1.distributed.internal_api import L2StoreResult
-    from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface as _AdapterBase
-    from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase as _ConfigBase
-except ImportError:  # pragma: no cover - exercised when LMCache is absent
-    from ._lmcache_fallback import Bitmap, L2StoreResult, ObjectKey
-    from ._lmcache_fallback import L2AdapterConfigBase as _ConfigBase
-    from ._lmcache_fallback import L2AdapterInterface as _AdapterBase
-try:  # key listing arrived after lmcache 0.5.6
-    from lmcache.v1.distributed.api import EncodedObjectKey, KeyEntry, KeyListPage
-except ImportError:  # pragma: no cover - an LMCache without it, or none
-    from ._lmcache_fallback import EncodedObjectKey, KeyEntry, KeyListPage
+_lmcache = (
+    import_engine(
+        {
+            "Bitmap": "lmcache.lmcache_native:Bitmap",
+            "ObjectKey": "lmcache.v1.distributed.api:ObjectKey",
+            "L2StoreResult": "lmcache.v1.distributed.internal_api:L2StoreResult",
+            "L2AdapterInterface": "lmcache.v1.distributed.l2_adapters.base:L2AdapterInterface",
+            "L2AdapterConfigBase": "lmcache.v1.distributed.l2_adapters.config:L2AdapterConfigBase",
+        }
+    )
+    or _standins.LMCACHE
+)
+_listing = (  # key listing arrived after lmcache 0.5.6
+    import_engine({name: f"lmcache.v1.distributed.api:{name}" for name in ("EncodedObjectKey", "KeyEntry", "KeyListPage")})
+    or _standins.LMCACHE_LISTING
+)
+Bitmap, ObjectKey, L2StoreResult = _lmcache.Bitmap, _lmcache.ObjectKey, _lmcache.L2StoreResult
+_AdapterBase: Any = _lmcache.L2AdapterInterface  # LMCache's plugin loader checks issubclass against its own
+_ConfigBase: Any = _lmcache.L2AdapterConfigBase
 
 ROOT_ENV = "KVBUCKET_PATH"
 ADAPTER_KEYS = frozenset({"storage_path", "base_path", "max_size_gb", "num_io_threads"}) | METRICS_KEYS
@@ -78,6 +86,7 @@ _SOURCE = "kvbucket L2 adapter_params"
 _GIB = 1 << 30
 _SEP = "@"
 _ERRORS = (KvBucketError, OSError, ValueError)
+_UNBOUNDED = sys.maxsize  # staged objects are LMCache's own memory, referenced: the queue refuses no task
 
 
 # ----------------------------------------------------------------------- keys
@@ -208,13 +217,6 @@ class _EventFd:
                 os.close(fd)
 
 
-@dataclass
-class _StoreTask:
-    task_id: int
-    keys: list[Any]
-    objects: list[Any]
-
-
 class KvBucketL2Adapter(_AdapterBase):
     """LMCache ``L2AdapterInterface`` over a crash-safe kvbucket store."""
 
@@ -225,15 +227,16 @@ class KvBucketL2Adapter(_AdapterBase):
         super().__init__(max_capacity_bytes=cfg.capacity_bytes)
         self._config = cfg
         self._store = open_store(cfg.storage_path, cfg.store)
-        try:
-            self.metrics_server = start_metrics(cfg.metrics, self._store)
-        except BaseException:
-            self._store.close()
-            raise
+        self._queue = OffloadQueue(self._store, max_staged_bytes=_UNBOUNDED, backpressure="reject")
+        self.metrics_server = start_metrics(cfg.metrics, self._store, self._queue)
         self._lock = threading.Lock()
+        # Guarded by self._lock: each key is in at most one of _objects (stored)
+        # and _staging (staged by the task that owns its bytes).
         self._objects: dict[str, tuple[Any, int]] = {}
+        self._staging: set[str] = set()
         self._locks: Counter[str] = Counter()
         self._ids = itertools.count(1)
+        self._pending_stores = 0
         self._done_stores: dict[int, Any] = {}
         self._done_lookups: dict[int, Any] = {}
         self._done_loads: dict[int, Any] = {}
@@ -241,11 +244,8 @@ class KvBucketL2Adapter(_AdapterBase):
         self._store.add_eviction_listener(self._on_evicted)  # background evictions too
         self._restore()
         self._store_fd, self._lookup_fd, self._load_fd = _EventFd(), _EventFd(), _EventFd()
-        self._queue: queue.Queue[_StoreTask | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._writer_loop, name="kvbucket-l2-writer", daemon=True)
-        self._writer.start()
         self._readers = ThreadPoolExecutor(cfg.num_io_threads, thread_name_prefix="kvbucket-l2-io")
-        logger.info("kvbucket L2 adapter at %s: %d objects, %d bytes", cfg.storage_path, len(self._objects), self.get_usage().total_bytes_used)
+        log.info("kvbucket L2 adapter at %s: %d objects, %d bytes", cfg.storage_path, len(self._objects), self.get_usage().total_bytes_used)
 
     def _restore(self) -> None:
         """Index what the store already holds and seed the byte accounting."""
@@ -254,7 +254,7 @@ class KvBucketL2Adapter(_AdapterBase):
             for text, meta in batch:
                 key = decode_key(text)
                 if key is None:
-                    logger.warning("kvbucket L2: ignoring key %r, not written by this adapter", text)
+                    log.warning("kvbucket L2: ignoring key %r, not written by this adapter", text)
                     continue
                 found[text] = (key, meta.size)
         # An eviction listener runs after its keys left the store's index and
@@ -286,12 +286,26 @@ class KvBucketL2Adapter(_AdapterBase):
     # ----------------------------------------------------------------- store
 
     def submit_store_task(self, keys: list[Any], objects: list[Any]) -> int:
-        """Queue ``objects`` (caller-owned until the task completes) for storing."""
+        """Stage ``objects`` (caller-owned until the task completes) for storing.
+
+        Objects already stored are skipped (0 bytes); one another task is
+        storing joins that write (its bytes count for that task). The task
+        succeeds when every one of its objects is durable.
+        """
         if len(keys) != len(objects):
             raise InvalidArgument(f"store task has {len(keys)} keys but {len(objects)} objects")
-        task = _StoreTask(self._next_id(), list(keys), list(objects))
-        self._queue.put(task)
-        return task.task_id
+        task_id = self._next_id()
+        views, owned, valid = self._claim(keys, objects)
+        with self._lock:
+            self._pending_stores += 1
+        try:
+            futures = self._queue.put_batch(views) if views else {}
+        except KvBucketError as exc:  # the queue is closing
+            log.warning("kvbucket L2: store task %d not accepted: %s", task_id, exc)
+            self._store_done(task_id, owned, False, set(owned))
+            return task_id
+        AllDone(futures, lambda failed: self._store_done(task_id, owned, valid, failed))
+        return task_id
 
     def pop_completed_store_tasks(self) -> dict[int, Any]:
         """All store results since the last call: ``{task_id: L2StoreResult}``."""
@@ -299,86 +313,53 @@ class KvBucketL2Adapter(_AdapterBase):
             done, self._done_stores = self._done_stores, {}
         return done
 
-    def _writer_loop(self) -> None:
-        """Write queued tasks; tasks that queued up during a write share the next bucket."""
-        while True:
-            task = self._queue.get()
-            if task is None:
-                return
-            tasks, stop = self._drain([task])
-            try:
-                self._run_store_tasks(tasks)
-            except Exception:  # report the tasks failed, keep the thread alive
-                logger.exception("kvbucket L2: store tasks %s failed", [t.task_id for t in tasks])
-                self._fail(tasks)
-            if stop:
-                return
+    def _claim(self, keys: list[Any], objects: list[Any]) -> tuple[dict[str, memoryview], dict[str, tuple[Any, int]], bool]:
+        """``(views to stage, objects this task owns, whether every key was usable)``.
 
-    def _drain(self, tasks: list[_StoreTask]) -> tuple[list[_StoreTask], bool]:
-        limit = self._store.config.bucket_size_limit
-        total = sum(_size(o) for o in tasks[0].objects)
-        while total < limit:
-            try:
-                task = self._queue.get_nowait()
-            except queue.Empty:
-                return tasks, False
-            if task is None:
-                return tasks, True
-            tasks.append(task)
-            total += sum(_size(o) for o in task.objects)
-        return tasks, False
-
-    def _run_store_tasks(self, tasks: list[_StoreTask]) -> None:
-        """Commit the new objects of ``tasks`` and record one result per task."""
-        failed: set[int] = set()
-        written: dict[int, int] = dict.fromkeys((t.task_id for t in tasks), 0)
-        items, owner = self._new_items(tasks, failed)
-        config = self._store.config
-        for batch in split_batches(items, config.bucket_size_limit, config.bucket_keys_limit):
-            try:
-                self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
-            except _ERRORS as exc:
-                logger.warning("kvbucket L2: storing %d objects (first %r) failed: %s", len(batch), batch[0][0], exc)
-                failed.update(owner[k][0] for k, _, _ in batch)
-                continue
-            self._stored([(owner[k][1], k, n) for k, _, n in batch])
-            for k, _, n in batch:
-                written[owner[k][0]] += n
+        A task owns the keys it is the first to stage: their bytes count for
+        it, and it records them as stored. Keys already stored are left out.
+        """
+        views: dict[str, memoryview] = {}
+        owned: dict[str, tuple[Any, int]] = {}
+        valid = True
         with self._lock:
-            for t in tasks:
-                self._done_stores[t.task_id] = L2StoreResult(t.task_id not in failed, written[t.task_id])
-        self._store_fd.notify()
-
-    def _fail(self, tasks: list[_StoreTask]) -> None:
-        with self._lock:
-            for t in tasks:
-                self._done_stores.setdefault(t.task_id, L2StoreResult(False, 0))
-        self._store_fd.notify()
-
-    def _new_items(self, tasks: list[_StoreTask], failed: set[int]) -> tuple[list[tuple[str, Any, int]], dict[str, tuple[int, Any]]]:
-        """``(store key, bytes, size)`` of objects not stored yet, and each one's task and key."""
-        items: list[tuple[str, Any, int]] = []
-        owner: dict[str, tuple[int, Any]] = {}
-        for task in tasks:
-            for key, obj in zip(task.keys, task.objects):
+            for key, obj in zip(keys, objects):
                 try:
                     text = encode_key(key)
-                    if text in owner or text in self._objects:
+                    if text in views or text in self._objects:
                         continue
-                    view = _byte_view(obj)
+                    views[text] = _byte_view(obj)
                 except (AttributeError, TypeError, ValueError) as exc:
-                    logger.warning("kvbucket L2: cannot store key %r: %s", key, exc)
-                    failed.add(task.task_id)
+                    log.warning("kvbucket L2: cannot store key %r: %s", key, exc)
+                    valid = False
                     continue
-                owner[text] = (task.task_id, key)
-                items.append((text, view, view.nbytes))
-        return items, owner
+                if text not in self._staging:
+                    self._staging.add(text)
+                    owned[text] = (key, views[text].nbytes)
+        return views, owned, valid
 
-    def _stored(self, entries: list[tuple[Any, str, int]]) -> None:
+    def _store_done(self, task_id: int, owned: dict[str, tuple[Any, int]], valid: bool, failed: set[str]) -> None:
+        """Record the owned objects now stored and the task's result; fire the store fd."""
+        stored = [(key, text, size) for text, (key, size) in owned.items() if text not in failed]
+        ok = valid and not failed
+        try:
+            self._stored(owned, stored)
+        except Exception:  # a listener failed: the task still completes, as failed
+            log.exception("kvbucket L2: recording store task %d failed", task_id)
+            ok = False
         with self._lock:
-            for key, text, size in entries:
+            self._pending_stores -= 1
+            self._done_stores[task_id] = L2StoreResult(ok, sum(size for _, _, size in stored))
+        self._store_fd.notify()
+
+    def _stored(self, owned: Iterable[str], stored: list[tuple[Any, str, int]]) -> None:
+        """Unstage ``owned``; index and announce the ``(key, text, size)`` now stored."""
+        with self._lock:
+            self._staging.difference_update(owned)
+            for key, text, size in stored:
                 self._objects[text] = (key, size)
-        self._notify_keys_stored([e[0] for e in entries], [e[2] for e in entries])
+        if stored:
+            self._notify_keys_stored([e[0] for e in stored], [e[2] for e in stored])
 
     def _on_evicted(self, texts: list[str]) -> None:
         """kvbucket evicted these keys' buckets (to make room, or in the background): account for them."""
@@ -436,7 +417,7 @@ class KvBucketL2Adapter(_AdapterBase):
             try:
                 self._store.release(unlocked)
             except _ERRORS as exc:
-                logger.warning("kvbucket L2: releasing the leases of %d keys failed: %s", len(unlocked), exc)
+                log.warning("kvbucket L2: releasing the leases of %d keys failed: %s", len(unlocked), exc)
 
     # ------------------------------------------------------------------ load
 
@@ -463,23 +444,15 @@ class KvBucketL2Adapter(_AdapterBase):
             flags = self._store.batch_exists([t for t, _ in wanted.values()])
             present = {i: (t, _byte_view(o)) for (i, (t, o)), ok in zip(wanted.items(), flags) if ok}
         except _ERRORS as exc:
-            logger.warning("kvbucket L2: load of %d keys failed: %s", len(wanted), exc)
+            log.warning("kvbucket L2: load of %d keys failed: %s", len(wanted), exc)
             return []
-        if not present:
-            return []
-        try:
-            self._store.batch_load(dict(present.values()))
-            return list(present)
-        except _ERRORS as exc:
-            logger.warning("kvbucket L2: batch load failed (%s); retrying key by key", exc)
-        done = []
-        for i, (text, view) in present.items():
-            try:
-                self._store.batch_load({text: view})
-                done.append(i)
-            except _ERRORS as exc:
-                logger.warning("kvbucket L2: loading %r failed: %s", text, exc)
-        return done
+
+        def load(batch: dict[str, memoryview]) -> Iterable[str]:
+            self._store.batch_load(batch)
+            return batch
+
+        loaded = load_each(load, dict(present.values()), _ERRORS, "kvbucket L2")
+        return [i for i, (text, _) in present.items() if text in loaded]
 
     def query_load_result(self, task_id: int) -> Any | None:
         """The task's loaded bitmap once, then None."""
@@ -497,7 +470,7 @@ class KvBucketL2Adapter(_AdapterBase):
         try:
             removed = self._store.batch_remove(texts)
         except _ERRORS as exc:
-            logger.warning("kvbucket L2: deleting %d keys failed: %s", len(texts), exc)
+            log.warning("kvbucket L2: deleting %d keys failed: %s", len(texts), exc)
             return
         self._forget(t for t, ok in zip(texts, removed) if ok)
 
@@ -528,18 +501,19 @@ class KvBucketL2Adapter(_AdapterBase):
             )
         page = listed[:page_size]
         token = page[-1][0] if len(listed) > page_size else None
-        return KeyListPage(entries=tuple(KeyEntry(key=_encoded(key), size_bytes=size) for _, key, size in page), next_page_token=token)
+        entries = tuple(_listing.KeyEntry(key=_encoded(key), size_bytes=size) for _, key, size in page)
+        return _listing.KeyListPage(entries=entries, next_page_token=token)
 
     def report_status(self) -> dict[str, Any]:
         """Health and store statistics."""
-        status: dict[str, Any] = {"is_healthy": not self._closed and self._writer.is_alive(), "type": type(self).__name__}
+        status: dict[str, Any] = {"is_healthy": not self._closed and not self._queue.closed, "type": type(self).__name__}
         try:
             stats = self._store.stats()
             status.update(keys=stats.keys, buckets=stats.buckets, logical_bytes=stats.logical_bytes, physical_bytes=stats.physical_bytes)
         except _ERRORS as exc:
             status.update(is_healthy=False, error=str(exc))
         with self._lock:
-            status.update(locked_keys=len(self._locks), pending_store_tasks=self._queue.qsize())
+            status.update(locked_keys=len(self._locks), pending_store_tasks=self._pending_stores)
         return status
 
     def register_listener(self, listener: Any) -> None:
@@ -551,17 +525,13 @@ class KvBucketL2Adapter(_AdapterBase):
             listener.on_l2_keys_stored([k for k, _ in entries], [n for _, n in entries])
 
     def close(self) -> None:
-        """Finish queued stores, stop the threads, close the store and the event fds."""
+        """Finish staged stores, stop the threads, close the store and the event fds."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        self._queue.put(None)
-        self._writer.join()
-        self._readers.shutdown(wait=True)
-        self._store.close()
+        # Every staged store task completes (its result recorded) before the store closes.
+        shut_down(self._store, queue=self._queue, pool=self._readers, metrics_server=self.metrics_server)
         for fd in (self._store_fd, self._lookup_fd, self._load_fd):
             fd.close()
 
@@ -579,7 +549,7 @@ class KvBucketL2Adapter(_AdapterBase):
             try:
                 bitmap = fn(*args)
             except Exception as exc:  # noqa: BLE001 - the task must complete, as a miss
-                logger.warning("kvbucket L2: task %d (%s) failed: %s", task_id, fn.__name__.strip("_"), exc)
+                log.warning("kvbucket L2: task %d (%s) failed: %s", task_id, fn.__name__.strip("_"), exc)
                 bitmap = Bitmap(count)
             with self._lock:
                 results[task_id] = bitmap
@@ -590,7 +560,7 @@ class KvBucketL2Adapter(_AdapterBase):
 
 def _encoded(key: Any) -> Any:
     """LMCache's JSON-safe ``EncodedObjectKey`` of an ``ObjectKey``."""
-    return EncodedObjectKey(
+    return _listing.EncodedObjectKey(
         chunk_hash_hex=key.chunk_hash.hex(),
         model_name=key.model_name,
         kv_rank=key.kv_rank,
@@ -604,9 +574,3 @@ def _byte_view(obj: Any) -> memoryview:
     view = memoryview(obj.byte_array)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
-
-def _size(obj: Any) -> int:
-    try:
-        return int(obj.get_size())
-    except (AttributeError, TypeError):
-        return 0

@@ -26,8 +26,9 @@ TP ranks and SGLang lets only the storage writer rank back pages up; every
 other rank reads the writer's directory read-only (re-opening it when it has
 changed, at most every ``mla_refresh_interval_s`` seconds).
 
-The module imports without SGLang; when SGLang is importable the class
-subclasses the real ``HiCacheStorage``, as the factory requires.
+The module imports without SGLang: the class subclasses the real
+``HiCacheStorage`` when SGLang is importable (the factory checks that), else
+kvbucket's stand-in (:mod:`~kvbucket.integrations._standins`).
 """
 
 from __future__ import annotations
@@ -41,33 +42,36 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
-from ._common import METRICS_KEYS, metrics_endpoint, open_store, option, pointer_view, safe_component, split_batches, start_metrics, store_options
+from . import _standins
+from ._common import (
+    METRICS_KEYS,
+    import_engine,
+    load_each,
+    metrics_endpoint,
+    open_store,
+    option,
+    pointer_view,
+    safe_component,
+    shut_down,
+    split_batches,
+    start_metrics,
+    store_options,
+)
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsServer
+    from ..store import BucketStore, StoreStats
 
 __all__ = ["KvBucketHiCacheStorage", "StoragePaths", "resolve_paths"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-try:  # subclass the real ABC when SGLang is installed (the factory checks issubclass)
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage as _Base
-except ImportError:  # pragma: no cover - exercised when SGLang is absent
-
-    class _Base:  # type: ignore[no-redef]
-        """Minimal stand-in for ``HiCacheStorage`` when SGLang is not installed."""
-
-        def register_mem_pool_host(self, mem_pool_host: Any) -> None:
-            self.mem_pool_host = mem_pool_host
-
-        def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
-            if not hasattr(self, "registered_pools"):
-                self.registered_pools = {}
-            self.registered_pools[host_pool_name] = host_pool
-
-        def on_host_pools_registered(self) -> None:
-            """Nothing to finalise."""
+_sglang = import_engine({"HiCacheStorage": "sglang.srt.mem_cache.hicache_storage:HiCacheStorage"}) or _standins.SGLANG
+_Base: Any = _sglang.HiCacheStorage  # SGLang's factory checks issubclass against its own
 
 
 ROOT_ENV = "KVBUCKET_PATH"
@@ -177,12 +181,12 @@ class _SharedReader:
 
     def __init__(self, path: Path, options: dict[str, Any], interval: float) -> None:
         self._path, self._options, self._interval = path, options, interval
-        self._store: Any = None
+        self._store: BucketStore | None = None
         self._stamp: int | None = None
         self._checked = float("-inf")
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
+    def get(self) -> BucketStore | None:
         """The current read-only store (None before the writer created it),
         refreshed when the directory changed, at most once per interval."""
         with self._lock:
@@ -249,19 +253,15 @@ class KvBucketHiCacheStorage(_Base):
         self._layout_tag = ""
         self._metrics = _Metrics()
         self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
-        self._store: Any = None
+        self._store: BucketStore | None = None
         self._reader: _SharedReader | None = None
-        self.metrics_server: Any = None
+        self.metrics_server: MetricsServer | None = None
         if self.paths.writer:
             self._store = open_store(self.paths.store_dir, self._options)
-            try:
-                self.metrics_server = start_metrics(endpoint, self._store)
-            except BaseException:
-                self._store.close()
-                raise
+            self.metrics_server = start_metrics(endpoint, self._store)
         else:
             self._reader = _SharedReader(self.paths.store_dir, self._options, interval)
-        logger.info("kvbucket HiCache storage at %s (%s)", self.paths.store_dir, "writer" if self.paths.writer else "reader")
+        log.info("kvbucket HiCache storage at %s (%s)", self.paths.store_dir, "writer" if self.paths.writer else "reader")
 
     # ------------------------------------------------------------------ keys
 
@@ -278,7 +278,7 @@ class KvBucketHiCacheStorage(_Base):
     def _keys(self, keys: Iterable[str]) -> list[str]:
         return [self._key(k) for k in keys]
 
-    def _read_store(self) -> Any:
+    def _read_store(self) -> BucketStore | None:
         """The store to read: our own, or the MLA writer's (read-only)."""
         if self._store is not None:
             return self._store
@@ -308,7 +308,7 @@ class KvBucketHiCacheStorage(_Base):
         """For each page, whether it is stored (nothing leased)."""
         return self._flags(keys, "existence check", lambda store, names: store.batch_exists(names))
 
-    def _flags(self, keys: Sequence[str], what: str, ask: Callable[[Any, list[str]], list[bool]]) -> list[bool]:
+    def _flags(self, keys: Sequence[str], what: str, ask: Callable[[BucketStore, list[str]], list[bool]]) -> list[bool]:
         """``ask`` the store about ``keys``; all False when it cannot be read
         (a failed read is a miss to the engine, and is logged)."""
         if not keys:
@@ -319,7 +319,7 @@ class KvBucketHiCacheStorage(_Base):
                 return [False] * len(keys)
             return list(ask(store, self._keys(keys)))
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: %s of %d pages (first %r) failed: %s", what, len(keys), keys[0], exc)
+            log.warning("kvbucket: %s of %d pages (first %r) failed: %s", what, len(keys), keys[0], exc)
             return [False] * len(keys)
 
     # ----------------------------------------------------------- generic path
@@ -381,16 +381,16 @@ class KvBucketHiCacheStorage(_Base):
         pool = getattr(self, "mem_pool_host", None)
         if pool is None or not keys:
             if keys:
-                logger.error("kvbucket: zero-copy I/O before register_mem_pool_host")
+                log.error("kvbucket: zero-copy I/O before register_mem_pool_host")
             return None
         indices = _as_int_list(host_indices)
         page_size = self._page_size(pool)
         if len(indices) != len(keys) * page_size:
-            logger.error("kvbucket: %d host indices for %d pages of %d tokens", len(indices), len(keys), page_size)
+            log.error("kvbucket: %d host indices for %d pages of %d tokens", len(indices), len(keys), page_size)
             return None
         ptrs, sizes = pool.get_page_buffer_meta(_indices_like(host_indices, indices))
         if not ptrs or len(ptrs) != len(sizes) or len(ptrs) % len(keys):
-            logger.error("kvbucket: host pool gave %d buffers for %d pages", len(ptrs), len(keys))
+            log.error("kvbucket: host pool gave %d buffers for %d pages", len(ptrs), len(keys))
             return None
         per_page = len(ptrs) // len(keys)
         views = [pointer_view(int(p), int(s)) for p, s in zip(ptrs, sizes)]
@@ -413,30 +413,28 @@ class KvBucketHiCacheStorage(_Base):
         try:
             present = self._store.batch_exists(skeys)
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: cannot store %d pages (first %r): %s", len(keys), keys[0] if keys else None, exc)
+            log.warning("kvbucket: cannot store %d pages (first %r): %s", len(keys), keys[0] if keys else None, exc)
             return [False] * len(keys)
         stored = {k for k, there in zip(skeys, present) if there}
         todo: dict[str, tuple[list[Any], int]] = {}
         for skey, value in zip(skeys, values):
             if skey not in stored and skey not in todo:
                 todo[skey] = (value, _nbytes(value))
-        written = self._offload_batches(todo)
+        written = self._offload_batches(self._store, todo)
         stored |= written
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, len(written), start)
         return [k in stored for k in skeys]
 
-    def _offload_batches(self, todo: dict[str, tuple[list[Any], int]]) -> builtins.set[str]:
+    def _offload_batches(self, store: BucketStore, todo: dict[str, tuple[list[Any], int]]) -> builtins.set[str]:
         """Write ``todo`` bucket by bucket; return the store keys written."""
-        config = getattr(self._store, "config", None)
-        max_bytes = getattr(config, "bucket_size_limit", 256 << 20)
-        max_keys = getattr(config, "bucket_keys_limit", 500)
         items = [(k, value, size) for k, (value, size) in todo.items()]
         written: builtins.set[str] = set()
-        for batch in split_batches(items, max_bytes, max_keys):
+        limits = store.config
+        for batch in split_batches(items, max_bytes=limits.bucket_size_limit, max_keys=limits.bucket_keys_limit, size=lambda item: item[2]):
             try:
-                self._store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
+                store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
             except _READ_ERRORS as exc:
-                logger.warning("kvbucket: writing %d pages (first %r) failed: %s", len(batch), batch[0][0], exc)
+                log.warning("kvbucket: writing %d pages (first %r) failed: %s", len(batch), batch[0][0], exc)
                 continue
             written.update(k for k, _, _ in batch)
         return written
@@ -452,12 +450,12 @@ class KvBucketHiCacheStorage(_Base):
             order = list(dests)
             flags = store.batch_exists([self._key(keys[i]) for i in order])
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: lookup for a read of %d pages failed: %s", len(dests), exc)
+            log.warning("kvbucket: lookup for a read of %d pages failed: %s", len(dests), exc)
             return set()
         present = [i for i, ok in zip(order, flags) if ok]
         return self._load_present(store, {i: dests[i] for i in present}, keys)
 
-    def _load_present(self, store: Any, dests: dict[int, list[Any]], keys: Sequence[str]) -> builtins.set[int]:
+    def _load_present(self, store: BucketStore, dests: dict[int, list[Any]], keys: Sequence[str]) -> builtins.set[int]:
         """Load pages the index holds; fall back to one-by-one on a failed batch."""
         if not dests:
             return set()
@@ -471,29 +469,24 @@ class KvBucketHiCacheStorage(_Base):
                 done.add(i)
         return done
 
-    def _load_direct(self, store: Any, direct: dict[int, Any], keys: Sequence[str]) -> builtins.set[int]:
-        try:
-            store.batch_load({self._key(keys[i]): buf for i, buf in direct.items()})
-            return set(direct)
-        except _READ_ERRORS as exc:
-            logger.warning("kvbucket: batch read of %d pages failed (%s); retrying one by one", len(direct), exc)
-        done = set()
-        for i, buf in direct.items():
-            try:
-                store.batch_load({self._key(keys[i]): buf})
-                done.add(i)
-            except _READ_ERRORS as exc:
-                logger.warning("kvbucket: reading page %r failed: %s", keys[i], exc)
-        return done
+    def _load_direct(self, store: BucketStore, direct: dict[int, Any], keys: Sequence[str]) -> builtins.set[int]:
+        """Load pages that are one buffer each; a failing page never fails the others."""
 
-    def _load_scattered(self, store: Any, skey: str, bufs: list[Any]) -> bool:
+        def load(batch: dict[str, Any]) -> Iterable[str]:
+            store.batch_load(batch)
+            return batch
+
+        loaded = load_each(load, {self._key(keys[i]): buf for i, buf in direct.items()}, _READ_ERRORS, "kvbucket")
+        return {i for i in direct if self._key(keys[i]) in loaded}
+
+    def _load_scattered(self, store: BucketStore, skey: str, bufs: list[Any]) -> bool:
         """Read one page whose host buffers are not adjacent (e.g. K and V)."""
         views = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b for b in bufs]
         bounce = bytearray(sum(v.nbytes for v in views))
         try:
             store.batch_load({skey: bounce})
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: reading page %r failed: %s", skey, exc)
+            log.warning("kvbucket: reading page %r failed: %s", skey, exc)
             return False
         offset = 0
         for view in views:
@@ -507,10 +500,13 @@ class KvBucketHiCacheStorage(_Base):
         found = [i for i, ok in enumerate(flags) if ok]
         if not found:
             return {}
+        store = self._read_store()
+        if store is None:
+            return {}
         try:
-            got = self._read_store().batch_get([self._key(keys[i]) for i in found])
+            got = store.batch_get([self._key(keys[i]) for i in found])
         except _READ_ERRORS as exc:
-            logger.warning("kvbucket: reading %d pages failed: %s", len(found), exc)
+            log.warning("kvbucket: reading %d pages failed: %s", len(found), exc)
             return {}
         return {i: bytearray(got[self._key(keys[i])]) for i in found}
 
@@ -526,30 +522,26 @@ class KvBucketHiCacheStorage(_Base):
         if not self._metrics_on:
             return None
         drained, self._metrics = self._metrics, _Metrics()
-        try:
-            from sglang.srt.observability.metrics_collector import StorageMetrics
-        except ImportError:
+        sglang = import_engine({"StorageMetrics": "sglang.srt.observability.metrics_collector:StorageMetrics"})
+        if sglang is None:
             return drained
-        return StorageMetrics(
+        return sglang.StorageMetrics(
             prefetch_pgs=drained.prefetch_pgs,
             backup_pgs=drained.backup_pgs,
             prefetch_bandwidth=drained.prefetch_bandwidth,
             backup_bandwidth=drained.backup_bandwidth,
         )
 
-    def store_stats(self) -> Any:
+    def store_stats(self) -> StoreStats | None:
         """kvbucket's own statistics of this rank's store (keys, bytes, limits)."""
         store = self._read_store()
         return None if store is None else store.stats()
 
     def close(self) -> None:
         """Stop the metrics endpoint and close the store (everything acknowledged is already durable)."""
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self._store is not None:  # a writer rank, the only kind that serves metrics
+            shut_down(self._store, metrics_server=self.metrics_server)
+            self._store, self.metrics_server = None, None
         if self._reader is not None:
             self._reader.close()
 

@@ -24,16 +24,16 @@ directory has one writer, and the digest separates models, dtypes, parallel
 layouts and chunk sizes that must not share pages. Objects survive a restart:
 a new tier on the same ``root_dir`` and rank finds everything committed before.
 
-vLLM is imported lazily: without vLLM the module still imports, and the class
-is built on a small stand-in base with the same method names (tests use it,
-or :func:`make_tier_class` with their own stand-ins).
+The module imports without vLLM: the class subclasses vLLM's
+``SecondaryTierManager`` when vLLM is importable, else kvbucket's stand-in
+(:mod:`~kvbucket.integrations._standins`), which has no storage medium and
+no vLLM metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import inspect
 import json
@@ -41,30 +41,26 @@ import logging
 import os
 import threading
 import time
-from abc import ABC
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._core.buffers import byte_view
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
-from ._common import metrics_endpoint, open_store, option, safe_component, start_metrics, store_options
+from . import _standins
+from ._common import AllDone, import_engine, load_each, metrics_endpoint, open_store, option, safe_component, shut_down, start_metrics, store_options
 
-__all__ = ["KvBucketTierManager", "kvbucket", "make_tier_class", "TierAPI", "TIER_OPTIONS"]
+if TYPE_CHECKING:
+    from ..store import StoreStats
 
-logger = logging.getLogger(__name__)
+__all__ = ["KvBucketTierManager", "kvbucket", "TIER_OPTIONS"]
+
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-TierAPI = SimpleNamespace
-"""The vLLM names the tier is built on: ``SecondaryTierManager``, ``JobResult``,
-``LookupResult``, ``RequestOffloadingContext`` and the optional ``Medium``,
-``Stats`` (``OffloadingConnectorStats``), ``CounterMetadata`` and
-``GaugeMetadata`` (``OffloadingCounterMetadata``/``OffloadingGaugeMetadata``);
-without the last three the tier reports no vLLM metrics."""
 
 STATS_INTERVAL_S = 5.0
 """Most seconds between two refreshes of the usage gauges :meth:`get_stats` reports."""
@@ -115,84 +111,44 @@ _THREADS = Setting("count", minimum=1)
 
 
 # -- the vLLM names, real or stand-in -------------------------------------------
-class _FallbackLookupResult(enum.Enum):
-    """Stand-in for ``vllm.v1.kv_offload.base.LookupResult``."""
+_VLLM_NAMES: dict[str, str | tuple[str, ...]] = {
+    "SecondaryTierManager": "vllm.v1.kv_offload.tiering.base:SecondaryTierManager",
+    "JobResult": "vllm.v1.kv_offload.tiering.base:JobResult",
+    "LookupResult": "vllm.v1.kv_offload.base:LookupResult",
+    "RequestOffloadingContext": (
+        "vllm.v1.kv_offload.tiering.base:RequestOffloadingContext",
+        "vllm.v1.kv_offload.base:RequestOffloadingContext",
+    ),
+}
+"""The vLLM names the tier needs (all from vLLM, or all stand-ins)."""
 
-    HIT = 1
-    HIT_PENDING = 2
-    RETRY = 3
-    MISS = 4
+_VLLM_OPTIONAL: dict[str, str] = {
+    "Medium": "vllm.v1.kv_offload.base:Medium",
+    "CounterMetadata": "vllm.v1.kv_offload.base:OffloadingCounterMetadata",
+    "GaugeMetadata": "vllm.v1.kv_offload.base:OffloadingGaugeMetadata",
+    "Stats": "vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics:OffloadingConnectorStats",
+}
+"""vLLM names only some versions have (None where missing); without the
+metric ones the tier reports no vLLM metrics."""
 
-
-@dataclasses.dataclass
-class _FallbackJobResult:
-    """Stand-in for ``vllm.v1.kv_offload.tiering.base.JobResult``."""
-
-    job_id: int
-    success: bool
-    successful_keys: Collection[bytes] | None = None
-    transfer_time: float | None = None
-    transfer_bytes: int | None = None
-
-
-@dataclasses.dataclass
-class _FallbackRequestOffloadingContext:
-    """Stand-in for vLLM's ``RequestOffloadingContext`` (no preferences)."""
+_NOT_IMPORTABLE = (Exception,)  # ImportError, or vLLM failing to import on this host
 
 
-class _FallbackSecondaryTierManager(ABC):  # noqa: B024 - mirrors vLLM's ABC
-    """Stand-in for ``vllm.v1.kv_offload.tiering.base.SecondaryTierManager``."""
-
-    medium: ClassVar[Any] = None
-
-    def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str) -> None:
-        self._offloading_spec = offloading_spec
-        self._primary_kv_view = primary_kv_view
-        self.tier_type = tier_type
-
-
-FALLBACK_API = TierAPI(
-    SecondaryTierManager=_FallbackSecondaryTierManager,
-    JobResult=_FallbackJobResult,
-    LookupResult=_FallbackLookupResult,
-    RequestOffloadingContext=_FallbackRequestOffloadingContext,
-    Medium=None,
-    Stats=None,
-    CounterMetadata=None,
-    GaugeMetadata=None,
-)
-"""The names used when vLLM is not importable."""
+def _load_vllm() -> SimpleNamespace:
+    """vLLM's tiering names when vLLM is importable, else kvbucket's stand-ins."""
+    vllm = import_engine(_VLLM_NAMES, catch=_NOT_IMPORTABLE)
+    if vllm is None:
+        return _standins.VLLM
+    for name, path in _VLLM_OPTIONAL.items():
+        found = import_engine({name: path}, catch=_NOT_IMPORTABLE)
+        setattr(vllm, name, None if found is None else getattr(found, name))
+    if not (hasattr(vllm.Stats, "increase_counter") and hasattr(vllm.Stats, "set_gauge")):
+        vllm.Stats = None  # an older vLLM, without flat offloading metrics
+    return vllm
 
 
-def load_vllm_api() -> TierAPI | None:
-    """vLLM's tiering names, or None when vLLM (or a module it needs) is missing."""
-    try:
-        from vllm.v1.kv_offload import base as offload_base
-        from vllm.v1.kv_offload.tiering import base as tiering_base
-    except Exception as exc:  # noqa: BLE001 - ImportError, or vLLM failing to import on this host
-        logger.debug("vLLM is not importable (%s); using kvbucket's stand-in tier base", exc)
-        return None
-    context = getattr(tiering_base, "RequestOffloadingContext", None) or offload_base.RequestOffloadingContext
-    return TierAPI(
-        SecondaryTierManager=tiering_base.SecondaryTierManager,
-        JobResult=tiering_base.JobResult,
-        LookupResult=offload_base.LookupResult,
-        RequestOffloadingContext=context,
-        Medium=getattr(offload_base, "Medium", None),
-        Stats=_stats_class(),
-        CounterMetadata=getattr(offload_base, "OffloadingCounterMetadata", None),
-        GaugeMetadata=getattr(offload_base, "OffloadingGaugeMetadata", None),
-    )
-
-
-def _stats_class() -> type | None:
-    """vLLM's ``OffloadingConnectorStats`` with counters and gauges, or None."""
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.offloading import metrics
-    except Exception:  # noqa: BLE001 - an older vLLM (no flat offloading metrics), or none
-        return None
-    stats = getattr(metrics, "OffloadingConnectorStats", None)
-    return stats if hasattr(stats, "increase_counter") and hasattr(stats, "set_gauge") else None
+_vllm = _load_vllm()
+_Base: Any = _vllm.SecondaryTierManager  # vLLM's tier factory checks issubclass against its own
 
 
 # -- per-job bookkeeping ---------------------------------------------------------
@@ -234,29 +190,18 @@ class _Jobs:
                 self._cond.wait()
 
 
-class _StoreJob:
-    """Counts a store job's keys down as their futures resolve (on I/O threads)."""
-
-    def __init__(self, done: Callable[[bool], None], count: int) -> None:
-        self._lock = threading.Lock()
-        self._left = count
-        self._ok = True
-        self._done = done
-
-    def key_done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._ok = self._ok and future.exception() is None
-            self._left -= 1
-            last, ok = self._left == 0, self._ok
-        if last:
-            self._done(ok)
-
-
 # -- the tier ----------------------------------------------------------------------
-class _KvBucketTier:
-    """The tier's behaviour; :func:`make_tier_class` puts it on a vLLM base class."""
+class KvBucketTierManager(_Base):
+    """A vLLM secondary tier storing chunks in a crash-safe kvbucket store.
 
-    _api: ClassVar[TierAPI]
+    Config keys: ``root_dir`` (parent of the per-rank store directories), the
+    BucketConfig fields (``max_physical_bytes``, ``max_total_size``,
+    ``total_keys_limit``, ``eviction_policy``, ``durability``,
+    ``bucket_size_limit``, ...), and :data:`TIER_OPTIONS`.
+    """
+
+    medium = getattr(_vllm.Medium, "STORAGE", None)
+    tolerates_off_thread_polling = True  # every method is safe from any thread (queue, store and job list take their own locks)
 
     def __init__(
         self,
@@ -292,22 +237,17 @@ class _KvBucketTier:
         self.store = open_store(self.store_path, store_settings)
         # backpressure="reject": submit_store must never block the scheduler.
         self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
-        try:
-            self.metrics_server = start_metrics(endpoint, self.store, self._queue)
-        except BaseException:
-            self._queue.close()
-            self.store.close()
-            raise
+        self.metrics_server = start_metrics(endpoint, self.store, self._queue)
         self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
         self._jobs = _Jobs()
         self._closed = False
         self._reported = self.store.counters()  # the totals get_stats last reported
-        self._usage: Future[Any] | None = None  # a StoreStats refresh in flight
-        self._usage_last: Any = None  # the last StoreStats a refresh returned
+        self._usage: Future[StoreStats] | None = None  # a refresh in flight
+        self._usage_last: StoreStats | None = None  # the last one a refresh returned
         self._usage_at = float("-inf")
         if kv_events:
-            logger.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
-        logger.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
+            log.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
+        log.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
 
     # -- lookups ------------------------------------------------------------
     def lookup(self, key: bytes, req_context: Any) -> Any:
@@ -317,8 +257,8 @@ class _KvBucketTier:
         it is loaded or the lease ends, so the load that follows finds it."""
         name = _store_key(key)
         if self._queue.is_staged(name):
-            return self._api.LookupResult.RETRY
-        return self._api.LookupResult.HIT if self.store.lookup([name])[0] else self._api.LookupResult.MISS
+            return _vllm.LookupResult.RETRY
+        return _vllm.LookupResult.HIT if self.store.lookup([name])[0] else _vllm.LookupResult.MISS
 
     # -- jobs ----------------------------------------------------------------
     def submit_store(self, job_metadata: Any) -> None:
@@ -331,7 +271,7 @@ class _KvBucketTier:
         try:
             chunks = self._chunks(job_metadata)
         except (InvalidArgument, IndexError) as exc:
-            logger.error("kvbucket tier: store job %s is malformed: %s", job_id, exc)
+            log.error("kvbucket tier: store job %s is malformed: %s", job_id, exc)
             self._end(job_id, False, started, 0)
             return
         if not chunks:
@@ -341,12 +281,10 @@ class _KvBucketTier:
         try:
             futures = self._queue.put_batch(chunks)
         except KvBucketError as exc:  # staging full or closed: vLLM keeps the chunks in CPU
-            logger.warning("kvbucket tier: store job %s not accepted: %s", job_id, exc)
+            log.warning("kvbucket tier: store job %s not accepted: %s", job_id, exc)
             self._end(job_id, False, started, 0)
             return
-        tracker = _StoreJob(lambda ok: self._end(job_id, ok, started, nbytes if ok else 0), len(futures))
-        for future in futures.values():
-            future.add_done_callback(tracker.key_done)
+        AllDone(futures, lambda failed: self._end(job_id, not failed, started, 0 if failed else nbytes))
 
     def submit_load(self, job_metadata: Any) -> None:
         """Copy the job's chunks into their primary slots on a loader thread."""
@@ -356,13 +294,13 @@ class _KvBucketTier:
             keys = list(job_metadata.keys)
             chunks = self._chunks(job_metadata)
         except (InvalidArgument, IndexError) as exc:
-            logger.error("kvbucket tier: load job %s is malformed: %s", job_id, exc)
+            log.error("kvbucket tier: load job %s is malformed: %s", job_id, exc)
             self._end(job_id, False, started, 0)
             return
         try:
             self._loader.submit(self._run_load, job_id, keys, chunks, started)
         except RuntimeError as exc:  # the pool is shut down
-            logger.error("kvbucket tier: load job %s after shutdown: %s", job_id, exc)
+            log.error("kvbucket tier: load job %s after shutdown: %s", job_id, exc)
             self._end(job_id, False, started, 0)
 
     def _run_load(self, job_id: int, keys: list[bytes], chunks: dict[str, memoryview], started: float) -> None:
@@ -374,19 +312,11 @@ class _KvBucketTier:
 
     def _load(self, chunks: dict[str, memoryview]) -> set[str]:
         """The keys copied into their slots; a failing key never fails the others."""
-        try:
-            found = self._queue.batch_get_into(chunks)
-            return {name for name, hit in found.items() if hit}
-        except KvBucketError as exc:
-            logger.warning("kvbucket tier: batched load failed (%s); loading key by key", exc)
-        loaded: set[str] = set()
-        for name, view in chunks.items():
-            try:
-                if self._queue.get_into(name, view):
-                    loaded.add(name)
-            except KvBucketError as exc:
-                logger.warning("kvbucket tier: loading %s failed: %s", name, exc)
-        return loaded
+
+        def load(batch: dict[str, memoryview]) -> Iterable[str]:
+            return [name for name, hit in self._queue.batch_get_into(batch).items() if hit]
+
+        return load_each(load, chunks, (KvBucketError,), "kvbucket tier")
 
     def _chunks(self, job: Any) -> dict[str, memoryview]:
         """``{store key: primary slot view}`` for a TransferJob (``chunk_ids``) or JobMetadata (``block_ids``)."""
@@ -413,7 +343,7 @@ class _KvBucketTier:
             "transfer_bytes": nbytes,
             "transfer_size": nbytes,
         }
-        self._jobs.end(self._api.JobResult(**_accepted(self._api.JobResult, values)))
+        self._jobs.end(_vllm.JobResult(**_accepted(_vllm.JobResult, values)))
 
     def get_finished_jobs(self) -> Iterable[Any]:
         """Every job (store or load) finished since the last call."""
@@ -432,7 +362,7 @@ class _KvBucketTier:
     # -- requests and lifecycle ---------------------------------------------
     def on_new_request(self, req_context: Any) -> Any:
         """No per-request preference."""
-        return self._api.RequestOffloadingContext()
+        return _vllm.RequestOffloadingContext()
 
     def on_request_finished(self, req_context: Any) -> None:
         """Nothing is kept per request."""
@@ -447,7 +377,7 @@ class _KvBucketTier:
     @classmethod
     def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
         """The vLLM metrics :meth:`get_stats` reports (none without vLLM's metadata classes)."""
-        counter, gauge = getattr(cls._api, "CounterMetadata", None), getattr(cls._api, "GaugeMetadata", None)
+        counter, gauge = _vllm.CounterMetadata, _vllm.GaugeMetadata
         if counter is None or gauge is None:
             return {}
         definitions = {name: counter(documentation=doc) for name, (doc, _) in _VLLM_COUNTERS.items()}
@@ -462,7 +392,7 @@ class _KvBucketTier:
         thread at most every :data:`STATS_INTERVAL_S` seconds, so gauges lag
         by up to that much (and are absent until the first refresh is done).
         """
-        stats_class = getattr(self._api, "Stats", None)
+        stats_class = _vllm.Stats
         if stats_class is None or self._closed:
             return None
         stats = stats_class()
@@ -485,7 +415,7 @@ class _KvBucketTier:
             if refresh.exception() is None:
                 self._usage_last = refresh.result()
             else:
-                logger.warning("kvbucket tier: reading the store's usage failed: %s", refresh.exception())
+                log.warning("kvbucket tier: reading the store's usage failed: %s", refresh.exception())
         if self._usage is None and time.monotonic() - self._usage_at >= STATS_INTERVAL_S:
             self._usage_at = time.monotonic()
             with contextlib.suppress(RuntimeError):  # the pool is shut down
@@ -493,41 +423,12 @@ class _KvBucketTier:
         return self._usage_last
 
     def shutdown(self) -> None:
-        """Finish every job, then close the queue, the loaders and the store. Idempotent."""
+        """Finish every job, then stop the metrics endpoint, the queue, the loaders and the store. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self.metrics_server is not None:
-            self.metrics_server.close()
         self.drain_jobs()
-        self._queue.close()
-        self._loader.shutdown(wait=True)
-        self.store.close()
-
-
-def make_tier_class(api: TierAPI) -> type:
-    """Build the tier class on ``api.SecondaryTierManager`` (vLLM's, or a stand-in)."""
-    medium = getattr(api.Medium, "STORAGE", None) if api.Medium is not None else None
-    namespace = {
-        "_api": api,
-        "medium": medium,
-        # Every method is safe from any thread (queue, store and job list take their own locks).
-        "tolerates_off_thread_polling": True,
-        "__module__": __name__,
-        "__doc__": _TIER_DOC,
-    }
-    base = api.SecondaryTierManager
-    tier: type = type(base)("KvBucketTierManager", (_KvBucketTier, base), namespace)  # ABCMeta checks abstracts
-    return tier
-
-
-_TIER_DOC = """A vLLM secondary tier storing chunks in a crash-safe kvbucket store.
-
-Config keys: ``root_dir`` (parent of the per-rank store directories), the
-BucketConfig fields (``max_physical_bytes``, ``max_total_size``,
-``total_keys_limit``, ``eviction_policy``, ``durability``,
-``bucket_size_limit``, ...), and :data:`TIER_OPTIONS`.
-"""
+        shut_down(self.store, queue=self._queue, pool=self._loader, metrics_server=self.metrics_server)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -610,9 +511,6 @@ def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     names = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(inspect.signature(cls).parameters)
     return {name: value for name, value in values.items() if name in names}
 
-
-KvBucketTierManager = make_tier_class(load_vllm_api() or FALLBACK_API)
-"""The tier class, on vLLM's base when vLLM is importable (else on the stand-in base)."""
 
 kvbucket = KvBucketTierManager
 """Alias so that ``"type": "kvbucket"`` resolves (vLLM looks ``type`` up in ``module_path``)."""

@@ -5,36 +5,62 @@ carried to the next call (never dropped), duplicates and stored keys are
 filtered, an object larger than a bucket gets a bucket of its own, and a
 remainder older than ``max_delay_s`` is emitted even by a call that adds
 nothing.
+
+:func:`cut_batches` (and :func:`split_batches`, which keeps the partial
+rest as a last batch) is the one cutter of objects into batches within a
+bucket's byte and key limits: the grouper, compaction, the Mooncake importer
+and the engine adapters all cut with it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
-__all__ = ["OffloadGrouper", "cut_buckets"]
+__all__ = ["OffloadGrouper", "cut_batches", "split_batches"]
+
+T = TypeVar("T")
 
 
-def cut_buckets(sizes: Mapping[str, int], size_limit: int, keys_limit: int) -> tuple[list[list[str]], list[str]]:
-    """Full buckets cut off the front of ``{key: size}`` in order, and the partial rest.
+def _one_key(item: object) -> int:
+    """The key count of an item that is one object."""
+    return 1
 
-    A bucket is full at ``keys_limit`` keys or ``size_limit`` bytes; an
-    object that would push a non-empty bucket past ``size_limit`` starts the
-    next one, so only a lone object is ever larger than ``size_limit``.
+
+def cut_batches(
+    items: Iterable[T], *, max_bytes: int, max_keys: int, size: Callable[[T], int], keys: Callable[[T], int] = _one_key
+) -> tuple[list[list[T]], list[T]]:
+    """Full batches cut off the front of ``items`` in order, and the partial rest.
+
+    An item weighs ``size(item)`` bytes and ``keys(item)`` keys (one by
+    default). A batch is full at ``max_bytes`` bytes or ``max_keys`` keys; an
+    item that would push a non-empty batch past either limit starts the next
+    one, so only a batch of one item is ever over a limit.
     """
-    groups: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for key, object_size in sizes.items():
-        if current and (size + object_size > size_limit or len(current) >= keys_limit):
-            groups.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += object_size
-        if size >= size_limit or len(current) >= keys_limit:
-            groups.append(current)
-            current, size = [], 0
-    return groups, current
+    full: list[list[T]] = []
+    batch: list[T] = []
+    batch_bytes = batch_keys = 0
+    for item in items:
+        item_bytes, item_keys = size(item), keys(item)
+        if batch and (batch_bytes + item_bytes > max_bytes or batch_keys + item_keys > max_keys):
+            full.append(batch)
+            batch, batch_bytes, batch_keys = [], 0, 0
+        batch.append(item)
+        batch_bytes += item_bytes
+        batch_keys += item_keys
+        if batch_bytes >= max_bytes or batch_keys >= max_keys:
+            full.append(batch)
+            batch, batch_bytes, batch_keys = [], 0, 0
+    return full, batch
+
+
+def split_batches(
+    items: Iterable[T], *, max_bytes: int, max_keys: int, size: Callable[[T], int], keys: Callable[[T], int] = _one_key
+) -> list[list[T]]:
+    """Every batch of :func:`cut_batches`, the partial rest last (when there is one)."""
+    full, rest = cut_batches(items, max_bytes=max_bytes, max_keys=max_keys, size=size, keys=keys)
+    return [*full, rest] if rest else full
 
 
 class OffloadGrouper:
@@ -74,11 +100,11 @@ class OffloadGrouper:
     def split(self, sizes: Mapping[str, int], is_stored: Callable[[str], bool]) -> list[list[str]]:
         """Cut ``{key: size}`` into buckets on its own, the partial rest
         included, leaving the pool alone; stored keys are dropped."""
-        groups, rest = cut_buckets({k: s for k, s in sizes.items() if not is_stored(k)}, self._size_limit, self._keys_limit)
-        return [*groups, rest] if rest else groups
+        fresh = {k: s for k, s in sizes.items() if not is_stored(k)}
+        return split_batches(fresh, max_bytes=self._size_limit, max_keys=self._keys_limit, size=fresh.__getitem__)
 
     def _fill(self) -> list[list[str]]:
         """Cut full buckets off the front of the pool; keep the partial rest."""
-        groups, rest = cut_buckets(self._pending, self._size_limit, self._keys_limit)
+        groups, rest = cut_batches(self._pending, max_bytes=self._size_limit, max_keys=self._keys_limit, size=self._pending.__getitem__)
         self._pending = {key: self._pending[key] for key in rest}
         return groups

@@ -133,10 +133,6 @@ class SimulatedFileSystem(FileSystem):
     def stat(self, path: str) -> os.stat_result:
         return self._stat_of(self._lookup(path))
 
-    def stat_target(self, path: str) -> os.stat_result:
-        """As :meth:`stat`: the simulated tree has no links."""
-        return self.stat(path)
-
     def rename(self, src: str, dst: str) -> None:
         src_parent, src_name = self._parent(src)
         entry = src_parent.entries.get(src_name)

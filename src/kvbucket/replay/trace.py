@@ -21,8 +21,9 @@ import lzma
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import IO, Any, TypeGuard
+from typing import IO, Any
 
+from .._core.arguments import is_int
 from ..errors import InvalidTrace
 
 __all__ = ["Request", "Trace", "read_trace", "default_trace_path", "DEFAULT_TRACE_NAME"]
@@ -124,7 +125,7 @@ def _parse_line(line: str, path: str, number: int) -> Request:
     if not isinstance(record, dict):
         raise InvalidTrace(f"{where}: expected a JSON object, got {type(record).__name__}")
     hash_ids = record.get("hash_ids")
-    if not isinstance(hash_ids, list) or not all(_is_int(h) for h in hash_ids):
+    if not isinstance(hash_ids, list) or not all(is_int(h) for h in hash_ids):
         raise InvalidTrace(f"{where}: 'hash_ids' must be a list of integers; got {_short(hash_ids)}")
     return Request(
         timestamp_ms=_number(record, "timestamp", where),
@@ -136,13 +137,9 @@ def _parse_line(line: str, path: str, number: int) -> Request:
 
 def _number(record: dict[str, Any], field: str, where: str) -> int:
     value = record.get(field)
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise InvalidTrace(f"{where}: {field!r} must be an integer >= 0; got {_short(value)}")
     return int(value)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _short(value: object) -> str:

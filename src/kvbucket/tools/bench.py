@@ -42,6 +42,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .version import installed_version
+
 __all__ = [
     "Workload",
     "Source",
@@ -622,7 +624,7 @@ def _result(wl: Workload, modes: list[str], engine: str, fio: str | None, cold: 
         best_raw = max((m[f"raw_{op}_{x}"] for x in modes), key=lambda s: s["median"] or 0)
         ratios[f"{op}_best"] = ratio(best_kv, best_raw)
     return {
-        "kvbucket_version": _version(),
+        "kvbucket_version": installed_version(),
         "workload": {**asdict(wl), "n_objects": wl.n_objects, "bytes": wl.nbytes, "io_modes": modes,
                      "durability": durability, "repeats": repeats},
         "raw_engine": fio if engine == "fio" else "python os.pwritev/os.preadv loop",
@@ -631,16 +633,6 @@ def _result(wl: Workload, modes: list[str], engine: str, fio: str | None, cold: 
         "measurements": m,
         "ratios": ratios,
     }
-
-
-def _version() -> str:
-    """The installed kvbucket version, or ``"dev"``."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("kvbucket")
-    except PackageNotFoundError:  # not installed (running from a checkout)
-        return "dev"
 
 
 def _fmt(s: dict[str, Any] | None) -> str:

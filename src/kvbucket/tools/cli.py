@@ -46,10 +46,13 @@ import click
 from tqdm import tqdm
 
 from .. import mooncake
+from .._core.arguments import is_int
+from .._core.fs import FileSystem, stat_directory
 from ..config import parse_size
 from ..errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
 from ..store import BucketStore
 from . import fsck
+from .version import installed_version
 
 __all__ = ["main", "cli", "escape_key", "unescape_key"]
 
@@ -234,11 +237,23 @@ def unescape_key(text: str) -> str:
 
 
 def _existing_dir(path: str) -> Path:
-    if not os.path.exists(path):
-        raise Failure(f"no such directory: {path}")
-    if not os.path.isdir(path):
-        raise Failure(f"not a directory: {path}")
+    """``path``, which must be a directory (a link to one counts)."""
+    try:
+        stat_directory(FileSystem(), path)
+    except FileNotFoundError:
+        raise Failure(f"no such directory: {path}") from None
+    except NotADirectoryError:
+        raise Failure(f"not a directory: {path}") from None
     return Path(path)
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the directory ``path``; None when there is none."""
+    try:
+        st = stat_directory(FileSystem(), os.fspath(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _resolve_format(path: Path, requested: str) -> str:
@@ -270,7 +285,7 @@ def _not_a_store(path: Path) -> str:
 def _refuse_mooncake_writer(path: Path, what: str) -> None:
     """Opening a Mooncake directory as a kvbucket writer would treat its
     files as broken kvbucket files; refuse instead."""
-    if path.is_dir() and mooncake.detect_format(path) == "mooncake":
+    if _directory_identity(path) is not None and mooncake.detect_format(path) == "mooncake":
         raise Failure(
             f"{path} looks like a Mooncake directory; {what} would treat its files as broken "
             "kvbucket files. Use --format mooncake to check it, or "
@@ -332,17 +347,8 @@ def _plain(obj: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("kvbucket")
-    except PackageNotFoundError:  # running from a checkout
-        return "dev"
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), prog_name="kvbucket")
+@click.version_option(installed_version(), prog_name="kvbucket")
 @_verbose_option
 def cli() -> None:
     """Inspect, check, repair and benchmark kvbucket stores and Mooncake
@@ -386,21 +392,23 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
     path = _existing_dir(directory)
     log.info("fsck %s%s%s", path, " --deep" if deep else "", " --repair" if repair else " (read-only)")
     bars: fsck.Progress = functools.partial(_bar, as_json)
+    fs = FileSystem()
     if _resolve_format(path, fmt) == "mooncake":
-        report = fsck.check_mooncake(path, deep=deep, progress=bars)
+        report = fsck.check_mooncake(path, deep=deep, progress=bars, fs=fs)
         plan = _repair_plan(report.to_json()["problems"], quarantine)
         if repair and not dry_run:
             _announce(as_json, plan)
-            fsck.repair_mooncake(report, quarantine=quarantine)
+            with _repair_errors(path):
+                fsck.repair_mooncake(report, quarantine=quarantine, fs=fs)
     elif repair and not dry_run:
         _require_store(path, "repairing it as a kvbucket store")
-        report = fsck.check(path, progress=bars)  # --deep verifies after recovery, under the lock
+        report = fsck.check(path, progress=bars, fs=fs)  # --deep verifies after recovery, under the lock
         plan = _repair_plan(report.to_json()["problems"], quarantine)
         _announce(as_json, plan)
-        with _open_writer(path, "repair", quarantine=quarantine) as store:
-            fsck.repair(store, report, deep=deep, progress=bars)
+        with _repair_errors(path), _open_writer(path, "repair", quarantine=quarantine, filesystem=fs) as store:
+            fsck.repair(store, report, deep=deep, progress=bars, fs=fs)
     else:
-        report = fsck.check(path, deep=deep, progress=bars)
+        report = fsck.check(path, deep=deep, progress=bars, fs=fs)
         plan = _repair_plan(report.to_json()["problems"], quarantine)
     payload = {**report.to_json(), "exit_code": EXIT_OK if report.clean else EXIT_PROBLEMS}
     log.info("fsck %s: %d problem(s), %d foreign entries", path, len(payload["problems"]), len(payload["foreign"]))
@@ -409,6 +417,19 @@ def fsck_cmd(directory: str, repair: bool, deep: bool, quarantine: bool, dry_run
         payload["dry_run"] = dry_run
     _emit(as_json, payload, lambda: _fsck_text(payload))
     return int(payload["exit_code"])
+
+
+@contextlib.contextmanager
+def _repair_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` in the middle of a repair into a :class:`Failure`
+    that says what state the directory is in and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise Failure(
+            f"the repair of {path} stopped: {_os_message(exc)}. Each file it removed is gone and every other "
+            f"file is as it was; fix the cause, then run 'kvbucket fsck --repair {path}' again to finish."
+        ) from None
 
 
 def _repair_plan(problems: list[dict[str, Any]], quarantine: bool) -> dict[str, Any]:
@@ -549,20 +570,21 @@ def _stat_value(name: str, value: Any, limits_known: bool = True) -> str:
     when the store's writer recorded none (an older kvbucket)."""
     if name in ("max_total_size", "max_physical_bytes", "total_keys_limit") and value == 0:
         return "unlimited" if limits_known else "unknown"
-    if isinstance(value, int) and not isinstance(value, bool) and name.endswith("bytes"):
+    if is_int(value) and name.endswith("bytes"):
         return _size(value)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return f"{value:,}"
     return str(value)
 
 
 def _mooncake_stats(path: Path, as_json: bool) -> dict[str, Any]:
-    scan = mooncake.scan_mooncake(path, progress=_each(as_json, desc="checking buckets", unit="bucket"))
+    fs = FileSystem()
+    scan = mooncake.scan_mooncake(path, fs, progress=_each(as_json, desc="checking buckets", unit="bucket"))
     physical = 0
     for bucket in scan.buckets:
         for identity in (bucket.data, bucket.meta_file):
             with contextlib.suppress(OSError):
-                physical += os.lstat(path / identity.name).st_blocks * 512
+                physical += fs.stat(os.fspath(path / identity.name)).st_blocks * 512
     return {
         "path": os.fspath(path),
         "format": "mooncake",
@@ -736,7 +758,7 @@ def import_cmd(source: str, destination: str, from_mooncake: bool, keep_tenant: 
     src = _existing_dir(source)
     dst = Path(destination)
     log.info("importing the Mooncake directory %s into %s", src, dst)
-    if dst.exists() and os.path.samefile(src, dst):
+    if _directory_identity(src) == _directory_identity(dst):
         raise Failure("SOURCE and DESTINATION are the same directory")
     if mooncake.detect_format(src) == "kvbucket":
         raise Failure(f"{src} looks like a kvbucket store, not a Mooncake directory")
@@ -760,7 +782,7 @@ def _import_text(report: mooncake.ImportReport) -> str:
     if report.skipped_buckets:
         lines.append(f"skipped {len(report.skipped_buckets)} broken source bucket(s):")
         lines.extend(
-            f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {mooncake.PROBLEM_KINDS[f.kind]}: {f.detail}"
+            f"  bucket {f.bucket} ({', '.join(i.name for i in f.files)}): {f.kind.description}: {f.detail}"
             for f in report.skipped_buckets
         )
     if report.skipped:

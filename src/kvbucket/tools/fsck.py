@@ -8,6 +8,9 @@ Mooncake buckets the check saw. Both confirm with a fresh scan.
 
 Every function returns or fills one :class:`FsckReport`, the document that
 ``kvbucket fsck --json`` prints (the README, "Operating a store", shows one).
+Every call on the directory goes through the ``fs`` given (the real
+:class:`~kvbucket._core.fs.FileSystem` by default), so fault injection
+reaches checks and repairs alike.
 """
 
 from __future__ import annotations
@@ -25,43 +28,62 @@ from .._core.checksum import crc32c
 from .._core.format import LOCK_NAME, data_name
 from .._core.fs import FileSystem
 from .._core.index import Index, ObjectMeta
+from .._core.problems import ForeignFile, Problem, ProblemKind, entry_type
 from .._core.recovery import DirectoryScan, Finding, build_index, scan_directory
 
 if TYPE_CHECKING:
     from ..store import BucketStore
 
-__all__ = ["KV_PROBLEM_KINDS", "FsckReport", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
+__all__ = ["FsckReport", "RepairSummary", "Progress", "ProgressBar", "check", "repair", "check_mooncake", "repair_mooncake", "writer_active"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-KV_PROBLEM_KINDS: dict[str, str] = {
-    "orphan_data": "data file without meta",
-    "meta_without_data": "meta without data file",
-    "invalid_meta": "meta unreadable or invalid",
-    "short_data": "data file shorter than recorded",
-    "long_data": "data file longer than recorded",
-    "empty_bucket": "meta lists no objects",
-    "temporary": "temporary file",
-    "superseded_keys": "keys also stored by a newer bucket",
-    "corrupt_object": "object fails its checksum",
-}
-"""The problems ``fsck`` reports in a kvbucket directory (Mooncake's are
-:data:`kvbucket.mooncake.PROBLEM_KINDS`)."""
+@dataclasses.dataclass(kw_only=True)
+class RepairSummary:
+    """What a repair did; the fields of one engine only are ``None`` for the other."""
+
+    removed: list[str]
+    """Files that left the directory (deleted or quarantined)."""
+    freed_bytes: int
+    """Bytes of the deleted files (quarantined ones are not freed)."""
+    quarantined_bytes: int | None = None
+    """Bytes moved to ``quarantine/`` (Mooncake: only with quarantine)."""
+    rewritten_buckets: list[int] | None = None
+    """kvbucket: metas rewritten to finish an interrupted compaction."""
+    salvaged_buckets: list[int] | None = None
+    """kvbucket: buckets whose verified objects were kept under a rewritten meta."""
+    dropped_keys: list[str] | None = None
+    """kvbucket: keys of the broken buckets."""
+    removed_keys: list[str] | None = None
+    """kvbucket: corrupt objects removed (``--deep``)."""
+    skipped: list[tuple[str, str]] | None = None
+    """Mooncake: ``(file, reason)`` for files left in place (changed since the check)."""
+    quarantined: bool
+    remaining_problems: list[Problem]
+    """What a fresh check after the repair still finds."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: the fields that apply (``skipped`` as ``file``/``reason`` objects)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        if self.skipped is not None:
+            out["skipped"] = [{"file": name, "reason": why} for name, why in self.skipped]
+        out["remaining_problems"] = [problem.to_json() for problem in self.remaining_problems]
+        return out
 
 
 @dataclasses.dataclass(kw_only=True)
 class FsckReport:
     """What a check found and, after a repair, what the repair did.
 
-    A problem is a dict: ``kind`` (a key of :data:`KV_PROBLEM_KINDS` or of
-    Mooncake's ``PROBLEM_KINDS``), ``description``, ``bucket``, ``files``
-    (names a repair removes), ``bytes`` (their size), ``detail``; plus ``key``
-    (``corrupt_object``) or ``keys`` (``superseded_keys``); and, where the
-    meta names them, ``dropped_keys`` (the keys a repair drops) and, for a
-    short or long data file with objects that verify, ``salvaged``: True (a
-    repair keeps those objects and rewrites the meta; ``files`` is empty).
+    Each problem is a :class:`~kvbucket._core.problems.Problem` (its
+    ``to_json`` is the problem's JSON form); each foreign entry a
+    :class:`~kvbucket._core.problems.ForeignFile`.
     """
 
     path: str
@@ -80,15 +102,11 @@ class FsckReport:
     """Bytes of valid data files that no live object uses (not a problem)."""
     duplicate_keys: int | None = None
     """Mooncake only: keys stored in more than one valid bucket (not a problem)."""
-    problems: list[dict[str, Any]]
-    foreign: list[dict[str, Any]]
-    """Entries that are not the engine's, never touched: ``name``, ``bytes``, ``type``."""
-    repair: dict[str, Any] | None = None
-    """After a repair: ``removed`` (file names), ``freed_bytes`` (of deleted
-    files only), ``quarantined``, ``remaining_problems``; kvbucket adds
-    ``quarantined_bytes``, ``rewritten_buckets``, ``salvaged_buckets``,
-    ``dropped_keys`` (keys of broken buckets) and ``removed_keys`` (corrupt
-    objects), Mooncake ``skipped`` (``file``, ``reason``)."""
+    problems: list[Problem]
+    foreign: list[ForeignFile]
+    """Entries that are not the engine's, never touched."""
+    repair: RepairSummary | None = None
+    """What a repair did (``None`` before one)."""
     clean: bool = False
     """No problems; after a repair: nothing left to fix."""
     scan: mooncake.MooncakeScan | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -97,6 +115,9 @@ class FsckReport:
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-ready dict (without ``duplicate_keys`` for kvbucket)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scan"}
+        out["problems"] = [problem.to_json() for problem in self.problems]
+        out["foreign"] = [entry.to_json() for entry in self.foreign]
+        out["repair"] = None if self.repair is None else self.repair.to_json()
         if self.duplicate_keys is None:
             del out["duplicate_keys"]
         return out
@@ -152,79 +173,92 @@ def _each(progress: Progress, desc: str, unit: str) -> Callable[[Iterable[T]], I
 # ---------------------------------------------------------------------------
 
 
-def check(path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+def check(
+    path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None, fs: FileSystem | None = None
+) -> FsckReport:
     """Check the kvbucket directory ``path``; with ``deep``, also verify every
-    live object's CRC32C. Reads only: no lock is taken, nothing is written."""
+    live object's CRC32C. Reads only: no lock is taken, nothing is written.
+    An ``OSError`` of ``fs`` propagates."""
     progress = progress or _Quiet()
+    fs = fs or FileSystem()
     root = Path(path)
-    scan = scan_directory(root, progress=_each(progress, "checking buckets", "bucket"))
+    scan = scan_directory(root, fs, progress=_each(progress, "checking buckets", "bucket"))
     index = build_index(scan)
     report = FsckReport(
         path=os.fspath(root),
         format="kvbucket",
         deep=deep,
-        writer_active=writer_active(root),
+        writer_active=writer_active(root, fs),
         valid_buckets=len(scan.buckets),
         valid_objects=len(index),
         logical_bytes=index.logical_bytes,
         dead_bytes=sum(max(0, bucket.dead) for bucket in index.buckets.values()),
         problems=_scan_problems(scan),
-        foreign=_foreign_entries(root, scan.foreign),
+        foreign=_foreign_entries(fs, root, scan.foreign),
     )
     if deep:
-        report.problems += _verify(root, index, progress)
+        report.problems += _verify(fs, root, index, progress)
     report.clean = not report.problems
     return report
 
 
-def repair(store: BucketStore, report: FsckReport, *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+def repair(
+    store: BucketStore, report: FsckReport, *, deep: bool = False, progress: Progress | None = None, fs: FileSystem | None = None
+) -> FsckReport:
     """Finish repairing the directory of ``report`` (from :func:`check` without
     ``deep``), given ``store`` just opened on it as the writer: its recovery
     removed (or quarantined) the reported files. With ``deep``, verify the
     checksums now, under the lock, add the failures to the problems and
-    remove those objects. Then confirm with a fresh scan; fill
-    ``report.repair`` and ``report.clean``."""
+    remove those objects. Then confirm with a fresh scan through ``fs``;
+    fill ``report.repair`` and ``report.clean``. An ``OSError`` of ``fs``
+    propagates; one in the first verification comes before any object is
+    removed and leaves ``report`` as it was."""
     progress = progress or _Quiet()
+    fs = fs or FileSystem()
     root = Path(store.path)
     recovery = store.recovery_report
     removed_keys: list[str] = []
     if deep:
-        corrupt = _verify(root, build_index(scan_directory(root)), progress)
+        corrupt = _verify(fs, root, build_index(scan_directory(root, fs)), progress)
         report.problems += corrupt
-        removed_keys = [p["key"] for p in corrupt]
+        removed_keys = [p.key for p in corrupt if p.key is not None]
         if removed_keys:
             store.batch_remove(removed_keys)
-    after = scan_directory(root)
+    after = scan_directory(root, fs)
     after_index = build_index(after)  # also finds superseded keys
     remaining = [_finding_problem(f) for f in after.findings]
     if deep:
-        remaining += _verify(root, after_index, progress)
+        remaining += _verify(fs, root, after_index, progress)
     report.deep, report.writer_active = deep, False
-    report.repair = {
-        "removed": list(recovery.removed_files),
-        "freed_bytes": recovery.freed_bytes,
-        "quarantined_bytes": recovery.quarantined_bytes,
-        "rewritten_buckets": list(recovery.rewritten_buckets),
-        "salvaged_buckets": list(recovery.salvaged_buckets),
-        "dropped_keys": list(recovery.dropped_keys),
-        "removed_keys": removed_keys,
-        "quarantined": recovery.quarantined,
-        "remaining_problems": remaining,
-    }
+    report.repair = RepairSummary(
+        removed=list(recovery.removed_files),
+        freed_bytes=recovery.freed_bytes,
+        quarantined_bytes=recovery.quarantined_bytes,
+        rewritten_buckets=list(recovery.rewritten_buckets),
+        salvaged_buckets=list(recovery.salvaged_buckets),
+        dropped_keys=list(recovery.dropped_keys),
+        removed_keys=removed_keys,
+        quarantined=recovery.quarantined,
+        remaining_problems=remaining,
+    )
     report.clean = not remaining and not after.shadowed
     return report
 
 
-def writer_active(path: Path) -> bool | None:
+def writer_active(path: Path, fs: FileSystem | None = None) -> bool | None:
     """Whether some process holds ``flock`` on ``path/LOCK``, read from
-    ``/proc/locks`` so that checking takes no lock itself (taking even a
-    shared one could make a starting writer fail). ``None`` when unknown."""
+    ``/proc/locks`` (the kernel's table, not the store's) so that checking
+    takes no lock itself (taking even a shared one could make a starting
+    writer fail). ``None`` when unknown."""
     try:
-        st = os.stat(path / LOCK_NAME)
+        st = (fs or FileSystem()).stat(os.fspath(path / LOCK_NAME))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
         with open("/proc/locks", encoding="ascii") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
-        return False if not (path / LOCK_NAME).exists() else None
     except OSError:
         return None
     for line in lines:
@@ -246,47 +280,45 @@ def _same_dev_ino(field: str, st: os.stat_result) -> bool:
     return (major, minor, inode) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
 
 
-def _problem(kind: str, bucket: int, files: list[str], size: int, detail: str, **extra: Any) -> dict[str, Any]:
-    """One problem of a kvbucket directory (see :class:`FsckReport`)."""
-    description = KV_PROBLEM_KINDS.get(kind, kind)
-    return {"kind": kind, "description": description, "bucket": bucket, "files": files, "bytes": size, "detail": detail, **extra}
+def _finding_problem(finding: Finding) -> Problem:
+    """A recovery finding as a problem of the report."""
+    return Problem(
+        finding.kind,
+        finding.bucket_id,
+        finding.files,
+        finding.bytes,
+        finding.reason,
+        dropped_keys=finding.dropped_keys,
+        salvaged=finding.salvage is not None,
+    )
 
 
-def _finding_problem(finding: Finding) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if finding.dropped_keys:
-        extra["dropped_keys"] = list(finding.dropped_keys)
-    if finding.salvage is not None:
-        extra["salvaged"] = True
-    return _problem(finding.kind, finding.bucket_id, list(finding.files), finding.bytes, finding.reason, **extra)
-
-
-def _scan_problems(scan: DirectoryScan) -> list[dict[str, Any]]:
+def _scan_problems(scan: DirectoryScan) -> list[Problem]:
     """The scan's findings, then the keys an interrupted compaction left in two buckets."""
     problems = [_finding_problem(f) for f in scan.findings]
     for bucket_id, keys in sorted(scan.shadowed.items()):
         detail = f"{len(keys)} key(s) also in a newer bucket (an interrupted compaction); the newer copy wins"
-        problems.append(_problem("superseded_keys", bucket_id, [], 0, detail, keys=sorted(keys)))
+        problems.append(Problem(ProblemKind.SUPERSEDED_KEYS, bucket_id, (), 0, detail, keys=tuple(sorted(keys))))
     return problems
 
 
-def _foreign_entries(path: Path, names: Iterable[str]) -> list[dict[str, Any]]:
-    """Size and type of each foreign entry (lstat; it is never opened)."""
+def _foreign_entries(fs: FileSystem, path: Path, names: Iterable[str]) -> list[ForeignFile]:
+    """Size and type of each foreign entry (``stat`` of the entry itself; it is never opened)."""
     entries = []
     for name in names:
         try:
-            st = os.lstat(path / name)
+            st = fs.stat(os.fspath(path / name))
         except OSError:
             continue
-        entries.append({"name": name, "bytes": st.st_size, "type": mooncake._entry_type(st.st_mode)})
+        entries.append(ForeignFile(name, st.st_size, entry_type(st.st_mode)))
     return entries
 
 
-def _verify(path: Path, index: Index, progress: Progress) -> list[dict[str, Any]]:
+def _verify(fs: FileSystem, path: Path, index: Index, progress: Progress) -> list[Problem]:
     """A ``corrupt_object`` problem for every live object whose CRC32C does not
-    match its meta; reads only."""
-    fs = FileSystem()
-    corrupt: list[dict[str, Any]] = []
+    match its meta; reads only. A read that fails with an ``OSError`` is no
+    evidence of corruption: the error propagates."""
+    corrupt: list[Problem] = []
     with progress(desc="verifying checksums", total=index.logical_bytes, unit="B", unit_scale=True) as bar:
         for bucket_id, bucket in index.buckets.items():
             corrupt += _verify_bucket(fs, path, bucket_id, index.records(bucket), bar)
@@ -295,7 +327,8 @@ def _verify(path: Path, index: Index, progress: Progress) -> list[dict[str, Any]
 
 def _verify_bucket(
     fs: FileSystem, path: Path, bucket_id: int, records: list[tuple[str, ObjectMeta]], bar: ProgressBar
-) -> list[dict[str, Any]]:
+) -> list[Problem]:
+    """The ``corrupt_object`` problems of one bucket's ``records``."""
     try:
         fd = fs.open(os.fspath(path / data_name(bucket_id)), os.O_RDONLY)
     except FileNotFoundError:  # deleted by a live writer since the scan
@@ -309,7 +342,8 @@ def _verify_bucket(
             got = fs.read_into(fd, view, meta.offset)
             if got != meta.size or crc32c(view) != meta.checksum:
                 detail = "checksum mismatch" if got == meta.size else f"only {got} of {meta.size} bytes readable"
-                corrupt.append(_problem("corrupt_object", bucket_id, [data_name(bucket_id)], meta.size, f"{detail} (offset {meta.offset})", key=key))
+                where = f"{detail} (offset {meta.offset})"
+                corrupt.append(Problem(ProblemKind.CORRUPT_OBJECT, bucket_id, (data_name(bucket_id),), meta.size, where, key=key))
             bar.update(meta.size)
     finally:
         fs.close(fd)
@@ -321,11 +355,13 @@ def _verify_bucket(
 # ---------------------------------------------------------------------------
 
 
-def check_mooncake(path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None) -> FsckReport:
+def check_mooncake(
+    path: str | os.PathLike[str], *, deep: bool = False, progress: Progress | None = None, fs: FileSystem | None = None
+) -> FsckReport:
     """Check the Mooncake directory ``path`` (:func:`kvbucket.mooncake.scan_mooncake`
     always compares the stored keys; ``deep`` is only recorded). Reads only."""
     root = Path(path)
-    scan = mooncake.scan_mooncake(root, progress=_each(progress or _Quiet(), "checking buckets", "bucket"))
+    scan = mooncake.scan_mooncake(root, fs, progress=_each(progress or _Quiet(), "checking buckets", "bucket"))
     return FsckReport(
         path=os.fspath(root),
         format="mooncake",
@@ -336,23 +372,31 @@ def check_mooncake(path: str | os.PathLike[str], *, deep: bool = False, progress
         logical_bytes=scan.logical_bytes,
         dead_bytes=scan.dead_bytes,
         duplicate_keys=scan.duplicate_keys,
-        problems=[f.to_json() for f in scan.findings],
-        foreign=[f.to_json() for f in scan.foreign],
+        problems=[f.problem() for f in scan.findings],
+        foreign=list(scan.foreign),
         clean=not scan.findings,
         scan=scan,
     )
 
 
-def repair_mooncake(report: FsckReport, *, quarantine: bool = False) -> FsckReport:
+def repair_mooncake(report: FsckReport, *, quarantine: bool = False, fs: FileSystem | None = None) -> FsckReport:
     """Remove (or quarantine) the files of the broken buckets that ``report``
     (from :func:`check_mooncake`) lists, if unchanged since; confirm with a
-    fresh scan; fill ``report.repair`` and ``report.clean``."""
+    fresh scan; fill ``report.repair`` and ``report.clean``. An ``OSError``
+    of ``fs`` propagates with ``report`` unchanged; the files removed until
+    then stay removed, the others stay where they were, so a new check and
+    repair finish the job."""
     if report.scan is None:
         raise ValueError("repair_mooncake needs a report from check_mooncake")
-    result = mooncake.repair_mooncake(report.scan, quarantine=quarantine)
-    after = mooncake.scan_mooncake(report.path)
-    report.repair = {**result.to_json(), "quarantined": quarantine, "remaining_problems": [f.to_json() for f in after.findings]}
-    if quarantine:  # moved, not freed
-        report.repair["quarantined_bytes"], report.repair["freed_bytes"] = report.repair["freed_bytes"], 0
+    result = mooncake.repair_mooncake(report.scan, fs, quarantine=quarantine)
+    after = mooncake.scan_mooncake(report.path, fs)
+    report.repair = RepairSummary(
+        removed=result.removed,
+        freed_bytes=0 if quarantine else result.freed_bytes,  # quarantined files are moved, not freed
+        quarantined_bytes=result.freed_bytes if quarantine else None,
+        skipped=result.skipped,
+        quarantined=quarantine,
+        remaining_problems=[f.problem() for f in after.findings],
+    )
     report.clean = result.complete and not after.findings
     return report
