@@ -209,3 +209,17 @@ def test_every_method_that_needs_a_lock_says_which(module: str) -> None:
             doc = ast.get_docstring(node) or ""
             assert "Requires:" in doc, f"{module}: {node.name} has no Requires: line"
             assert "held" in doc.split("Requires:")[1], f"{module}: {node.name} does not say which lock is held"
+
+
+def test_store_arguments_are_checked_by_the_shared_checker(tmp_path: Path) -> None:
+    """Whole numbers and numbers given to the store's methods get the one wording of
+    :mod:`kvbucket._core.arguments` (a bool is not a number)."""
+    with BucketStore.open(tmp_path / "store") as store:
+        with pytest.raises(InvalidArgument, match=r"^batch_size must be a whole number >= 1; got True$"):
+            list(store.scan_meta(True))
+        with pytest.raises(InvalidArgument, match=r"^size of key 'k' must be a whole number >= 0; got -1$"):
+            store.group_batch({"k": -1})
+        with pytest.raises(InvalidArgument, match=r"^min_dead_ratio must be a number from 0 to 1; got 2$"):
+            store.compact(2)
+        with pytest.raises(InvalidArgument, match=r"^lease_s \(seconds\) must be a number >= 0; got inf$"):
+            store.lookup(["k"], lease_s=float("inf"))

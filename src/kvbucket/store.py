@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._core.arguments import check_lookup_key, key_list, key_mapping, key_value_pairs, lookup_keys
+from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, key_value_pairs, lookup_keys
 from ._core.bucket_files import BucketFiles
 from ._core.buffers import Buffer, value_views, writable_views
 from ._core.catalog import Catalog
@@ -431,8 +431,7 @@ class BucketStore:
     def scan_meta(self, batch_size: int = 20000) -> Iterator[list[tuple[str, ObjectMeta]]]:
         """Pages of ``(key, meta)`` in bucket order; a page never splits a bucket
         unless that bucket alone has more than ``batch_size`` objects."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidArgument(f"batch_size must be a positive integer; got {batch_size!r}")
+        check_int(batch_size, "batch_size", minimum=1)
         yield from _pages(map(self._catalog.records, self.bucket_ids()), batch_size)
 
     def bucket_ids(self) -> list[int]:
@@ -520,8 +519,7 @@ class BucketStore:
         bucket is committed (recovery drops the older copies if a crash
         comes in between).
         """
-        if isinstance(min_dead_ratio, bool) or not isinstance(min_dead_ratio, (int, float)) or not 0 <= min_dead_ratio <= 1:
-            raise InvalidArgument(f"min_dead_ratio must be in [0, 1]; got {min_dead_ratio!r}")
+        min_dead_ratio = check_number(min_dead_ratio, "min_dead_ratio", 0.0, 1.0)
         with self._writer:
             self._begin_mutation()
             candidates = [b for b in self._catalog.buckets() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
@@ -670,12 +668,7 @@ def _check_bucket_limits(batch: list[_Object], config: BucketConfig) -> None:
 def _lease_seconds(lease_s: float | None, config: BucketConfig) -> float:
     """The lease a lookup grants: ``lease_s``, checked, or the configured
     default; 0 in a readonly store (it never evicts)."""
-    if lease_s is None:
-        seconds = config.lookup_lease_s
-    elif isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 <= lease_s < float("inf"):
-        raise InvalidArgument(f"lease_s must be a finite number of seconds >= 0; got {lease_s!r}")
-    else:
-        seconds = float(lease_s)
+    seconds = config.lookup_lease_s if lease_s is None else check_number(lease_s, "lease_s (seconds)")
     return 0.0 if config.readonly else seconds
 
 
@@ -734,8 +727,7 @@ def _checked_sizes(sizes: Mapping[str, int], method: str) -> Mapping[str, int]:
     """``{key: size}`` given to ``method``, checked: valid keys, sizes non-negative integers."""
     sizes = key_mapping(sizes, method)
     for key, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidArgument(f"size of key {key!r} must be a non-negative integer; got {size!r}")
+        check_int(size, f"size of key {key!r}")
     return sizes
 
 
