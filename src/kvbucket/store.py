@@ -44,7 +44,7 @@ from ._core.buffers import Buffer, value_views, writable_views
 from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
 from ._core.counters import CounterSnapshot
-from ._core.eviction import Eviction, EvictionListener
+from ._core.eviction import Eviction
 from ._core.format import (
     ALIGNMENT,
     HEADER_SIZE,
@@ -56,6 +56,7 @@ from ._core.format import (
 )
 from ._core.fs import FileSystem, run_io, stat_directory
 from ._core.index import Bucket, ObjectMeta
+from ._core.interfaces import EvictionListener
 from ._core.lease import Clock
 from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath

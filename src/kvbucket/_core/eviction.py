@@ -26,18 +26,15 @@ from ..errors import CapacityExceeded
 from .catalog import Catalog
 from .evictor import BackgroundEvictor
 from .index import Bucket
+from .interfaces import EvictionListener
 from .space import Limits, Space, Usage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKGROUND_EVICTION_BATCH", "EvictionListener", "Eviction"]
+__all__ = ["BACKGROUND_EVICTION_BATCH", "Eviction"]
 
 BACKGROUND_EVICTION_BATCH = 8
 """Most buckets one background eviction pass deletes while holding the writer lock."""
-
-EvictionListener = Callable[[list[str]], object]
-"""Told the keys of evicted buckets (an ``on_evict`` argument, or a listener)."""
-
 
 class Eviction:
     """The evictions of one writer store.

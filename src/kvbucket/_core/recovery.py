@@ -33,7 +33,6 @@ from .format import (
     QUARANTINE_DIR,
     BucketMeta,
     FileKind,
-    MetaRecord,
     check_meta_length,
     data_name,
     decode_meta,
@@ -44,7 +43,7 @@ from .format import (
     tmp_name,
 )
 from .fs import FileSystem
-from .index import Bucket, Index
+from .index import Bucket, Index, rebuilt_meta
 from .lockfile import StoreLock
 from .problems import ProblemKind
 from .quarantine import move_to_quarantine, quarantine_folder
@@ -451,8 +450,7 @@ def _drop_shadowed(
         report.dropped_buckets.append((bucket_id, reason))
         log.warning("recovery removed bucket %d: %s", bucket_id, reason)
         return
-    rows = (MetaRecord(key, meta.offset, meta.size, meta.checksum) for key, meta in index.records(bucket))
-    meta_physical = publish_meta(fs, directory, BucketMeta(bucket_id, bucket.data_length, bucket.aligned, rows), durable=durable)
+    meta_physical = publish_meta(fs, directory, rebuilt_meta(bucket, index.records(bucket)), durable=durable)
     index.set_physical(bucket, _data_physical(fs, directory, bucket_id) + meta_physical)
     report.rewritten_buckets.append(bucket_id)
     log.warning("recovery rewrote the meta of bucket %d without %d superseded keys", bucket_id, superseded)
