@@ -1,6 +1,6 @@
 """BucketStore: the public face of kvbucket.
 
-A store composes four components, each owning its state and its lock:
+A store composes five components, each owning its state and its lock:
 
 * the catalog (:mod:`kvbucket._core.catalog`): the index, leases, the access
   clock, the policy's state, the counters, under the *index lock*, held only
@@ -10,7 +10,10 @@ A store composes four components, each owning its state and its lock:
 * the space account (:mod:`kvbucket._core.space`): limits and the usage the
   index does not hold, under its own lock;
 * eviction (:mod:`kvbucket._core.eviction`): victims from the policy
-  (:mod:`kvbucket.policy.eviction`), two-phase eviction, the background evictor.
+  (:mod:`kvbucket.policy.eviction`), two-phase eviction, the background evictor;
+* the bucket files (:mod:`kvbucket._core.bucket_files`): id allocation and
+  writing, rewriting and deleting a bucket's files through the commit
+  protocol, under ``_writer``.
 
 Lock order: ``_writer``, then the index lock, then the read path's lock,
 then the space account's lock. ``_writer`` serialises everything that
