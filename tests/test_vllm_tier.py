@@ -493,6 +493,33 @@ def test_background_eviction_produces_removed_events(tmp_path: Path, memory: np.
         tier.shutdown()
 
 
+def test_replaying_the_events_gives_exactly_the_chunks_the_store_holds(tmp_path: Path, memory: np.ndarray) -> None:
+    """Two writer threads and the background evictor at once: per chunk, stored
+    and removed alternate, starting with stored, and end where the store is."""
+    tier = events_tier(
+        tmp_path, memory, max_total_size=6 * CHUNK_BYTES, n_write_threads=2, background_eviction=True,
+        eviction_high_watermark=0.8, eviction_low_watermark=0.5,
+    )  # fmt: skip
+    try:
+        fill_random(memory, range(0, NUM_CHUNKS), seed=15)
+        for job in range(NUM_CHUNKS // 2):
+            tier.submit_store(vs.make_job(job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+        assert all(r.success for r in vs.drain(tier))
+        assert tier.store.wait_for_eviction(timeout=60)
+        history: dict[bytes, list[str]] = {}
+        for kind, blocks in summary(tier.take_events()):
+            for block in blocks:
+                history.setdefault(block, []).append(kind)
+        assert set(history) == set(hashes(*range(NUM_CHUNKS)))
+        for kinds in history.values():
+            assert kinds == ["stored", "removed"] * (len(kinds) // 2) + ["stored"] * (len(kinds) % 2)
+        held = {block for block, kinds in history.items() if kinds[-1] == "stored"}
+        assert held == {block for block in history if tier.store.exists((block + bytes(4)).hex())}
+        assert tier.store.stats().evicted_keys > 0
+    finally:
+        tier.shutdown()
+
+
 def test_the_locality_setting_tags_the_events(tmp_path: Path, memory: np.ndarray) -> None:
     tier = events_tier(tmp_path, memory, locality="REMOTE")
     try:

@@ -227,7 +227,8 @@ class _KvEvents:
         """Keys of the events dropped because vLLM did not take them in time."""
 
     def stored(self, names: list[str], metas: Sequence[object]) -> None:
-        """Record the store keys of a committed bucket (``batch_offload``'s ``on_complete``).
+        """Record the store keys of a committed bucket (``batch_offload``'s
+        ``on_complete``; the objects' ``metas`` are not needed).
 
         Never raises: an exception here would roll back a durable bucket.
         """
@@ -253,8 +254,8 @@ class _KvEvents:
                 dropped += self._events.popleft()[1]
             self._keys -= dropped
             self.dropped_keys += dropped
-            warn = dropped and not self._dropping
-            self._dropping = self._dropping or bool(dropped)
+            warn = dropped > 0 and not self._dropping
+            self._dropping = self._dropping or dropped > 0
         if warn:
             log.warning(
                 "kvbucket tier: vLLM is not taking KV events; dropping the oldest to hold at most "
@@ -532,8 +533,7 @@ class KvBucketTierManager(_Base):
         if not fields >= _EVENT_FIELDS or medium is None:
             log.warning("kvbucket tier %r: this vLLM has no OffloadingEvent with keys, medium and removed; the tier emits no events", tier_type)
             return None
-        tags = {"medium": medium, "locality": self.locality}
-        tags = {name: value for name, value in tags.items() if name in fields}
+        tags = {name: value for name, value in (("medium", medium), ("locality", self.locality)) if name in fields}
 
         def make_event(keys: list[bytes], removed: bool) -> Any:
             return event_class(keys=keys, removed=removed, **tags)
