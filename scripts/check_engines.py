@@ -3,7 +3,8 @@
 Run by ``scripts/check_engines.sh`` inside a venv holding pinned sglang,
 lmcache and vllm (installed ``--no-deps``) and CPU torch. For each engine it
 loads the adapter the way the engine does, writes pages from CPU tensors,
-closes, re-opens on the same directory and loads them back, comparing bytes.
+closes, re-opens on the same directory and loads them back, comparing bytes;
+for vLLM it also checks the tier's KV events against vLLM's event classes.
 Prints one line per step and a summary; exits non-zero if any engine failed.
 """
 
@@ -224,7 +225,48 @@ def check_vllm(root: Path) -> str:
     step("vllm", "submit_load + drain_jobs", [r.success for r in loaded] == [True], repr(loaded))
     step("vllm", "loaded chunks byte-exact", torch.equal(memory[4:8], expected))
     tier.shutdown()
-    return f"4 chunks of {chunk_bytes} B"
+    events = check_vllm_events(tier_cls, root / "events")
+    return f"4 chunks of {chunk_bytes} B, {events}"
+
+
+def check_vllm_events(tier_cls: Any, root: Path) -> str:
+    """KV events: the names the tier fills exist in vLLM, and a stored-then-evicted chunk is announced both ways."""
+    import dataclasses
+    from unittest.mock import MagicMock
+
+    import numpy as np
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.kv_offload.base import Locality, Medium, OffloadingEvent, ReqContext, get_offload_block_hash, make_offload_key
+    from vllm.v1.kv_offload.tiering.base import TransferJob
+
+    fields = {field.name for field in dataclasses.fields(OffloadingEvent)}
+    step("vllm", "OffloadingEvent has keys, medium, removed, locality", {"keys", "medium", "removed", "locality"} <= fields, str(sorted(fields)))
+    step("vllm", "Medium.STORAGE and Locality.LOCAL exist", (Medium.STORAGE.value, Locality.LOCAL.value) == ("STORAGE", "LOCAL"))
+    published = {cls.__name__: set(cls.__struct_fields__) for cls in (BlockStored, BlockRemoved)}
+    step("vllm", "BlockStored/BlockRemoved carry block_hashes and medium", all({"block_hashes", "medium"} <= f for f in published.values()))
+
+    chunk_bytes = 64 * 1024
+    memory = torch.randint(0, 255, (6, chunk_bytes), dtype=torch.uint8)
+    spec = MagicMock()
+    spec.vllm_config.parallel_config.rank = 0
+    spec.kv_events_config.enable_kv_cache_events = True  # vLLM's global switch (--kv-events-config)
+    tier = tier_cls(spec, memoryview(memory.numpy()), "kvbucket", root_dir=str(root), enable_kv_events=True,
+                    max_total_size=4 * chunk_bytes, bucket_keys_limit=2, eviction_policy="fifo", background_eviction=False)
+    ctx = ReqContext(req_id="events")
+    keys = [make_offload_key(i.to_bytes(8, "big"), 0) for i in range(6)]
+    for job in range(3):  # the tier holds 4 chunks: the third job's bucket evicts the first one's
+        tier.submit_store(TransferJob(10 + job, keys[2 * job : 2 * job + 2], np.arange(2 * job, 2 * job + 2), False, ctx))
+        tier.drain_jobs()
+        step("vllm", f"store job {10 + job}", [r.success for r in tier.get_finished_jobs()] == [True])
+    events = list(tier.take_events())
+    tier.shutdown()
+    seen = [("removed" if e.removed else "stored", [get_offload_block_hash(k) for k in e.keys]) for e in events]
+    hashes = [k[:-4] for k in keys]
+    expected = [("stored", hashes[0:2]), ("stored", hashes[2:4]), ("removed", hashes[0:2]), ("stored", hashes[4:6])]
+    step("vllm", "take_events: stored, stored, removed (the evicted bucket), stored", seen == expected, repr(seen))
+    tagged = all(isinstance(e, OffloadingEvent) and e.medium is Medium.STORAGE and e.locality is Locality.LOCAL for e in events)
+    step("vllm", "vLLM OffloadingEvents tagged Medium.STORAGE, Locality.LOCAL", tagged)
+    return f"{len(events)} KV events"
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from kvbucket import BucketStore
 from kvbucket.errors import InvalidArgument
 from standins import vllm_standin as vs
 from standins.modules import imported_without
+from storeutil import fail_next_writes
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16
@@ -33,10 +34,12 @@ with vs.installed() as tier_module:  # the tier module built on the stand-ins of
     TierClass = tier_module.KvBucketTierManager
 
 
-def make_tier(root: Path, memory: np.ndarray, *, rank: int = 0, cls: type = TierClass, **options: Any) -> Any:
+def make_tier(
+    root: Path, memory: np.ndarray, *, rank: int = 0, cls: type = TierClass, kv_cache_events: bool = False, **options: Any
+) -> Any:
     options.setdefault("durability", "relaxed")
     return cls(
-        offloading_spec=vs.make_spec(rank=rank),
+        offloading_spec=vs.make_spec(rank=rank, kv_cache_events=kv_cache_events),
         primary_kv_view=memoryview(memory),
         tier_type="kvbucket",
         root_dir=str(root),
@@ -250,7 +253,15 @@ def test_unknown_config_key_is_refused(tmp_path: Path, memory: np.ndarray) -> No
 
 @pytest.mark.parametrize(
     "bad",
-    [{"n_write_threads": 0}, {"n_read_threads": "four"}, {"max_staged_bytes": "lots"}, {"bucket_keys_limit": 0}, {"rank": -1}],
+    [
+        {"n_write_threads": 0},
+        {"n_read_threads": "four"},
+        {"max_staged_bytes": "lots"},
+        {"bucket_keys_limit": 0},
+        {"rank": -1},
+        {"locality": "nearby"},
+        {"max_kv_event_keys": 0},
+    ],
 )
 def test_bad_tier_options_leave_no_locked_store(tmp_path: Path, memory: np.ndarray, bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
@@ -396,6 +407,186 @@ def test_watermark_settings_map_onto_the_store(tmp_path: Path, memory: np.ndarra
         config = tier.store.config
         assert (config.eviction_high_watermark, config.eviction_low_watermark, config.lookup_lease_s) == (0.75, 0.5, 1.5)
         assert config.background_eviction is True
+    finally:
+        tier.shutdown()
+
+
+# -- KV events -------------------------------------------------------------------------
+def events_tier(root: Path, memory: np.ndarray, **options: Any) -> Any:
+    """A tier publishing KV events (tier setting and vLLM's global switch on), evicting
+    whole 2-chunk buckets oldest first, only in the foreground unless asked."""
+    options = {"bucket_keys_limit": 2, "eviction_policy": "fifo", "background_eviction": False, "n_write_threads": 1, **options}
+    return make_tier(root, memory, kv_cache_events=True, enable_kv_events=True, **options)
+
+
+def summary(events: Any) -> list[tuple[str, list[bytes]]]:
+    """``("stored" | "removed", block hashes)`` per event, as vLLM's connector publishes them."""
+    return [("removed" if e.removed else "stored", [vs.get_offload_block_hash(k) for k in e.keys]) for e in events]
+
+
+def hashes(*blocks: int) -> list[bytes]:
+    """The block hashes of ``vs.key(n)`` (the OffloadKey without its group index)."""
+    return [n.to_bytes(8, "big") for n in blocks]
+
+
+def test_a_stored_then_evicted_block_produces_both_events_in_order(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = events_tier(tmp_path, memory, max_total_size=4 * CHUNK_BYTES)
+    try:
+        fill_random(memory, range(0, 6), seed=12)
+        assert all(r.success for r in store_keys(tier, 1, [vs.key(0), vs.key(1)], [0, 1]))
+        events = list(tier.take_events())
+        assert summary(events) == [("stored", hashes(0, 1))]
+        assert all(isinstance(e, vs.OffloadingEvent) for e in events)
+        assert [(e.keys, e.medium, e.locality) for e in events] == [([vs.key(0), vs.key(1)], vs.Medium.STORAGE, vs.Locality.LOCAL)]
+        assert list(tier.take_events()) == []  # taken once
+
+        # The tier holds 4 chunks: the third job's bucket evicts the first one's.
+        assert all(r.success for r in store_keys(tier, 2, [vs.key(2), vs.key(3)], [2, 3]))
+        assert all(r.success for r in store_keys(tier, 3, [vs.key(4), vs.key(5)], [4, 5]))
+        assert summary(tier.take_events()) == [("stored", hashes(2, 3)), ("removed", hashes(0, 1)), ("stored", hashes(4, 5))]
+        assert tier.lookup(vs.key(0), vs.CTX) is vs.LookupResult.MISS
+
+        # Storing chunks the tier holds writes nothing and announces nothing.
+        assert all(r.success for r in store_keys(tier, 4, [vs.key(4), vs.key(5)], [4, 5]))
+        assert list(tier.take_events()) == []
+    finally:
+        tier.shutdown()
+
+
+def test_a_stored_event_comes_when_the_chunks_are_durable_not_when_staged(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = events_tier(tmp_path, memory, group_max_delay_s=0.0)  # a partial bucket waits for drain_jobs
+    try:
+        tier.submit_store(vs.make_job(1, [vs.key(1)], [0]))
+        assert tier.lookup(vs.key(1), vs.CTX) is vs.LookupResult.RETRY  # staged, not yet written
+        assert list(tier.take_events()) == []
+        assert [r.success for r in vs.drain(tier)] == [True]
+        assert summary(tier.take_events()) == [("stored", hashes(1))]
+    finally:
+        tier.shutdown()
+
+
+def test_chunks_that_fail_to_store_produce_no_event(tmp_path: Path, memory: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = events_tier(tmp_path, memory, max_staged_bytes=2 * CHUNK_BYTES, group_max_delay_s=0.0)
+    try:
+        fail_next_writes(monkeypatch, 1)
+        assert [r.success for r in store_keys(tier, 1, [vs.key(1), vs.key(2)], [0, 1])] == [False]
+        tier.submit_store(vs.make_job(2, [vs.key(3), vs.key(4)], [2, 3]))  # fills the staging limit
+        tier.submit_store(vs.make_job(3, [vs.key(5)], [4]))  # rejected: no room
+        assert sorted((r.job_id, r.success) for r in vs.drain(tier)) == [(2, True), (3, False)]
+        assert summary(tier.take_events()) == [("stored", hashes(3, 4))]
+    finally:
+        tier.shutdown()
+
+
+def test_background_eviction_produces_removed_events(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = events_tier(
+        tmp_path, memory, max_total_size=4 * CHUNK_BYTES, background_eviction=True, eviction_high_watermark=0.9, eviction_low_watermark=0.5
+    )
+    try:
+        fill_random(memory, range(0, 4), seed=13)
+        for job in range(2):  # 4 chunks: at the limit, above the high watermark, nothing evicted in the foreground
+            assert all(r.success for r in store_keys(tier, job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+        assert tier.store.wait_for_eviction(timeout=60)
+        assert summary(tier.take_events()) == [("stored", hashes(0, 1)), ("stored", hashes(2, 3)), ("removed", hashes(0, 1))]
+        assert [tier.lookup(vs.key(n), vs.CTX) for n in (0, 2)] == [vs.LookupResult.MISS, vs.LookupResult.HIT]
+    finally:
+        tier.shutdown()
+
+
+def test_replaying_the_events_gives_exactly_the_chunks_the_store_holds(tmp_path: Path, memory: np.ndarray) -> None:
+    """Two writer threads and the background evictor at once: per chunk, stored
+    and removed alternate, starting with stored, and end where the store is."""
+    tier = events_tier(
+        tmp_path, memory, max_total_size=6 * CHUNK_BYTES, n_write_threads=2, background_eviction=True,
+        eviction_high_watermark=0.8, eviction_low_watermark=0.5,
+    )  # fmt: skip
+    try:
+        fill_random(memory, range(0, NUM_CHUNKS), seed=15)
+        for job in range(NUM_CHUNKS // 2):
+            tier.submit_store(vs.make_job(job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+        assert all(r.success for r in vs.drain(tier))
+        assert tier.store.wait_for_eviction(timeout=60)
+        history: dict[bytes, list[str]] = {}
+        for kind, blocks in summary(tier.take_events()):
+            for block in blocks:
+                history.setdefault(block, []).append(kind)
+        assert set(history) == set(hashes(*range(NUM_CHUNKS)))
+        for kinds in history.values():
+            assert kinds == ["stored", "removed"] * (len(kinds) // 2) + ["stored"] * (len(kinds) % 2)
+        held = {block for block, kinds in history.items() if kinds[-1] == "stored"}
+        assert held == {block for block in history if tier.store.exists((block + bytes(4)).hex())}
+        assert tier.store.stats().evicted_keys > 0
+    finally:
+        tier.shutdown()
+
+
+def test_the_locality_setting_tags_the_events(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = events_tier(tmp_path, memory, locality="REMOTE")
+    try:
+        assert tier.locality is vs.Locality.REMOTE
+        assert all(r.success for r in store_keys(tier, 1, [vs.key(1)], [0]))
+        assert [(e.medium, e.locality) for e in tier.take_events()] == [(vs.Medium.STORAGE, vs.Locality.REMOTE)]
+    finally:
+        tier.shutdown()
+
+
+@pytest.mark.parametrize(
+    "tier_setting, vllm_switch, warning",
+    [(False, True, None), (True, False, "KV cache events are off"), (False, False, None)],
+)
+def test_without_both_switches_no_event_is_buffered(
+    tmp_path: Path, memory: np.ndarray, caplog: pytest.LogCaptureFixture, tier_setting: bool, vllm_switch: bool, warning: str | None
+) -> None:
+    tier = make_tier(
+        tmp_path, memory, kv_cache_events=vllm_switch, enable_kv_events=tier_setting,
+        max_total_size=2 * CHUNK_BYTES, bucket_keys_limit=2, eviction_policy="fifo", background_eviction=False,
+    )  # fmt: skip
+    try:
+        for job in range(2):  # the second job evicts the first
+            assert all(r.success for r in store_keys(tier, job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+        assert tier.store.stats().evicted_keys == 2
+        assert tier._events is None  # no buffer, no commit reporter, no eviction listener
+        assert list(tier.take_events()) == []
+        warned = [r.message for r in caplog.records if "enable_kv_events is set" in r.message]
+        assert len(warned) == (warning is not None) and all(warning in message for message in warned)
+    finally:
+        tier.shutdown()
+
+
+def test_the_event_buffer_is_bounded_and_counts_what_it_drops(tmp_path: Path, memory: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    tier = events_tier(tmp_path, memory, max_kv_event_keys=3)
+    try:
+        fill_random(memory, range(0, 6), seed=14)
+        for job in range(3):  # 6 keys in 3 events, nobody takes them: the oldest two events go
+            assert all(r.success for r in store_keys(tier, job, [vs.key(2 * job), vs.key(2 * job + 1)], [2 * job, 2 * job + 1]))
+        assert tier.kv_event_keys_dropped == 4
+        assert len([r for r in caplog.records if "not taking KV events" in r.message]) == 1  # warned once per run of drops
+        assert summary(tier.take_events()) == [("stored", hashes(4, 5))]
+        assert tier.get_stats().data["data"]["vllm:kvbucket_kv_event_keys_dropped"][()] == 4
+        assert "vllm:kvbucket_kv_event_keys_dropped" in TierClass.build_metric_definitions({})
+    finally:
+        tier.shutdown()
+
+
+def test_the_newest_event_is_kept_even_when_larger_than_the_bound(tmp_path: Path, memory: np.ndarray) -> None:
+    tier = events_tier(tmp_path, memory, max_kv_event_keys=1)
+    try:
+        assert all(r.success for r in store_keys(tier, 1, [vs.key(1), vs.key(2)], [0, 1]))
+        assert summary(tier.take_events()) == [("stored", hashes(1, 2))]
+        assert tier.kv_event_keys_dropped == 0
+    finally:
+        tier.shutdown()
+
+
+def test_without_vllm_there_are_no_events(tmp_path: Path, memory: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    with imported_without("vllm", vs.MODULE) as bare_module:  # on kvbucket's own stand-ins
+        bare = bare_module.KvBucketTierManager
+    tier = make_tier(tmp_path, memory, cls=bare, kv_cache_events=True, enable_kv_events=True)
+    try:
+        assert tier.locality == "LOCAL"
+        assert all(r.success for r in store_keys(tier, 1, [vs.key(1)], [0]))
+        assert list(tier.take_events()) == []
+        assert any("no OffloadingEvent" in r.message for r in caplog.records)
     finally:
         tier.shutdown()
 

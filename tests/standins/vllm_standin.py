@@ -37,6 +37,11 @@ def make_offload_key(block_hash: bytes, group_idx: int) -> OffloadKey:
     return block_hash + group_idx.to_bytes(4, "big", signed=False)
 
 
+def get_offload_block_hash(key: OffloadKey) -> bytes:
+    """The block hash of an OffloadKey (what vLLM's connector publishes in BlockStored/BlockRemoved)."""
+    return key[:-4]
+
+
 class LookupResult(enum.Enum):
     HIT = 1
     HIT_PENDING = 2
@@ -48,6 +53,21 @@ class Medium(enum.Enum):
     GPU = "GPU"
     CPU = "CPU"
     STORAGE = "STORAGE"
+
+
+class Locality(enum.Enum):
+    LOCAL = "LOCAL"
+    REMOTE = "REMOTE"
+
+
+@dataclass
+class OffloadingEvent:
+    """Blocks stored to (``removed=False``) or removed from a tier."""
+
+    keys: list[OffloadKey]
+    medium: Medium
+    removed: bool
+    locality: Locality | None = None
 
 
 @dataclass
@@ -115,7 +135,7 @@ class SecondaryTierManager(ABC):
     def has_pending_work(self) -> bool:
         return False
 
-    def take_events(self) -> Iterable[Any]:
+    def take_events(self) -> Iterable[OffloadingEvent]:
         return ()
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -167,7 +187,8 @@ def installed() -> Iterator[types.ModuleType]:
         f"{offload}.base",
         LookupResult=LookupResult, Medium=Medium, ReqContext=ReqContext, RequestOffloadingContext=RequestOffloadingContext,
         OffloadingCounterMetadata=OffloadingCounterMetadata, OffloadingGaugeMetadata=OffloadingGaugeMetadata,
-        make_offload_key=make_offload_key,
+        make_offload_key=make_offload_key, get_offload_block_hash=get_offload_block_hash,
+        Locality=Locality, OffloadingEvent=OffloadingEvent,
     )
     tiering = module(f"{offload}.tiering.base", SecondaryTierManager=SecondaryTierManager, JobResult=JobResult, TransferJob=TransferJob)
     parents = ["vllm", "vllm.v1", offload, f"{offload}.tiering", *(metrics.rsplit(".", n)[0] for n in range(4, 0, -1)), metrics]
@@ -181,15 +202,19 @@ def installed() -> Iterator[types.ModuleType]:
 CTX = ReqContext(req_id="test")
 
 
-def make_spec(*, rank: int = 0, tp_size: int = 1, model: str = "test-model", dtype: str = "float32") -> SimpleNamespace:
-    """An offloading spec with the fields a tier reads (``config.parallel.rank``, ...)."""
+def make_spec(
+    *, rank: int = 0, tp_size: int = 1, model: str = "test-model", dtype: str = "float32", kv_cache_events: bool = False
+) -> SimpleNamespace:
+    """An offloading spec with the fields a tier reads (``config.parallel.rank``, ...,
+    ``kv_events_config.enable_kv_cache_events``: vLLM's KV cache events on or off)."""
     parallel = SimpleNamespace(rank=rank, world_size=tp_size, tp_size=tp_size, pp_size=1, pcp_size=1, dcp_size=1)
     config = SimpleNamespace(
         model=SimpleNamespace(name=model, dtype=dtype),
         cache=SimpleNamespace(tokens_per_hash=16, blocks_per_chunk=1),
         parallel=parallel,
     )
-    return SimpleNamespace(config=config, blocks_per_chunk=1)
+    kv_events_config = SimpleNamespace(enable_kv_cache_events=kv_cache_events)
+    return SimpleNamespace(config=config, blocks_per_chunk=1, kv_events_config=kv_events_config)
 
 
 def primary_memory(num_chunks: int, chunk_bytes: int) -> np.ndarray:

@@ -87,13 +87,16 @@ VLLM = SimpleNamespace(
     LookupResult=LookupResult,
     RequestOffloadingContext=RequestOffloadingContext,
     Medium=None,
+    Locality=None,
+    OffloadingEvent=None,
     Stats=None,
     CounterMetadata=None,
     GaugeMetadata=None,
 )
 """The vLLM names :mod:`kvbucket.integrations.vllm` builds on; without vLLM
-there is no storage medium and no vLLM metrics (``Medium``, ``Stats``,
-``CounterMetadata``, ``GaugeMetadata`` are None)."""
+there is no storage medium, no vLLM metrics and no KV events (``Medium``,
+``Locality``, ``OffloadingEvent``, ``Stats``, ``CounterMetadata``,
+``GaugeMetadata`` are None)."""
 
 
 # -- LMCache (lmcache.v1.distributed) -----------------------------------------------

@@ -24,10 +24,16 @@ directory has one writer, and the digest separates models, dtypes, parallel
 layouts and chunk sizes that must not share pages. Objects survive a restart:
 a new tier on the same ``root_dir`` and rank finds everything committed before.
 
+With ``"enable_kv_events": true`` (and vLLM's KV cache events on), the tier
+publishes vLLM ``OffloadingEvent`` s through :meth:`take_events`, as vLLM's
+file-system tier does: blocks stored (once durable) and removed (evicted),
+tagged ``Medium.STORAGE`` and ``Locality.LOCAL``, so a KV-aware router knows
+which blocks this node's disk holds.
+
 The module imports without vLLM: the class subclasses vLLM's
 ``SecondaryTierManager`` when vLLM is importable, else kvbucket's stand-in
-(:mod:`~kvbucket.integrations._standins`), which has no storage medium and
-no vLLM metrics.
+(:mod:`~kvbucket.integrations._standins`), which has no storage medium, no
+vLLM metrics and no KV events.
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._core.buffers import byte_view
+from .._core.buffers import Buffer, byte_view
+from .._core.interfaces import EvictionListener, OffloadTarget
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
@@ -55,7 +62,8 @@ from . import _standins
 from ._common import AllDone, import_engine, load_each, metrics_endpoint, open_store, option, safe_component, shut_down, start_metrics, store_options
 
 if TYPE_CHECKING:
-    from ..store import StoreStats
+    from ..config import BucketConfig
+    from ..store import BucketStore, StoreStats
 
 __all__ = ["KvBucketTierManager", "kvbucket", "TIER_OPTIONS"]
 
@@ -98,14 +106,19 @@ TIER_OPTIONS: dict[str, str] = {
     "rank": "overrides the rank taken from the offloading spec",
     "max_size": "alias of max_physical_bytes (bytes or '200G')",
     "name": "vLLM's tier name (metrics); accepted and ignored",
-    "locality": "vLLM's LOCAL/REMOTE tag; accepted and kept as .locality_name",
-    "enable_kv_events": "accepted; KV events are not emitted yet",
+    "locality": "LOCAL or REMOTE: where the tier's storage is, as KV events tag it (default LOCAL)",
+    "enable_kv_events": "publish KV events of blocks stored and removed (default false; needs vLLM's KV cache events on)",
+    "max_kv_event_keys": "most block keys of KV events held until vLLM takes them; the oldest are dropped (default 100000)",
     "metrics_port": "serve Prometheus metrics on metrics_port + rank (0: any free port; default off)",
     "metrics_addr": "the metrics endpoint's address (default 127.0.0.1)",
 }
 """Tier config keys beside ``type``, ``module_path``, ``root_dir`` and the BucketConfig fields."""
 
 _ALIASES = {"max_size": "max_physical_bytes"}
+_LOCALITIES = ("LOCAL", "REMOTE")
+_EVENT_FIELDS = frozenset({"keys", "medium", "removed"})
+"""The ``OffloadingEvent`` fields the tier fills (``locality`` too, where the event has it)."""
+_EVENTS_DROPPED = "vllm:kvbucket_kv_event_keys_dropped"
 _SOURCE = "kvbucket vLLM tier config"
 _THREADS = Setting("count", minimum=1)
 
@@ -124,12 +137,14 @@ _VLLM_NAMES: dict[str, str | tuple[str, ...]] = {
 
 _VLLM_OPTIONAL: dict[str, str] = {
     "Medium": "vllm.v1.kv_offload.base:Medium",
+    "Locality": "vllm.v1.kv_offload.base:Locality",
+    "OffloadingEvent": "vllm.v1.kv_offload.base:OffloadingEvent",
     "CounterMetadata": "vllm.v1.kv_offload.base:OffloadingCounterMetadata",
     "GaugeMetadata": "vllm.v1.kv_offload.base:OffloadingGaugeMetadata",
     "Stats": "vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics:OffloadingConnectorStats",
 }
 """vLLM names only some versions have (None where missing); without the
-metric ones the tier reports no vLLM metrics."""
+metric ones the tier reports no vLLM metrics, without ``OffloadingEvent`` no KV events."""
 
 _NOT_IMPORTABLE = (Exception,)  # ImportError, or vLLM failing to import on this host
 
@@ -190,6 +205,135 @@ class _Jobs:
                 self._cond.wait()
 
 
+# -- KV events ------------------------------------------------------------------------
+class _KvEvents:
+    """vLLM ``OffloadingEvent`` s of blocks stored and removed, held until vLLM takes them.
+
+    Invariants: events are held in the order the store committed and evicted
+    their blocks (both are recorded on the thread doing it, holding the
+    store's writer lock); at most ``max_keys`` keys are held, the newest
+    event always among them: the oldest events are dropped first, and their
+    keys counted in :attr:`dropped_keys`. Safe across threads.
+    """
+
+    def __init__(self, make_event: Callable[[list[bytes], bool], Any], max_keys: int) -> None:
+        self._make_event = make_event
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._events: deque[tuple[Any, int]] = deque()  # (event, its number of keys)
+        self._keys = 0  # keys of the events held
+        self._dropping = False  # dropped since the last take (warned once per such run)
+        self.dropped_keys = 0
+        """Keys of the events dropped because vLLM did not take them in time."""
+
+    def stored(self, names: list[str], metas: Sequence[object]) -> None:
+        """Record the store keys of a committed bucket (``batch_offload``'s
+        ``on_complete``; the objects' ``metas`` are not needed).
+
+        Never raises: an exception here would roll back a durable bucket.
+        """
+        try:
+            self._add(names, removed=False)
+        except Exception:  # a lost event must not undo a write
+            log.exception("kvbucket tier: recording a KV event of %d stored chunks failed", len(names))
+
+    def evicted(self, names: list[str]) -> None:
+        """Record the store keys of evicted buckets (an eviction listener)."""
+        self._add(names, removed=True)
+
+    def _add(self, names: list[str], removed: bool) -> None:
+        keys = _offload_keys(names)
+        if not keys:
+            return
+        event = self._make_event(keys, removed)
+        with self._lock:
+            self._events.append((event, len(keys)))
+            self._keys += len(keys)
+            dropped = 0
+            while self._keys > self._max_keys and len(self._events) > 1:
+                dropped += self._events.popleft()[1]
+            self._keys -= dropped
+            self.dropped_keys += dropped
+            warn = dropped > 0 and not self._dropping
+            self._dropping = self._dropping or dropped > 0
+        if warn:
+            log.warning(
+                "kvbucket tier: vLLM is not taking KV events; dropping the oldest to hold at most "
+                "max_kv_event_keys=%d keys (a router may miss some stores and removals)",
+                self._max_keys,
+            )
+
+    def take(self) -> list[Any]:
+        """Every event held, oldest first; the buffer is left empty."""
+        with self._lock:
+            events = [event for event, _ in self._events]
+            self._events.clear()
+            self._keys = 0
+            self._dropping = False
+        return events
+
+
+class _CommitReporter:
+    """The store as an :class:`~kvbucket.pipeline.OffloadQueue` writes to it,
+    telling ``on_commit(keys, metas)`` the keys of every bucket it commits.
+
+    ``on_commit`` runs inside :meth:`~kvbucket.BucketStore.batch_offload`
+    after the commit, holding the store's writer lock, as eviction listeners
+    do: the report of a key's store always comes before that of its eviction.
+    """
+
+    def __init__(self, store: BucketStore, on_commit: Callable[[list[str], Sequence[object]], object]) -> None:
+        self._store = store
+        self._on_commit = on_commit
+
+    @property
+    def config(self) -> BucketConfig:
+        """The store's configuration."""
+        return self._store.config
+
+    def batch_offload(
+        self, objects: Mapping[str, Buffer | Sequence[Buffer]], *, on_evict: EvictionListener | None = None, on_duplicate: str = "error"
+    ) -> int | None:
+        """:meth:`BucketStore.batch_offload`, reporting the keys it commits."""
+        return self._store.batch_offload(objects, on_complete=self._on_commit, on_evict=on_evict, on_duplicate=on_duplicate)
+
+    def exists(self, key: str) -> bool:
+        """:meth:`BucketStore.exists`."""
+        return self._store.exists(key)
+
+    def batch_exists(self, keys: Iterable[str]) -> list[bool]:
+        """:meth:`BucketStore.batch_exists`."""
+        return self._store.batch_exists(keys)
+
+    def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]:
+        """:meth:`BucketStore.lookup`."""
+        return self._store.lookup(keys, lease_s=lease_s, prefix=prefix)
+
+    def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None:
+        """:meth:`BucketStore.lease`."""
+        self._store.lease(keys, lease_s=lease_s)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """:meth:`BucketStore.release`."""
+        self._store.release(keys)
+
+    def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
+        """:meth:`BucketStore.batch_load`."""
+        self._store.batch_load(destinations)
+
+    def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]:
+        """:meth:`BucketStore.group_batch`."""
+        return self._store.group_batch(sizes)
+
+    def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
+        """:meth:`BucketStore.group_for_offload`."""
+        return self._store.group_for_offload(sizes, flush)
+
+    def pending_group(self) -> list[str]:
+        """:meth:`BucketStore.pending_group`."""
+        return self._store.pending_group()
+
+
 # -- the tier ----------------------------------------------------------------------
 class KvBucketTierManager(_Base):
     """A vLLM secondary tier storing chunks in a crash-safe kvbucket store.
@@ -225,7 +369,7 @@ class KvBucketTierManager(_Base):
         self._view = byte_view(primary_kv_view, "primary_kv_view")
         self._chunk_bytes = _chunk_bytes(primary_kv_view)
         self._num_chunks = self._view.nbytes // self._chunk_bytes
-        self.locality_name = options.get("locality")
+        self.locality = _locality(options.get("locality"))
         self.rank = _resolve_rank(offloading_spec, option(options, "rank", Setting("count"), None, _SOURCE))
         self.store_path = os.path.join(_root_dir(root_dir), _namespace(offloading_spec, self._chunk_bytes) + f"_r{self.rank}")
         # Everything is validated before the store is opened (and its directory locked).
@@ -233,10 +377,16 @@ class KvBucketTierManager(_Base):
         writers = option(options, "n_write_threads", _THREADS, 2, _SOURCE)
         readers = option(options, "n_read_threads", _THREADS, 4, _SOURCE)
         kv_events = option(options, "enable_kv_events", Setting("bool"), False, _SOURCE)
+        max_event_keys = option(options, "max_kv_event_keys", Setting("count", minimum=1), 100_000, _SOURCE)
         endpoint = metrics_endpoint(options, _SOURCE, offset=self.rank)
+        self._events = self._kv_events(offloading_spec, tier_type, max_event_keys) if kv_events else None
         self.store = open_store(self.store_path, store_settings)
+        target: OffloadTarget = self.store
+        if self._events is not None:
+            target = _CommitReporter(self.store, self._events.stored)
+            self.store.add_eviction_listener(self._events.evicted)
         # backpressure="reject": submit_store must never block the scheduler.
-        self._queue = OffloadQueue(self.store, max_staged_bytes=staged, backpressure="reject", workers=writers)
+        self._queue = OffloadQueue(target, max_staged_bytes=staged, backpressure="reject", workers=writers)
         self.metrics_server = start_metrics(endpoint, self.store, self._queue)
         self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
         self._jobs = _Jobs()
@@ -245,8 +395,7 @@ class KvBucketTierManager(_Base):
         self._usage: Future[StoreStats] | None = None  # a refresh in flight
         self._usage_last: StoreStats | None = None  # the last one a refresh returned
         self._usage_at = float("-inf")
-        if kv_events:
-            log.warning("kvbucket tier: enable_kv_events is accepted but KV events are not emitted yet")
+        self._reported_dropped = 0  # the dropped event keys get_stats last reported
         log.info("kvbucket tier for rank %d at %s (%d-byte chunks)", self.rank, self.store_path, self._chunk_bytes)
 
     # -- lookups ------------------------------------------------------------
@@ -370,9 +519,42 @@ class KvBucketTierManager(_Base):
     def touch(self, keys: Collection[bytes], req_context: Any) -> None:
         """Loads already refresh the store's LRU order; nothing more to do."""
 
+    def _kv_events(self, spec: Any, tier_type: str, max_keys: int) -> _KvEvents | None:
+        """The event buffer, or None (with a warning) where vLLM would not take its events."""
+        if not _spec_flag(spec, "kv_events_config.enable_kv_cache_events"):
+            log.warning(
+                "kvbucket tier %r: enable_kv_events is set but vLLM's KV cache events are off "
+                "(kv_events_config.enable_kv_cache_events); the tier emits no events",
+                tier_type,
+            )
+            return None
+        event_class, medium = _vllm.OffloadingEvent, self.medium
+        fields = _field_names(event_class) if event_class is not None else frozenset()
+        if not fields >= _EVENT_FIELDS or medium is None:
+            log.warning("kvbucket tier %r: this vLLM has no OffloadingEvent with keys, medium and removed; the tier emits no events", tier_type)
+            return None
+        tags = {name: value for name, value in (("medium", medium), ("locality", self.locality)) if name in fields}
+
+        def make_event(keys: list[bytes], removed: bool) -> Any:
+            return event_class(keys=keys, removed=removed, **tags)
+
+        return _KvEvents(make_event, max_keys)
+
     def take_events(self) -> Iterable[Any]:
-        """KV events are not emitted (yet)."""
-        return ()
+        """vLLM ``OffloadingEvent`` s since the last call, oldest first (none unless KV events are on).
+
+        A stored event lists chunks once they are durable in the store; a
+        removed event lists chunks evicted (in the foreground, to make room
+        for a write, or by the background evictor). Each carries the chunks'
+        ``OffloadKey`` s, ``medium=Medium.STORAGE`` and the tier's
+        ``locality``.
+        """
+        return self._events.take() if self._events is not None else ()
+
+    @property
+    def kv_event_keys_dropped(self) -> int:
+        """Keys of KV events dropped because vLLM did not take them (0 with events off)."""
+        return self._events.dropped_keys if self._events is not None else 0
 
     @classmethod
     def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
@@ -381,6 +563,7 @@ class KvBucketTierManager(_Base):
         if counter is None or gauge is None:
             return {}
         definitions = {name: counter(documentation=doc) for name, (doc, _) in _VLLM_COUNTERS.items()}
+        definitions[_EVENTS_DROPPED] = counter(documentation="Keys of KV events dropped because vLLM did not take them")
         definitions.update((name, gauge(documentation=doc)) for name, (doc, _) in _VLLM_GAUGES.items())
         return definitions
 
@@ -401,6 +584,10 @@ class KvBucketTierManager(_Base):
         for name, (_, total) in _VLLM_COUNTERS.items():
             if total(now) > total(previous):
                 stats.increase_counter(name, total(now) - total(previous))
+        dropped = self.kv_event_keys_dropped
+        if dropped > self._reported_dropped:
+            stats.increase_counter(_EVENTS_DROPPED, dropped - self._reported_dropped)
+            self._reported_dropped = dropped
         usage = self._latest_usage()
         if usage is not None:
             for name, (_, read) in _VLLM_GAUGES.items():
@@ -506,9 +693,47 @@ def _store_key(key: bytes) -> str:
     return bytes(key).hex()
 
 
+def _offload_keys(names: Iterable[str]) -> list[bytes]:
+    """The OffloadKeys of store keys (:func:`_store_key` undone); a key not
+    written by the tier (not hex) is no vLLM block and is left out."""
+    keys = []
+    for name in names:
+        try:
+            keys.append(bytes.fromhex(name))
+        except ValueError:
+            continue
+    return keys
+
+
+def _locality(value: Any) -> Any:
+    """vLLM's ``Locality`` for the tier config's ``locality`` (its name where vLLM has no such enum).
+
+    The default is LOCAL: a tier's store directory has one writer, on this node.
+    """
+    name = "LOCAL" if value is None else value
+    if name not in _LOCALITIES:
+        raise InvalidArgument(f"{_SOURCE}: locality must be one of {', '.join(_LOCALITIES)}; got {value!r}")
+    return name if _vllm.Locality is None else _vllm.Locality(name)
+
+
+def _spec_flag(spec: Any, path: str) -> bool:
+    """Whether ``spec.<path>`` is True itself (missing, or a mock's attribute, is False)."""
+    value = spec
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value is True
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    """The fields ``cls`` (a dataclass, else a class) takes as keyword arguments."""
+    if dataclasses.is_dataclass(cls):
+        return frozenset(field.name for field in dataclasses.fields(cls))
+    return frozenset(inspect.signature(cls).parameters)
+
+
 def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``values`` that ``cls`` (a dataclass) takes as fields."""
-    names = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(inspect.signature(cls).parameters)
+    names = _field_names(cls)
     return {name: value for name, value in values.items() if name in names}
 
 
