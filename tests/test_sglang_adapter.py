@@ -609,6 +609,23 @@ def test_v2_bad_transfers_fail_cleanly_and_bad_pools_are_refused(opened: list[An
         backend.register_mem_host_pool_v2(object(), SWA)
 
 
+class LayerFirstStatePool(sg.FakeStatePool):
+    """SGLang's Mamba pool in a layer_first layout: no zero-copy page buffers."""
+
+    def get_page_buffer_meta(self, indices: Any) -> tuple[list[int], list[int]]:
+        raise ValueError("Mamba storage zero-copy requires page_first layout, got layer_first")
+
+
+def test_v2_a_pool_without_page_buffers_reports_its_pages_not_moved(opened: list[Any], tmp_path: Path) -> None:
+    kv, _ = mha_pools()
+    state = LayerFirstStatePool()
+    backend = hybrid(opened, sg.make_config(tmp_path), kv, {KV: kv, MAMBA: state})
+    stores = [transfer(KV, kv, HASHES[:2], [0, 1]), transfer(MAMBA, state, HASHES[1:2], [0], sg.PoolHitPolicy.TRAILING_PAGES)]
+    assert backend.batch_set_v2(stores) == {KV: [True, True], MAMBA: [False]}
+    assert backend.batch_get_v2(stores) == {KV: [True, True], MAMBA: [False]}
+    assert backend.store_stats().keys == 2
+
+
 def test_v2_calls_are_all_implemented(adapter_module: Any) -> None:
     cls = adapter_module.KvBucketHiCacheStorage
     for name in ("register_mem_host_pool_v2", "on_host_pools_registered", "batch_exists_v2", "batch_get_v2", "batch_set_v2"):
