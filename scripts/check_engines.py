@@ -3,14 +3,18 @@
 Run by ``scripts/check_engines.sh`` inside a venv holding pinned sglang,
 lmcache and vllm (installed ``--no-deps``) and CPU torch. For each engine it
 loads the adapter the way the engine does, writes pages from CPU tensors,
-closes, re-opens on the same directory and loads them back, comparing bytes;
-for vLLM it also checks the tier's KV events against vLLM's event classes.
+closes, re-opens on the same directory and loads them back, comparing bytes.
+For SGLang it also checks that the adapter's v2 calls (hybrid models) have
+the real ``HiCacheStorage``'s signatures and handles every ``PoolHitPolicy``,
+and runs a v2 round trip of a KV and a Mamba-state pool; for vLLM it checks
+the tier's KV events against vLLM's event classes.
 Prints one line per step and a summary; exits non-zero if any engine failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import select
@@ -78,6 +82,93 @@ class TorchHostPool:
         return torch.cat([torch.arange(p * self.page_size, (p + 1) * self.page_size) for p in pages])
 
 
+class TorchStatePool:
+    """A CPU-tensor Mamba state pool, page_first: one slot a page, a temporal and two conv buffers per slot."""
+
+    def __init__(self, size: int = 16, layers: int = 4) -> None:
+        self.size, self.page_size, self.layout, self.num_mamba_layers = size, 1, "page_first", layers
+        self.temporal_buffer = torch.zeros((size, layers, 256), dtype=torch.float32)
+        self.conv_buffer = [torch.zeros((size, layers, 64), dtype=torch.bfloat16) for _ in range(2)]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.temporal_buffer, *self.conv_buffer]
+
+    def get_page_buffer_meta(self, indices: torch.Tensor) -> tuple[list[int], list[int]]:
+        ptrs, sizes = [], []
+        for slot in indices.tolist():
+            for buf in self.buffers():
+                row = buf[slot]
+                ptrs.append(row.data_ptr())
+                sizes.append(row.numel() * row.element_size())
+        return ptrs, sizes
+
+    def slot_bytes(self, slot: int) -> bytes:
+        return b"".join(buf[slot].contiguous().view(torch.uint8).numpy().tobytes() for buf in self.buffers())
+
+
+V2_CALLS = ("register_mem_host_pool_v2", "on_host_pools_registered", "batch_exists_v2", "batch_get_v2", "batch_set_v2")
+
+
+def check_sglang_v2_interface(base: type, adapter: type) -> None:
+    """The adapter's v2 methods take the real ABC's parameters; every hit policy is one it handles."""
+    from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransfer
+
+    for name in V2_CALLS:
+        want = list(inspect.signature(getattr(base, name)).parameters)
+        have = list(inspect.signature(getattr(adapter, name)).parameters)
+        same = name in vars(adapter) and want == have
+        step("sglang", f"{name}({', '.join(want[1:])}) implemented with the same parameters", same, str(have))
+    policies = sorted(p.value for p in PoolHitPolicy)
+    known = policies == ["all_pages", "block_groups", "trailing_pages"]
+    step("sglang", "PoolHitPolicy is all_pages, trailing_pages, block_groups (the ones the adapter handles)", known, str(policies))
+    fields = set(inspect.signature(PoolTransfer).parameters)
+    read = {"name", "host_indices", "keys", "hit_policy", "block_pages", "group_pages"}
+    step("sglang", "PoolTransfer has the fields the adapter reads", read <= fields, str(sorted(fields)))
+
+
+def check_sglang_v2(config: Any, factory: Any, keys: list[str]) -> str:
+    """Hybrid-model round trip: KV and Mamba-state pools through the v2 calls, across a restart."""
+    from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolName, PoolTransfer, PoolTransferResult
+
+    def attach(kv: TorchHostPool, state: TorchStatePool) -> Any:
+        backend = factory.create_backend("dynamic", config, kv)
+        backend.register_mem_pool_host(kv)
+        backend.register_mem_host_pool_v2(kv, PoolName.KV)
+        backend.register_mem_host_pool_v2(state, PoolName.MAMBA)
+        backend.on_host_pools_registered()
+        return backend
+
+    def transfers(kv: TorchHostPool, state: TorchStatePool, pages: list[int], slot: int) -> list[Any]:
+        return [
+            PoolTransfer(name=PoolName.KV, host_indices=kv.pages(pages), keys=keys[:4]),
+            PoolTransfer(name=PoolName.MAMBA, host_indices=torch.tensor([slot]), keys=keys[3:4], hit_policy=PoolHitPolicy.TRAILING_PAGES),
+        ]
+
+    kv, state = TorchHostPool(), TorchStatePool()
+    kv.kv_buffer.copy_(torch.randn(kv.kv_buffer.shape).to(kv.dtype))
+    for buf in state.buffers():
+        buf.copy_(torch.randn(buf.shape).to(buf.dtype))
+    backend = attach(kv, state)
+    stored = backend.batch_set_v2(transfers(kv, state, [0, 1, 2, 3], 2))
+    want = {PoolName.KV: [True] * 4, PoolName.MAMBA: [True]}
+    step("sglang", "v2: batch_set_v2 of 4 KV pages and the Mamba state of the last one", stored == want, str(stored))
+    expected_kv, expected_state = kv.kv_buffer[:, : 4 * kv.page_size].clone(), state.slot_bytes(2)
+    backend.close()
+
+    kv, state = TorchHostPool(), TorchStatePool()
+    backend = attach(kv, state)
+    trailing = PoolTransfer(name=PoolName.MAMBA, keys=keys[3:4], hit_policy=PoolHitPolicy.TRAILING_PAGES)
+    hit = backend.batch_exists_v2([*keys[:4], "f" * 64], [trailing])
+    ok = isinstance(hit, PoolTransferResult) and (hit.kv_hit_pages, hit.restorable_prefix_pages) == (4, [4])
+    step("sglang", "v2: after close + reopen, batch_exists_v2 restores 4 pages (the state is at page 4 only)", ok, repr(hit))
+    loaded = backend.batch_get_v2(transfers(kv, state, [8, 9, 10, 11], 7))
+    step("sglang", "v2: batch_get_v2 into other host slots", loaded == want, str(loaded))
+    same = torch.equal(kv.kv_buffer[:, 8 * kv.page_size : 12 * kv.page_size], expected_kv) and state.slot_bytes(7) == expected_state
+    step("sglang", "v2: KV pages and the Mamba state byte-exact", same)
+    backend.close()
+    return "v2: 4 KV pages + 1 Mamba state"
+
+
 def check_sglang(root: Path) -> str:
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
@@ -85,6 +176,7 @@ def check_sglang(root: Path) -> str:
     from kvbucket.integrations.sglang import KvBucketHiCacheStorage
 
     step("sglang", "issubclass(KvBucketHiCacheStorage, sglang HiCacheStorage)", issubclass(KvBucketHiCacheStorage, HiCacheStorage))
+    check_sglang_v2_interface(HiCacheStorage, KvBucketHiCacheStorage)
     extra = {"backend_name": "kvbucket", "module_path": "kvbucket.integrations.sglang", "class_name": "KvBucketHiCacheStorage",
              "interface_v1": 1, "storage_path": str(root), "max_physical_bytes": "1G"}
     config = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
@@ -117,7 +209,8 @@ def check_sglang(root: Path) -> str:
     step("sglang", "generic batch_get byte-exact", all(torch.equal(g, p) for g, p in zip(got, pages)))
     stats = backend.store_stats()
     backend.close()
-    return f"8 pages of {2 * pool.page_size * pool.token_bytes} B, store keys={stats.keys} buckets={stats.buckets}"
+    hybrid = check_sglang_v2(config, StorageBackendFactory, [f"{i:064x}" for i in range(100, 104)])
+    return f"8 pages of {2 * pool.page_size * pool.token_bytes} B, store keys={stats.keys} buckets={stats.buckets}; {hybrid}"
 
 
 # -------------------------------------------------------------------- LMCache

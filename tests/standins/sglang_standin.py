@@ -5,18 +5,25 @@ They follow SGLang's documented signatures (``sglang/srt/mem_cache/hicache_stora
 and the call sequence of ``managers/cache_controller.py``: the factory builds
 a ``dynamic`` backend as ``cls(storage_config, kwargs)`` after an
 ``issubclass(cls, HiCacheStorage)`` check, then ``register_mem_pool_host``
-and ``on_host_pools_registered``. Written for the tests; no SGLang code is
+and ``on_host_pools_registered``; for hybrid models
+(``hybrid_cache/hybrid_cache_controller.py``) ``register_mem_host_pool_v2``
+of every host pool group entry comes between the two. The v2 types
+(``PoolName``, ``PoolHitPolicy``, ``PoolTransfer``, ``PoolTransferResult``)
+have 0.5.23's fields. Written for the tests; no SGLang code is
 copied. :func:`installed` puts them into ``sys.modules`` under SGLang's module
 names so that ``kvbucket.integrations.sglang`` subclasses the stand-in ABC.
 
 :class:`FakeHostPool` is a torch-free host KV pool in numpy with the two
 layouts that matter for storage: ``page_first`` MHA (two buffers per page, K
-and V, far apart) and MLA (one buffer per page).
+and V, far apart) and MLA (one buffer per page). :class:`FakeStatePool` is
+a Mamba state pool (one slot a page, a temporal and two conv buffers per
+slot); :class:`LogicalAnchor` an anchor pool that owns indices and no KV.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib
 import types
 from abc import ABC, abstractmethod
@@ -60,6 +67,61 @@ class HiCacheStorageConfig:
 class HiCacheStorageExtraInfo:
     prefix_keys: list[str] | None = None
     extra_info: dict | None = None
+
+
+class PoolName(str, enum.Enum):
+    KV = "kv"
+    MAMBA = "mamba"
+    SWA = "swa"
+    AUXILIARY_SWA = "auxiliary_swa"
+    INDEXER = "indexer"
+    DEEPSEEK_V4_C1 = "deepseek_v4_c1"
+    DEEPSEEK_V4_C1_INDEXER = "deepseek_v4_c1_indexer"
+    DEEPSEEK_V4_C1_INDEXER_SCALE = "deepseek_v4_c1_indexer_scale"
+    DEEPSEEK_V4_C2 = "deepseek_v4_c2"
+    DEEPSEEK_V4_C2_INDEXER = "deepseek_v4_c2_indexer"
+    DEEPSEEK_V4_C2_INDEXER_SCALE = "deepseek_v4_c2_indexer_scale"
+    DEEPSEEK_V4_C4 = "deepseek_v4_c4"
+    DEEPSEEK_V4_C4_INDEXER = "deepseek_v4_c4_indexer"
+    DEEPSEEK_V4_C4_INDEXER_SCALE = "deepseek_v4_c4_indexer_scale"
+    DEEPSEEK_V4_C128 = "deepseek_v4_c128"
+    DEEPSEEK_V4_C4_ROPE = "deepseek_v4_c4_rope"
+    DEEPSEEK_V4_C128_ROPE = "deepseek_v4_c128_rope"
+    DEEPSEEK_V4_C4_STATE = "deepseek_v4_c4_state"
+    DEEPSEEK_V4_C4_INDEXER_STATE = "deepseek_v4_c4_indexer_state"
+    DEEPSEEK_V4_C128_STATE = "deepseek_v4_c128_state"
+    DRAFT = "draft"
+    DRAFT_INDEXER = "draft_indexer"
+    DRAFT_SWA = "draft_swa"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PoolHitPolicy(str, enum.Enum):
+    ALL_PAGES = "all_pages"
+    TRAILING_PAGES = "trailing_pages"
+    BLOCK_GROUPS = "block_groups"
+
+
+@dataclass
+class PoolTransfer:
+    name: PoolName
+    host_indices: Any | None = None
+    device_indices: Any | None = None
+    keys: list[str] | None = None
+    hit_policy: PoolHitPolicy = PoolHitPolicy.ALL_PAGES
+    nodes_to_load: list[Any] | None = None
+    indices_from_pool: PoolName | None = None
+    block_pages: int = 0
+    group_pages: int = 0
+
+
+@dataclass
+class PoolTransferResult:
+    kv_hit_pages: int
+    extra_pool_hit_pages: dict[str, int]
+    restorable_prefix_pages: list[int] | None = None
 
 
 class HiCacheStorage(ABC):
@@ -146,6 +208,16 @@ def attach(storage_config: HiCacheStorageConfig, pool: FakeHostPool) -> Any:
     return backend
 
 
+def attach_hybrid(storage_config: HiCacheStorageConfig, anchor: Any, pools: dict[PoolName, Any]) -> Any:
+    """What the hybrid cache controller does: the anchor pool, then every host pool group entry."""
+    backend = StorageBackendFactory.create_backend("dynamic", storage_config, anchor)
+    backend.register_mem_pool_host(anchor)
+    for name, pool in pools.items():
+        backend.register_mem_host_pool_v2(pool, name)
+    backend.on_host_pools_registered()
+    return backend
+
+
 class FakeHostPool:
     """A numpy host KV pool with SGLang's storage-facing helpers.
 
@@ -163,6 +235,8 @@ class FakeHostPool:
         self.layout = "page_first"
         shape = (2, size, layer_num, head_num, head_dim) if kind == "mha" else (size, layer_num, 1, head_dim)
         self.kv_buffer = np.zeros(shape, dtype=self.dtype)
+        if kind == "mha":  # SGLang's MHA host pools expose their K and V halves
+            self.k_buffer, self.v_buffer = self.kv_buffer[0], self.kv_buffer[1]
 
     @property
     def token_bytes(self) -> int:
@@ -213,6 +287,67 @@ class FakeHostPool:
             self.kv_buffer[index : index + self.page_size] = data_page.reshape(self.kv_buffer[index : index + self.page_size].shape)
 
 
+class FakeStatePool:
+    """A numpy Mamba state host pool (``page_first``): one slot a page, its
+    buffers the temporal state and two conv states, each in its own array."""
+
+    def __init__(self, size: int = 16, layers: int = 2, temporal: int = 24, convs: tuple[int, ...] = (8, 12)) -> None:
+        self.size, self.page_size, self.layout = size, 1, "page_first"
+        self.num_mamba_layers, self.temporal_state_elem_size = layers, temporal
+        self.temporal_dtype, self.conv_dtype = np.dtype(np.float32), np.dtype(np.float16)
+        self.conv_state_shapes = [(c,) for c in convs]
+        self.temporal_buffer = np.zeros((size, layers, temporal), dtype=self.temporal_dtype)
+        self.conv_buffer = [np.zeros((size, layers, c), dtype=self.conv_dtype) for c in convs]
+
+    def buffers(self) -> list[np.ndarray]:
+        """The pool's arrays, in the order of a page's buffers."""
+        return [self.temporal_buffer, *self.conv_buffer]
+
+    @property
+    def page_nbytes(self) -> int:
+        return sum(b[0].nbytes for b in self.buffers())
+
+    def fill_random(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for buf in self.buffers():
+            raw = buf.view(np.uint8)
+            raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)
+
+    def zero(self) -> None:
+        for buf in self.buffers():
+            buf[...] = 0
+
+    def page_indices(self, slots: list[int]) -> np.ndarray:
+        return np.asarray(list(slots), dtype=np.int64)
+
+    def page_bytes(self, slot: int) -> bytes:
+        return b"".join(buf[slot].tobytes() for buf in self.buffers())
+
+    def set_page_bytes(self, slot: int, data: bytes) -> None:
+        offset = 0
+        for buf in self.buffers():
+            n = buf[slot].nbytes
+            buf[slot].view(np.uint8).reshape(-1)[...] = np.frombuffer(data[offset : offset + n], dtype=np.uint8)
+            offset += n
+
+    def get_page_buffer_meta(self, indices: Any) -> tuple[list[int], list[int]]:
+        ptrs: list[int] = []
+        sizes: list[int] = []
+        for slot in np.asarray(indices).tolist():
+            assert 0 <= slot < self.size, "host index outside the pool"
+            for buf in self.buffers():
+                ptrs.append(buf.ctypes.data + slot * buf[0].nbytes)
+                sizes.append(buf[0].nbytes)
+        return ptrs, sizes
+
+
+class LogicalAnchor:
+    """An anchor pool that only hands out indices: its KV lives in the v2 pools."""
+
+    def __init__(self, page_size: int = 1) -> None:
+        self.page_size, self.layout, self.kv_buffer = page_size, "page_first", None
+
+
 def make_config(
     root: Any = None, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, metrics: bool = False, model: str = "org/model-7b", **extra: Any
 ) -> HiCacheStorageConfig:
@@ -238,6 +373,7 @@ def installed() -> Iterator[types.ModuleType]:
         "sglang.srt.mem_cache.hicache_storage": module(
             "sglang.srt.mem_cache.hicache_storage",
             HiCacheStorage=HiCacheStorage, HiCacheStorageConfig=HiCacheStorageConfig, HiCacheStorageExtraInfo=HiCacheStorageExtraInfo,
+            PoolName=PoolName, PoolHitPolicy=PoolHitPolicy, PoolTransfer=PoolTransfer, PoolTransferResult=PoolTransferResult,
         ),
         "sglang.srt.mem_cache.storage": module("sglang.srt.mem_cache.storage", StorageBackendFactory=StorageBackendFactory),
         "sglang.srt.mem_cache.storage.backend_factory": module(

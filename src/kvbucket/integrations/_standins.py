@@ -40,7 +40,47 @@ class HiCacheStorage:
         """Nothing to finalise."""
 
 
-SGLANG = SimpleNamespace(HiCacheStorage=HiCacheStorage)
+class PoolName(str, enum.Enum):
+    """``PoolName``: the host pools a hybrid model registers (v2 calls)."""
+
+    KV = "kv"
+    MAMBA = "mamba"
+    SWA = "swa"
+    AUXILIARY_SWA = "auxiliary_swa"
+    INDEXER = "indexer"
+    DEEPSEEK_V4_C1 = "deepseek_v4_c1"
+    DEEPSEEK_V4_C1_INDEXER = "deepseek_v4_c1_indexer"
+    DEEPSEEK_V4_C1_INDEXER_SCALE = "deepseek_v4_c1_indexer_scale"
+    DEEPSEEK_V4_C2 = "deepseek_v4_c2"
+    DEEPSEEK_V4_C2_INDEXER = "deepseek_v4_c2_indexer"
+    DEEPSEEK_V4_C2_INDEXER_SCALE = "deepseek_v4_c2_indexer_scale"
+    DEEPSEEK_V4_C4 = "deepseek_v4_c4"
+    DEEPSEEK_V4_C4_INDEXER = "deepseek_v4_c4_indexer"
+    DEEPSEEK_V4_C4_INDEXER_SCALE = "deepseek_v4_c4_indexer_scale"
+    DEEPSEEK_V4_C128 = "deepseek_v4_c128"
+    DEEPSEEK_V4_C4_ROPE = "deepseek_v4_c4_rope"
+    DEEPSEEK_V4_C128_ROPE = "deepseek_v4_c128_rope"
+    DEEPSEEK_V4_C4_STATE = "deepseek_v4_c4_state"
+    DEEPSEEK_V4_C4_INDEXER_STATE = "deepseek_v4_c4_indexer_state"
+    DEEPSEEK_V4_C128_STATE = "deepseek_v4_c128_state"
+    DRAFT = "draft"
+    DRAFT_INDEXER = "draft_indexer"
+    DRAFT_SWA = "draft_swa"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass
+class PoolTransferResult:
+    """``PoolTransferResult`` of ``batch_exists_v2``: the usable prefix and each pool's own hit."""
+
+    kv_hit_pages: int
+    extra_pool_hit_pages: dict[Any, int]
+    restorable_prefix_pages: list[int] | None = None
+
+
+SGLANG = SimpleNamespace(HiCacheStorage=HiCacheStorage, PoolName=PoolName, PoolTransferResult=PoolTransferResult)
 """The SGLang names :mod:`kvbucket.integrations.sglang` builds on."""
 
 

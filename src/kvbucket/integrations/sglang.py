@@ -15,7 +15,11 @@ controller uses the zero-copy pair :meth:`~KvBucketHiCacheStorage.batch_set_v1`
 / :meth:`~KvBucketHiCacheStorage.batch_get_v1`: a page is written straight from
 the host pool's buffers (``get_page_buffer_meta``) and read straight back into
 them. Without it the generic ``batch_set``/``batch_get`` calls move flat page
-tensors.
+tensors. Hybrid models (Mamba/SWA state, DeepSeek's indexer and compressed
+pools, draft pools) register more host pools with ``register_mem_host_pool_v2``
+and move them with the v2 calls (:meth:`~KvBucketHiCacheStorage.batch_set_v2`,
+:meth:`~KvBucketHiCacheStorage.batch_get_v2`,
+:meth:`~KvBucketHiCacheStorage.batch_exists_v2`), zero-copy as well.
 
 Layout on disk: ``<storage_path>/<model>/<rank dir>/`` is one kvbucket store per
 rank (one writer per directory). Keys carry HiCacheFile's namespace suffix
@@ -24,7 +28,9 @@ a short tag of the host-pool layout, so a change of layout, dtype or page size
 never reads old pages as new ones. For MLA models the KV is identical on all
 TP ranks and SGLang lets only the storage writer rank back pages up; every
 other rank reads the writer's directory read-only (re-opening it when it has
-changed, at most every ``mla_refresh_interval_s`` seconds).
+changed, at most every ``mla_refresh_interval_s`` seconds). State that is
+TP-sharded even in an MLA model (Mamba state, MHA-shaped side pools) is each
+rank's own and goes to the rank's own directory.
 
 The module imports without SGLang: the class subclasses the real
 ``HiCacheStorage`` when SGLang is importable (the factory checks that), else
@@ -72,6 +78,15 @@ log = logging.getLogger(__name__)
 
 _sglang = import_engine({"HiCacheStorage": "sglang.srt.mem_cache.hicache_storage:HiCacheStorage"}) or _standins.SGLANG
 _Base: Any = _sglang.HiCacheStorage  # SGLang's factory checks issubclass against its own
+# Imported apart from the base class: an SGLang without the v2 names still gets the real base.
+_v2 = (
+    import_engine({name: f"sglang.srt.mem_cache.hicache_storage:{name}" for name in ("PoolName", "PoolTransferResult")})
+    or _standins.SGLANG
+)
+
+_KV = "kv"
+_MAMBA = "mamba"
+_ALL_PAGES, _TRAILING_PAGES, _BLOCK_GROUPS = "all_pages", "trailing_pages", "block_groups"
 
 
 ROOT_ENV = "KVBUCKET_PATH"
@@ -114,6 +129,9 @@ class StoragePaths:
     """Suffix for TP-sharded state (HiCacheFile's ``tp_config_suffix``)."""
     writer: bool
     """Whether this rank writes ``store_dir`` (False: MLA reader rank)."""
+    state_dir: Path | None = None
+    """This rank's own directory for TP-sharded state when ``store_dir`` is
+    shared by the TP ranks (MLA models); None: such state goes to ``store_dir``."""
 
 
 def resolve_paths(storage_config: Any, root: str | os.PathLike[str], per_rank: bool = True) -> StoragePaths:
@@ -123,7 +141,9 @@ def resolve_paths(storage_config: Any, root: str | os.PathLike[str], per_rank: b
     ``_{pp_size}_{pp_rank}`` with pipeline parallelism and
     ``_cp{rank}_{size}`` with attention context parallelism; MLA models share
     one suffix across TP ranks. The directory adds the data-parallel rank,
-    since with DP attention ``tp_rank`` is local to the attention group.
+    since with DP attention ``tp_rank`` is local to the attention group. An
+    MLA rank's TP-sharded state goes to ``state_dir``, named as an MHA
+    rank's directory.
     """
     cfg = storage_config
     model = "-".join((cfg.model_name or "").split("/"))
@@ -142,12 +162,13 @@ def resolve_paths(storage_config: Any, root: str | os.PathLike[str], per_rank: b
     if not per_rank:
         return StoragePaths(base, suffix, tp_suffix, True)
     dp = f"_dp{getattr(cfg, 'dp_rank', 0)}"
-    if cfg.is_mla_model:
-        # All TP ranks read what the writer rank of their DCP shard wrote.
-        name = f"mla{shard}{dp}" + (f"_dcp{cfg.dcp_rank}_{dcp_size}" if dcp_size > 1 else "")
-    else:
-        name = f"tp{cfg.tp_rank}_{cfg.tp_size}{shard}{dp}"
-    return StoragePaths(base / safe_component(model or "model") / name, suffix, tp_suffix, writer)
+    model_dir = base / safe_component(model or "model")
+    rank_dir = model_dir / f"tp{cfg.tp_rank}_{cfg.tp_size}{shard}{dp}"
+    if not cfg.is_mla_model:
+        return StoragePaths(rank_dir, suffix, tp_suffix, writer)
+    # All TP ranks read what the writer rank of their DCP shard wrote.
+    name = f"mla{shard}{dp}" + (f"_dcp{cfg.dcp_rank}_{dcp_size}" if dcp_size > 1 else "")
+    return StoragePaths(model_dir / name, suffix, tp_suffix, writer, state_dir=rank_dir)
 
 
 def _root_from(extra: dict[str, Any]) -> str:
@@ -174,6 +195,19 @@ class _Metrics:
     backup_pgs: list[int] = field(default_factory=list)
     prefetch_bandwidth: list[float] = field(default_factory=list)
     backup_bandwidth: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """A host pool registered for the v2 calls."""
+
+    host: Any
+    """SGLang's host pool (``get_page_buffer_meta`` gives each page's buffers)."""
+    tag: str
+    """``@`` + digest of the pool's page format, ending every key of its pages."""
+    sharded: bool
+    """TP-sharded state (Mamba, MHA-shaped pools of an MLA model): keyed per
+    rank and, where the TP ranks share ``store_dir``, kept in ``state_dir``."""
 
 
 class _SharedReader:
@@ -239,6 +273,12 @@ class KvBucketHiCacheStorage(_Base):
     Values are parsed as ``KVBUCKET_*`` variables are (``"200G"``,
     ``"false"``); a key that is neither one of these nor one SGLang reads
     (:data:`SGLANG_KEYS`) raises :class:`~kvbucket.errors.InvalidArgument`.
+
+    Hybrid models use the v2 calls: each registered host pool's page ``h`` is
+    stored as ``{h}.{pool name}{suffix}@{pool format}`` (the KV pool's pages
+    keep the v1 key, so v1 and v2 share them), and
+    :meth:`batch_exists_v2` answers one prefix that every pool the hit
+    policies require can restore.
     """
 
     def __init__(self, storage_config: Any, kwargs: dict[str, Any] | None = None) -> None:
@@ -255,6 +295,8 @@ class KvBucketHiCacheStorage(_Base):
         self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
         self._store: BucketStore | None = None
         self._reader: _SharedReader | None = None
+        self._pools: dict[str, _Pool] = {}
+        self._state_store: BucketStore | None = None
         self.metrics_server: MetricsServer | None = None
         if self.paths.writer:
             self._store = open_store(self.paths.store_dir, self._options)
@@ -269,6 +311,40 @@ class KvBucketHiCacheStorage(_Base):
         """Remember the host pool and derive the layout tag of the keys."""
         super().register_mem_pool_host(mem_pool_host)
         self._layout_tag = _layout_tag(mem_pool_host)
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """Register one host pool of a hybrid model, moved by the v2 calls.
+
+        Raises :class:`~kvbucket.errors.InvalidArgument` (failing SGLang's
+        attach) for a pool without ``get_page_buffer_meta``: kvbucket moves
+        pages only straight from and into the pool's memory.
+        """
+        name = _name(host_pool_name)
+        if not callable(getattr(host_pool, "get_page_buffer_meta", None)):
+            raise InvalidArgument(
+                f"kvbucket HiCache storage: host pool {name!r} ({type(host_pool).__name__}) has no "
+                "get_page_buffer_meta, so its pages cannot be moved zero-copy; use a page_first host "
+                "memory layout (--hicache-mem-layout page_first) or another storage backend"
+            )
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        mla = bool(getattr(self.storage_config, "is_mla_model", False))
+        sharded = name == _MAMBA or (mla and name != _KV and hasattr(host_pool, "v_buffer"))
+        self._pools[name] = _Pool(host_pool, _pool_tag(host_pool), sharded)
+        if sharded and self.paths.state_dir is not None and self._state_store is None:
+            self._state_store = open_store(self.paths.state_dir, self._options)
+
+    def on_host_pools_registered(self) -> None:
+        """Log the registered pools and the directory each one's pages go to."""
+        super().on_host_pools_registered()
+        if self._pools:
+            where = ", ".join(f"{name} -> {self._pool_dir(name)}" for name in self._pools)
+            log.info("kvbucket HiCache host pools: %s", where)
+
+    def _pool_dir(self, name: str) -> Path:
+        """The directory holding pool ``name``'s pages."""
+        if self._pools[name].sharded and self.paths.state_dir is not None:
+            return self.paths.state_dir
+        return self.paths.store_dir
 
     def _key(self, key: str) -> str:
         """The store key of one page hash (HiCacheFile suffix + layout tag)."""
@@ -357,6 +433,181 @@ class KvBucketHiCacheStorage(_Base):
             return False
         return all(self._store_pages(keys, [[v] for v in values]))
 
+    # ------------------------------------------------------ hybrid models (v2)
+
+    def batch_exists_v2(self, keys: list[str], pool_transfers: list[Any] | None = None, extra_info: Any = None) -> Any:
+        """The usable prefix of ``keys``, as SGLang's ``PoolTransferResult``.
+
+        A prefix of ``n`` pages is restorable when the KV pool holds pages
+        ``0..n-1`` and every transfer's pool can serve it by its hit policy:
+        ``all_pages`` needs all ``n`` pages, ``trailing_pages`` only the last
+        ``len(transfer.keys)`` of them (a state that summarises the rest).
+        ``kv_hit_pages`` is the longest restorable prefix,
+        ``restorable_prefix_pages`` all of them (a trailing pool can restore
+        5 pages but not 4), ``extra_pool_hit_pages`` each pool's own
+        longest. A ``block_groups`` pool reports the pages its leading
+        complete groups cover and never shortens the prefix. The pages of the
+        answer are leased (``lookup_lease_s``) until they are loaded.
+        """
+        keys = list(keys)
+        logical = self._logical_anchor()
+        kv = len(keys) if logical else _leading(self._pool_flags(_KV, keys))
+        hits: dict[Any, int] = {_v2.PoolName.KV: kv} if kv else {}
+        stops = set(range(1, kv + 1))
+        needed: list[tuple[str, int]] = [] if logical else [(_KV, 0)]
+        for transfer in pool_transfers or ():
+            name, policy = _name(transfer.name), _name(transfer.hit_policy)
+            flags = self._pool_flags(name, keys)
+            if policy == _BLOCK_GROUPS:
+                covered = _block_group_pages(flags, int(transfer.block_pages), int(transfer.group_pages))
+            else:
+                window = max(1, len(transfer.keys or ())) if policy == _TRAILING_PAGES else 0
+                pool_stops = _restorable(flags[:kv], policy, window)
+                stops &= pool_stops
+                covered = max(pool_stops, default=0)
+                needed.append((name, window))
+            if covered:
+                hits[transfer.name] = covered
+        final = max(stops, default=0)
+        self._lease_pages(keys[:final], needed)
+        return _v2.PoolTransferResult(final, hits, sorted(stops))
+
+    def batch_set_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
+        """Store each transfer's pages straight from its host pool; per pool, one result per key.
+
+        All pages bound for one store are written together, so a span's KV
+        and side-pool pages share buckets. An MLA reader rank writes only its
+        TP-sharded state and reports the others as the writer rank holds them.
+        """
+        results: dict[Any, list[bool]] = {}
+        groups: dict[int, tuple[BucketStore, list[tuple[Any, list[str]]], list[str], list[list[memoryview]]]] = {}
+        for transfer in transfers:
+            name, keys = _name(transfer.name), list(transfer.keys or ())
+            pages = self._transfer_pages(transfer, name, keys)
+            store = self._writes_to(name)
+            if pages is None:
+                results[transfer.name] = [False] * len(keys)
+            elif store is None:
+                results[transfer.name] = self._pool_flags(name, keys)
+            else:
+                _, members, skeys, values = groups.setdefault(id(store), (store, [], [], []))
+                members.append((transfer.name, pages[0]))
+                skeys.extend(pages[0])
+                values.extend(pages[1])
+        for store, members, skeys, values in groups.values():
+            stored = {k for k, ok in zip(skeys, self._write_pages(store, skeys, values)) if ok}
+            for pool_name, names in members:
+                results[pool_name] = [k in stored for k in names]
+        return results
+
+    def batch_get_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
+        """Read each transfer's pages straight into its host pool; per pool, one result per key.
+
+        A page whose buffers are not adjacent (K and V, a Mamba state's
+        components) is read into them back to back, without a bounce buffer.
+        """
+        start = time.perf_counter()
+        results: dict[Any, list[bool]] = {}
+        count, nbytes = 0, 0
+        for transfer in transfers:
+            name, keys = _name(transfer.name), list(transfer.keys or ())
+            pages = self._transfer_pages(transfer, name, keys)
+            if pages is None:
+                results[transfer.name] = [False] * len(keys)
+                continue
+            dests = dict(zip(*pages))
+            loaded = self._load_pages(name, dests)
+            results[transfer.name] = [k in loaded for k in pages[0]]
+            count += len(loaded)
+            nbytes += sum(_nbytes(dests[k]) for k in loaded)
+        self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, count, start, gb=nbytes / (1 << 30))
+        return results
+
+    def _logical_anchor(self) -> bool:
+        """Whether the anchor pool only hands out indices (its KV lives in v2 pools)."""
+        pool = getattr(self, "mem_pool_host", None)
+        return pool is not None and hasattr(pool, "kv_buffer") and pool.kv_buffer is None
+
+    def _pool_keys(self, name: str, keys: Sequence[str]) -> list[str] | None:
+        """Store keys of pool ``name``'s pages ``keys``; None for a pool never registered."""
+        if name == _KV:
+            return self._keys(keys)
+        pool = self._pools.get(name)
+        if pool is None:
+            return None
+        suffix = self.paths.tp_suffix if pool.sharded else self.paths.suffix
+        return [f"{key}.{name}{suffix}{pool.tag}" for key in keys]
+
+    def _writes_to(self, name: str) -> BucketStore | None:
+        """The store that pool ``name``'s pages are written to (None: the MLA writer rank's)."""
+        pool = self._pools.get(name)
+        if pool is not None and pool.sharded and self._state_store is not None:
+            return self._state_store
+        return self._store
+
+    def _reads_from(self, name: str) -> BucketStore | None:
+        """The store that pool ``name``'s pages are read from (None: not there yet)."""
+        pool = self._pools.get(name)
+        if pool is not None and pool.sharded and self._state_store is not None:
+            return self._state_store
+        return self._read_store()
+
+    def _pool_flags(self, name: str, keys: Sequence[str]) -> list[bool]:
+        """For each page, whether pool ``name`` holds it (all False when it cannot be read)."""
+        skeys = self._pool_keys(name, keys)
+        if not skeys:
+            return [False] * len(keys)
+        try:
+            store = self._reads_from(name)
+            return [False] * len(keys) if store is None else list(store.batch_exists(skeys))
+        except _READ_ERRORS as exc:
+            log.warning("kvbucket: existence check of %d %s pages failed: %s", len(keys), name, exc)
+            return [False] * len(keys)
+
+    def _lease_pages(self, keys: Sequence[str], needed: Sequence[tuple[str, int]]) -> None:
+        """Lease the pages of prefix ``keys`` that each ``(pool, window)`` needs (window 0: all)."""
+        if not keys:
+            return
+        for name, window in needed:
+            skeys = self._pool_keys(name, keys[-window:] if window else keys)
+            try:
+                store = self._reads_from(name)
+                if store is not None and skeys:
+                    store.lease(skeys)
+            except _READ_ERRORS as exc:
+                log.warning("kvbucket: leasing %d %s pages failed: %s", len(keys), name, exc)
+
+    def _transfer_pages(self, transfer: Any, name: str, keys: list[str]) -> tuple[list[str], list[list[memoryview]]] | None:
+        """A transfer's store keys and each page's host buffers; None if unusable (logged)."""
+        pool = self._pools.get(name)
+        host = pool.host if pool is not None else getattr(self, "mem_pool_host", None) if name == _KV else None
+        if host is None or transfer.host_indices is None:
+            if keys:
+                log.error("kvbucket: v2 transfer of %d %s pages without a registered host pool or host indices", len(keys), name)
+            return None
+        page_size = self._page_size(host) if name == _KV else int(getattr(host, "page_size", 1) or 1)
+        try:
+            buffers = self._host_buffers(host, page_size, keys, transfer.host_indices)
+        except (NotImplementedError, ValueError) as exc:  # what SGLang's pools raise for layouts without zero copy
+            log.error("kvbucket: host pool %s gives no page buffers: %s", name, exc)
+            return None
+        skeys = self._pool_keys(name, keys)
+        return None if buffers is None or skeys is None else (skeys, buffers)
+
+    def _load_pages(self, name: str, dests: dict[str, list[memoryview]]) -> builtins.set[str]:
+        """Load the stored ones of ``dests`` (store key -> the page's buffers) from pool ``name``'s store."""
+        if not dests:
+            return set()
+        try:
+            store = self._reads_from(name)
+            if store is None:
+                return set()
+            present = [k for k, ok in zip(dests, store.batch_exists(list(dests))) if ok]
+        except _READ_ERRORS as exc:
+            log.warning("kvbucket: lookup for a read of %d %s pages failed: %s", len(dests), name, exc)
+            return set()
+        return self._load_into(store, {k: dests[k] for k in present})
+
     # --------------------------------------------------------- zero-copy path
 
     def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
@@ -377,14 +628,19 @@ class KvBucketHiCacheStorage(_Base):
         return [i in loaded for i in range(len(keys))]
 
     def _page_buffers(self, keys: Sequence[str], host_indices: Any) -> list[list[memoryview]] | None:
-        """Each page's host buffers, from ``get_page_buffer_meta``; None if unusable."""
+        """Each page's buffers in the anchor host pool; None if unusable."""
         pool = getattr(self, "mem_pool_host", None)
         if pool is None or not keys:
             if keys:
                 log.error("kvbucket: zero-copy I/O before register_mem_pool_host")
             return None
+        return self._host_buffers(pool, self._page_size(pool), keys, host_indices)
+
+    def _host_buffers(self, pool: Any, page_size: int, keys: Sequence[str], host_indices: Any) -> list[list[memoryview]] | None:
+        """Each page's buffers in ``pool``, from ``get_page_buffer_meta``; None if unusable."""
+        if not keys:
+            return None
         indices = _as_int_list(host_indices)
-        page_size = self._page_size(pool)
         if len(indices) != len(keys) * page_size:
             log.error("kvbucket: %d host indices for %d pages of %d tokens", len(indices), len(keys), page_size)
             return None
@@ -408,19 +664,22 @@ class KvBucketHiCacheStorage(_Base):
         """Write pages (each a list of buffers) in bucket-sized batches; one result per key."""
         if self._store is None:  # MLA reader rank: the writer rank stores the pages
             return self._exists_flags(keys)
+        return self._write_pages(self._store, self._keys(keys), values)
+
+    def _write_pages(self, store: BucketStore, skeys: Sequence[str], values: Sequence[list[Any]]) -> list[bool]:
+        """Write the pages of ``skeys`` not yet in ``store``; one result per key."""
         start = time.perf_counter()
-        skeys = self._keys(keys)
         try:
-            present = self._store.batch_exists(skeys)
+            present = store.batch_exists(skeys)
         except _READ_ERRORS as exc:
-            log.warning("kvbucket: cannot store %d pages (first %r): %s", len(keys), keys[0] if keys else None, exc)
-            return [False] * len(keys)
+            log.warning("kvbucket: cannot store %d pages (first %r): %s", len(skeys), skeys[0] if skeys else None, exc)
+            return [False] * len(skeys)
         stored = {k for k, there in zip(skeys, present) if there}
         todo: dict[str, tuple[list[Any], int]] = {}
         for skey, value in zip(skeys, values):
             if skey not in stored and skey not in todo:
                 todo[skey] = (value, _nbytes(value))
-        written = self._offload_batches(self._store, todo)
+        written = self._offload_batches(store, todo)
         stored |= written
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, len(written), start)
         return [k in stored for k in skeys]
@@ -472,12 +731,17 @@ class KvBucketHiCacheStorage(_Base):
     def _load_direct(self, store: BucketStore, direct: dict[int, Any], keys: Sequence[str]) -> builtins.set[int]:
         """Load pages that are one buffer each; a failing page never fails the others."""
 
+        loaded = self._load_into(store, {self._key(keys[i]): buf for i, buf in direct.items()})
+        return {i for i in direct if self._key(keys[i]) in loaded}
+
+    def _load_into(self, store: BucketStore, dests: dict[str, Any]) -> builtins.set[str]:
+        """Load each key into its buffer (or list of buffers, back to back); a failing key never fails the others."""
+
         def load(batch: dict[str, Any]) -> Iterable[str]:
             store.batch_load(batch)
             return batch
 
-        loaded = load_each(load, {self._key(keys[i]): buf for i, buf in direct.items()}, _READ_ERRORS, "kvbucket")
-        return {i for i in direct if self._key(keys[i]) in loaded}
+        return load_each(load, dests, _READ_ERRORS, "kvbucket")
 
     def _load_scattered(self, store: BucketStore, skey: str, bufs: list[Any]) -> bool:
         """Read one page whose host buffers are not adjacent (e.g. K and V)."""
@@ -513,9 +777,10 @@ class KvBucketHiCacheStorage(_Base):
     # ---------------------------------------------------------- housekeeping
 
     def clear(self) -> None:
-        """Remove every page of this rank's store (MLA reader ranks: nothing)."""
-        if self._store is not None:
-            self._store.remove_all()
+        """Remove every page this rank wrote (MLA reader ranks: their TP-sharded state only)."""
+        for store in (self._store, self._state_store):
+            if store is not None:
+                store.remove_all()
 
     def get_stats(self) -> Any:
         """SGLang ``StorageMetrics`` of the calls since the last call (None when off)."""
@@ -544,13 +809,17 @@ class KvBucketHiCacheStorage(_Base):
             self._store, self.metrics_server = None, None
         if self._reader is not None:
             self._reader.close()
+        if self._state_store is not None:
+            self._state_store.close()
+            self._state_store = None
 
-    def _record(self, pages: list[int], bandwidth: list[float], count: int, start: float) -> None:
+    def _record(self, pages: list[int], bandwidth: list[float], count: int, start: float, gb: float | None = None) -> None:
+        """Note ``count`` pages (``gb`` GiB; default: anchor pages) moved since ``start``."""
         if not self._metrics_on or count <= 0:
             return
         elapsed = max(time.perf_counter() - start, 1e-9)
         pages.append(count)
-        bandwidth.append(count * self._page_gb() / elapsed)
+        bandwidth.append((count * self._page_gb() if gb is None else gb) / elapsed)
 
     def _page_gb(self) -> float:
         pool = getattr(self, "mem_pool_host", None)
@@ -590,3 +859,61 @@ def _layout_tag(pool: Any) -> str:
         for name in ("layout", "dtype", "page_size", "layer_num", "head_num", "head_dim", "kv_lora_rank", "qk_rope_head_dim")
     ]
     return "@" + hashlib.blake2s("|".join(parts).encode(), digest_size=4).hexdigest()
+
+
+_POOL_FORMAT = (
+    "layout", "dtype", "page_size", "layer_num", "head_num", "head_dim", "kv_lora_rank", "qk_rope_head_dim",
+    "num_mamba_layers", "temporal_dtype", "conv_dtype", "temporal_state_elem_size", "conv_state_shapes", "size_per_token",
+)
+"""Host-pool attributes that describe a v2 pool's page format (absent ones count as empty)."""
+
+
+def _pool_tag(pool: Any) -> str:
+    """``@`` + 8 hex digits naming a v2 pool's page format (its class and :data:`_POOL_FORMAT`)."""
+    values = [getattr(pool, name, "") for name in _POOL_FORMAT]
+    parts = [type(pool).__name__, *("" if callable(value) else str(value) for value in values)]
+    return "@" + hashlib.blake2s("|".join(parts).encode(), digest_size=4).hexdigest()
+
+
+def _name(value: Any) -> str:
+    """A pool name or hit policy as its text (SGLang passes ``str`` enums)."""
+    return str(getattr(value, "value", value))
+
+
+def _leading(flags: Sequence[bool]) -> int:
+    """How many of ``flags``, from the first, are True."""
+    return next((i for i, ok in enumerate(flags) if not ok), len(flags))
+
+
+def _restorable(flags: Sequence[bool], policy: str, window: int) -> builtins.set[int]:
+    """The prefix lengths (pages) a pool holding the pages ``flags`` can restore under ``policy``.
+
+    ``all_pages``: every page of the prefix; ``trailing_pages``: its last
+    ``window`` pages. Any other policy restores nothing (and is logged).
+    """
+    if policy == _ALL_PAGES:
+        return set(range(1, _leading(flags) + 1))
+    if policy == _TRAILING_PAGES:
+        return {end for end in range(1, len(flags) + 1) if all(flags[max(0, end - window) : end])}
+    log.warning("kvbucket: unknown pool hit policy %r; the pool restores nothing", policy)
+    return set()
+
+
+def _block_group_pages(flags: Sequence[bool], block_pages: int, group_pages: int) -> int:
+    """Pages covered by the leading complete key groups of a ``block_groups`` pool.
+
+    Block ``b`` is pages ``[b * block_pages, (b + 1) * block_pages)`` from the
+    span start; its group is the first ``group_pages`` keys of the block. A
+    block counts when it lies wholly in the span and its group is stored; the
+    first block that does not ends the count. Geometry outside
+    ``0 < group_pages <= block_pages`` covers nothing (and is logged).
+    """
+    if not 0 < group_pages <= block_pages:
+        log.warning("kvbucket: block_groups pool with block_pages=%d, group_pages=%d covers nothing", block_pages, group_pages)
+        return 0
+    covered = 0
+    for start in range(0, len(flags) - block_pages + 1, block_pages):
+        if not all(flags[start : start + group_pages]):
+            break
+        covered = start + block_pages
+    return covered
