@@ -190,6 +190,19 @@ def test_long_staged_write_overlaps_in_a_background_thread(tmp_path: Path) -> No
     assert threading.main_thread().name not in {thread for _, _, thread in fs.writes}
 
 
+def test_long_direct_write_overlaps_planning_with_the_background_writer(tmp_path: Path) -> None:
+    """Whole pages from the caller's memory, more than one batch: the batches
+    go out from the writer thread while the caller plans the next one."""
+    datas = [value_for(f"p{i}", 64 << 10) for i in range(3 * WRITE_CHUNK // (64 << 10))]
+    arrays = [aligned_array(len(d), d) for d in datas]
+    fs = Recording()
+    _, length = write_file(tmp_path / "d", [[a] for a in arrays], fs)
+    assert (tmp_path / "d").read_bytes() == expected_file(datas)
+    assert bytes_from(fs.writes, arrays) == length  # still no byte staged
+    assert len(fs.writes) >= 3
+    assert {thread for _, _, thread in fs.writes} == {"kvbucket-write_0"}
+
+
 class HalfWrites(FileSystem):
     """Each pwritev writes about half of what it was given (4 KiB-aligned)."""
 

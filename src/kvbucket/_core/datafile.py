@@ -54,35 +54,20 @@ def _write_direct(
     """Write values with O_DIRECT: aligned middles of the pieces straight from
     the caller's memory, everything else (and the zero padding) staged.
 
+    Pieces are planned as they are handed to the writer, so the planning of
+    one batch overlaps the write of the previous one.
+
     Invariant: ``offsets`` are multiples of ALIGNMENT and ``length`` is the
     padded end, so every write starts and ends on an aligned boundary, and
     every byte of the file not covered by a value is written as zero.
     """
-    plan: list[tuple[int, memoryview, int | None, bool]] = []  # (file position, bytes, address, direct)
-    direct_bytes = 0
-    for pieces, offset in zip(values, offsets):
-        position = offset
-        for piece in pieces:
-            n = len(piece)
-            if not n:
-                continue
-            address, head, middle = split_for_direct(piece, position)
-            if head:
-                plan.append((position, piece[:head], address, False))
-            if middle:
-                plan.append((position + head, piece[head : head + middle], None, True))
-                direct_bytes += middle
-            if n - head - middle:
-                rest = head + middle
-                plan.append((position + rest, piece[rest:], None if address is None else address + rest, False))
-            position += n
-    writer = _DirectWriter(fs, fd, length, max(0, length - direct_bytes))
+    writer = _DirectWriter(fs, fd, length)
     try:
-        for position, view, address, direct in plan:
-            if direct:
-                writer.direct(position, view)
-            else:
-                writer.staged(position, view, address)
+        for pieces, offset in zip(values, offsets):
+            position = offset
+            for piece in pieces:
+                _write_piece(writer, piece, position)
+                position += len(piece)
         writer.finish()
     except BaseException:
         writer.abort()
@@ -91,23 +76,42 @@ def _write_direct(
         writer.release()
 
 
+def _write_piece(writer: _DirectWriter, piece: memoryview, position: int) -> None:
+    """Hand one piece at file ``position`` to ``writer``: its aligned middle
+    direct, its head and tail staged."""
+    n = len(piece)
+    if not n:
+        return
+    address, head, middle = split_for_direct(piece, position)
+    if middle == n:  # the usual case for whole pages: no slicing
+        writer.direct(position, piece)
+        return
+    if head:
+        writer.staged(position, piece[:head], address)
+    if middle:
+        writer.direct(position + head, piece[head : head + middle])
+    rest = head + middle
+    if n - rest:
+        writer.staged(position + rest, piece[rest:], None if address is None else address + rest)
+
+
 class _DirectWriter:
     """Gathers a data file into aligned batches of at most ``fs.WRITE_CHUNK``
     bytes: iovecs over the caller's memory and runs of one staging buffer.
 
-    When more than one batch is staged (``length > WRITE_CHUNK`` and something
-    to copy), batches are written by one background thread while the caller
-    fills the next staging buffer (two buffers, one write in flight). Writes
-    stay in file order, one at a time, through ``fs.write_all`` (which loops
-    over short writes).
+    When the file takes more than one batch (``length > WRITE_CHUNK``),
+    batches are written by one background thread while the caller plans the
+    next one and fills its staging buffer (two buffers, one write in flight).
+    Writes stay in file order, one at a time, through ``fs.write_all`` (which
+    loops over short writes).
     """
 
-    def __init__(self, fs: FileSystem, fd: int, length: int, staged_bytes: int) -> None:
+    def __init__(self, fs: FileSystem, fd: int, length: int) -> None:
         self.fs, self.fd, self.length = fs, fd, length
         chunk = min(_fs.WRITE_CHUNK, STAGING_BYTES)  # read at call time: crash tests shrink it
         self.chunk = max(ALIGNMENT, chunk - chunk % ALIGNMENT)
-        self.stage_bytes = min(staged_bytes, STAGING_BYTES)
-        self.overlap = staged_bytes > 0 and length > self.chunk
+        self.stage_bytes = min(length, STAGING_BYTES)  # taken only once something is staged
+        self.overlap = length > self.chunk
         self.base = 0  # file offset of the current batch
         self.iov: list[memoryview] = []  # closed iovecs of the current batch
         self.size = 0  # bytes in ``iov``
@@ -133,6 +137,10 @@ class _DirectWriter:
         """Write ``view`` (aligned) at ``position`` (aligned) from the caller's memory."""
         self.staged(position, None, None)
         self._close_run()
+        if len(view) <= self.chunk - self.size and len(self.iov) < IOV_MAX:  # fits the batch: no slicing
+            self.iov.append(view)
+            self.size += len(view)
+            return
         while len(view):
             room = self.chunk - self.size
             if room <= 0 or len(self.iov) >= IOV_MAX:
