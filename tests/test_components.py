@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import errno
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,3 +225,67 @@ def test_store_arguments_are_checked_by_the_shared_checker(tmp_path: Path) -> No
             store.compact(2)
         with pytest.raises(InvalidArgument, match=r"^lease_s \(seconds\) must be a number >= 0; got inf$"):
             store.lookup(["k"], lease_s=float("inf"))
+
+
+def _lines_run(function: Callable[[], object], code: object) -> int:
+    """How many lines of ``code`` the interpreter runs during ``function()``."""
+    lines = 0
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        nonlocal lines
+        if frame.f_code is code and event == "line":
+            lines += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        function()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+def _index_of(keys: list[str]) -> Index:
+    index = Index()
+    meta = BucketMeta(1, 4 * len(keys), False, [MetaRecord(k, 4 * i, 4, i) for i, k in enumerate(keys)])
+    index.add_bucket(Bucket(1, meta.data_length, False, 0), meta)
+    return index
+
+
+def test_a_batch_query_runs_no_python_line_per_key() -> None:
+    """The cost of a batch of lookups is C work per key, not interpreted
+    lines per key: a batch of 1,000 runs no more lines than a batch of 10,
+    with or without misses, and the answer is the same as one get() per key."""
+    keys = [f"k{i}" for i in range(2000)]
+    index = _index_of(keys[:1000])
+    for batch in (keys[:10], keys[:1000], keys[995:1005], keys[500:1500]):
+        assert index.query(batch) == {k: index.get(k) for k in batch if k in index}
+    small = _lines_run(lambda: index.query(keys[:10]), Index.query.__code__)
+    large = _lines_run(lambda: index.query(keys[:1000]), Index.query.__code__)
+    missing = _lines_run(lambda: index.query(keys[500:1500]), Index.query.__code__)
+    assert small == large and missing <= small + 3
+
+
+def test_batch_exists_runs_no_python_line_per_key(tmp_path: Path) -> None:
+    with BucketStore.open(tmp_path / "s") as store:
+        store.batch_offload({f"k{i}": b"v" for i in range(100)})
+        few, many = [f"k{i}" for i in range(5)], [f"k{i}" for i in range(200)]
+        assert store.batch_exists(many) == [i < 100 for i in range(200)]
+        traced = 0
+
+        def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+            nonlocal traced
+            if event == "line" and frame.f_code.co_filename.endswith("catalog.py"):
+                traced += 1
+            return tracer
+
+        counts = []
+        for batch in (few, many):
+            traced = 0
+            sys.settrace(tracer)
+            try:
+                store.batch_exists(batch)
+            finally:
+                sys.settrace(None)
+            counts.append(traced)
+        assert counts[0] == counts[1]

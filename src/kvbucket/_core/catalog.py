@@ -98,8 +98,7 @@ class Catalog:
         """For each key, whether it is stored (counted as existence lookups)."""
         with self._mutex:
             self._check_open_locked()
-            slots = self._index.slots
-            flags = [key in slots for key in keys]
+            flags = list(map(self._index.slots.__contains__, keys))
             self.counters.exists(flags.count(True), len(flags))
             return flags
 
@@ -108,8 +107,7 @@ class Catalog:
         first missing one); lease the stored ones for ``lease_s`` seconds."""
         with self._mutex:
             self._check_open_locked()
-            slots = self._index.slots
-            found = [key in slots for key in keys]
+            found = list(map(self._index.slots.__contains__, keys))
             if prefix and not all(found):
                 first_missing = found.index(False)
                 found[first_missing:] = [False] * (len(found) - first_missing)
@@ -129,7 +127,7 @@ class Catalog:
         with self._mutex:
             self._leases.release(keys)
 
-    def query(self, keys: Iterable[str]) -> dict[str, ObjectMeta]:
+    def query(self, keys: Sequence[str]) -> dict[str, ObjectMeta]:
         """Locations of the stored keys among ``keys``."""
         with self._mutex:
             self._check_open_locked()
