@@ -43,7 +43,7 @@ from typing import Any
 
 from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, key_value_pairs, lookup_keys
 from ._core.bucket_files import BucketFiles
-from ._core.buffers import Buffer, value_views, writable_views
+from ._core.buffers import Buffer, views_of_value, writable_views
 from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
 from ._core.counters import CounterSnapshot
@@ -639,8 +639,8 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
         if key in seen:
             raise KeyExists(f"key {key!r} appears twice in the batch")
         seen.add(key)
-        views = value_views(value, f"value of key {key!r}")
-        batch.append(_Object(key, views, sum(len(v) for v in views)))
+        views = views_of_value(key, value)
+        batch.append(_Object(key, views, sum(map(len, views))))
     if not batch:
         raise InvalidArgument("batch_offload needs at least one object")
     return batch

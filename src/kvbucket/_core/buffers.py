@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 from ..errors import InvalidArgument
 
-__all__ = ["Buffer", "byte_view", "value_views", "writable_view", "writable_views"]
+__all__ = ["Buffer", "byte_view", "value_views", "views_of_value", "writable_view", "writable_views"]
 
 Buffer: TypeAlias = Any
 """Any object exposing the buffer protocol (``collections.abc.Buffer`` on 3.12+)."""
@@ -55,6 +55,20 @@ def value_views(value: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) ->
     if isinstance(value, str):
         raise InvalidArgument(f"{what} is a str; encode it to bytes first")
     return [byte_view(value, what)]
+
+
+def views_of_value(key: str, value: Buffer | list[Buffer] | tuple[Buffer, ...]) -> list[memoryview]:
+    """:func:`value_views` of the value of ``key``; a flat byte buffer (the
+    usual value) is taken without composing the name used in errors."""
+    if not isinstance(value, (list, tuple)):
+        try:
+            view = memoryview(value)
+        except TypeError:
+            pass
+        else:
+            if view.ndim == 1 and view.format == "B" and view.c_contiguous:
+                return [view]
+    return value_views(value, f"value of key {key!r}")
 
 
 def writable_views(dest: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) -> list[memoryview]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress
 
 from ..errors import KeyNotFound, SizeMismatch, StoreClosed
 from ..policy.grouping import OffloadGrouper
@@ -165,9 +166,9 @@ class Catalog:
 
     def stored(self, keys: Iterable[str]) -> list[str]:
         """Those of ``keys`` that are stored."""
+        keys = list(keys)
         with self._mutex:
-            index = self._index
-            return [key for key in keys if key in index]
+            return list(compress(keys, map(self._index.slots.__contains__, keys)))
 
     def locate(self, keys: Sequence[str]) -> tuple[list[bool], dict[int, set[str]]]:
         """Per key, whether it is stored; and the stored ones by bucket id."""
