@@ -46,6 +46,8 @@ _new_meta = partial(tuple.__new__, ObjectMeta)
 _RECORD = struct.Struct("=4Q")
 """One object's record in :attr:`Index._records`: bucket id, offset, size, checksum."""
 _RECORD_ITEMS = 4
+_ITEM_BYTES = _RECORD.size // _RECORD_ITEMS
+"""Bytes of one field: a record position divided by this is the array index of its bucket id."""
 _unpack = _RECORD.unpack_from
 
 
@@ -119,7 +121,7 @@ class Index:
 
     def bucket_of(self, key: str) -> int:
         """The id of the bucket holding ``key`` (which must be indexed)."""
-        return self._records[self.slots[key] // 8]
+        return self._records[self.slots[key] // _ITEM_BYTES]
 
     def get(self, key: str) -> ObjectMeta | None:
         position = self.slots.get(key)
@@ -152,7 +154,7 @@ class Index:
         self.buckets[bucket.bucket_id] = bucket
         positions = self._allocate(len(keys))
         if isinstance(positions, range):  # fresh records are contiguous: one strided assignment per field
-            first, stop = positions.start // 8, positions.stop // 8
+            first, stop = positions.start // _ITEM_BYTES, positions.stop // _ITEM_BYTES
             fields = (array("Q", [bucket.bucket_id]) * len(keys), meta.offsets, meta.sizes, array("Q", meta.crcs))
             for item, values in enumerate(fields):
                 self._records[first + item : stop : _RECORD_ITEMS] = values
@@ -205,9 +207,9 @@ class Index:
         cut = len(self._free) - min(count, len(self._free))
         reused = self._free[cut:]
         del self._free[cut:]
-        start = len(self._records) * 8
+        start = len(self._records) * _ITEM_BYTES
         self._records.frombytes(bytes((count - len(reused)) * _RECORD.size))
-        fresh = range(start, len(self._records) * 8, _RECORD.size)
+        fresh = range(start, len(self._records) * _ITEM_BYTES, _RECORD.size)
         return [*reused, *fresh] if reused else fresh
 
     def _release(self, position: int) -> None:
