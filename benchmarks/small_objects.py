@@ -251,7 +251,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     ax.set_xlabel("kvbucket / raw loop in the same process (median of per-trial ratios, whiskers min–max)")
     ax.set_title(title)
     ax.invert_yaxis()
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -272,12 +272,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print a cProfile of kvbucket's side of each phase")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--plot", help="write a PNG of the ratios here")
+    p.add_argument("--from-json", metavar="JSON", nargs="+", help="measure nothing: print and plot the rows of these --json files")
     return p.parse_args(argv)
+
+
+def replot(paths: list[str], plot_path: str | None) -> int:
+    """Print (and plot) the rows of earlier runs' JSON files, in order."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    rows = [row for run in runs for row in run["rows"]]
+    print(table(rows))
+    if plot_path:
+        plot(rows, plot_path, f"kvbucket vs raw loops (same process, median of {runs[0]['trials']})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen phases; print the table (and profiles)."""
     args = parse_args(argv)
+    if args.from_json:
+        return replot(args.from_json, args.plot)
     wl = kb.Workload(parse_size(args.size), parse_size(args.dataset), args.threads, args.batch, parse_size(args.bucket))
     phases = [p for p in args.phases.split(",") if p]
     modes = [m for m in args.modes.split(",") if m]
@@ -297,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             print(prof.report(phase), end="", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for row in rows:
+        if not row["name"].startswith("batch_"):
+            row["name"] = f"{args.size} {row['name']}"
     title = (f"{args.size} objects, {wl.n_objects} per trial, buckets of {wl.per_bucket} objects, "
              f"{args.threads} read threads, batches of {args.batch}")
     print(f"{title}; median of {args.trials} trials; {time.time() - started:.0f} s\n")
