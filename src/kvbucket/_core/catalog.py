@@ -208,7 +208,7 @@ class Catalog:
             self._check_open_locked()
             nbytes = 0
             for key, view in views.items():
-                size = sum(len(piece) for piece in view)
+                size = sum(map(len, view))
                 try:
                     meta = self._meta_locked(key)
                 except KeyNotFound:
