@@ -316,7 +316,7 @@ class Budget:
                     evict_to(hard)
                 mine = usage()
             if mine > hard:
-                self._wanted = mine - hard
+                self._wanted = max(mine - hard, need)
                 self._publish_locked(mine, 0, self._wanted)
                 raise CapacityExceeded(self._full_message(need, mine, others))
             self._wanted = 0
@@ -352,10 +352,12 @@ class Budget:
         self._write(SECTOR + index * SLOT_SIZE + SECTOR, encode_numbers(slot), durable=False)
 
     def _own_slot(self) -> int | None:
-        for index, slot in enumerate(self._file.slots):
-            if slot is not None and (slot.device, slot.inode) == self._identity:
-                return index
-        return None
+        return next((index for index, slot in enumerate(self._file.slots) if slot is not None and self._is_own(slot)), None)
+
+    def _is_own(self, slot: BudgetSlot) -> bool:
+        """Whether ``slot`` is this member's: the same directory (identity) at
+        the same path; a reused inode at another path is not."""
+        return (slot.device, slot.inode) == self._identity and slot.path == self._dir
 
     def _claim_slot(self) -> int:
         """A slot for this directory: a free one, or a new one at the end;
@@ -378,21 +380,23 @@ class Budget:
 
     def _others(self) -> int:
         """What the other members' slots count."""
-        return sum(slot.counted for slot in self._file.slots if slot is not None and (slot.device, slot.inode) != self._identity)
+        return sum(slot.counted for slot in self._file.slots if slot is not None and not self._is_own(slot))
 
     def _wanted_by_others(self) -> int:
-        return sum(slot.wanted for slot in self._file.slots if slot is not None and (slot.device, slot.inode) != self._identity)
+        return sum(slot.wanted for slot in self._file.slots if slot is not None and not self._is_own(slot))
 
     def _reconcile(self, *, everyone: bool) -> None:
         """Replace the numbers of dead members by a measure of their
         directory (and free the slot of a directory that is gone). Without
         ``everyone``, only slots whose numbers are damaged are measured."""
         for index, slot in enumerate(self._file.slots):
-            if slot is None or (slot.device, slot.inode) == self._identity:
+            if slot is None or self._is_own(slot):
                 continue
             if not everyone and slot.usage >= 0:
                 continue
-            if _alive(self._fs, slot.path):
+            # A slot at this member's path but of another directory (the one
+            # there before it was replaced) is not live: the LOCK there is ours.
+            if slot.path != self._dir and _alive(self._fs, slot.path):
                 if slot.usage < 0:  # a live member with damaged numbers: count its directory
                     slot.usage = self._measure(slot) or 0
                 continue
