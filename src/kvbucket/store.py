@@ -170,7 +170,15 @@ class BucketStore:
         self._catalog = Catalog(self._dir, policy, grouper, self._reads, clock or time.monotonic)
         self._space = Space(fs, self._dir, limits, self._catalog.usage, count_foreign=config.physical_scope == "directory")
         self._files = BucketFiles(
-            fs, self._dir, lock, self._catalog, self._space, durable=self._durable, direct=direct, committed=lambda: self._eviction.committed()
+            fs,
+            self._dir,
+            lock,
+            self._catalog,
+            self._space,
+            durable=self._durable,
+            direct=direct,
+            committed=lambda: self._eviction.committed(),
+            reserve=lambda physical: self._eviction.reserve(physical),
         )
         self._eviction: Eviction = Eviction(
             self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation, budget
