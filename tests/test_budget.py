@@ -248,3 +248,10 @@ def test_a_replaced_member_directory_is_counted_once(tmp_path: Path) -> None:
         slots = decode_budget(budget.read_bytes()).slots  # type: ignore[union-attr]
         assert [slot.path for slot in slots if slot is not None] == [str(tmp_path / "r0")]
         assert r0.stats().budget_used_bytes == du(tmp_path / "r0")
+
+
+def test_engine_configs_take_the_budget_keys() -> None:
+    from kvbucket.integrations._common import store_options
+
+    options = store_options({"budget_path": "/nvme/kv/BUDGET", "budget_bytes": "3300G"}, "an engine's extra config")
+    assert options == {"budget_path": Path("/nvme/kv/BUDGET"), "budget_bytes": 3300 << 30}
