@@ -255,3 +255,24 @@ def test_engine_configs_take_the_budget_keys() -> None:
 
     options = store_options({"budget_path": "/nvme/kv/BUDGET", "budget_bytes": "3300G"}, "an engine's extra config")
     assert options == {"budget_path": Path("/nvme/kv/BUDGET"), "budget_bytes": 3300 << 30}
+
+
+def test_a_refused_opener_of_a_live_members_directory_leaves_its_slot_alone(tmp_path: Path) -> None:
+    """A second writer of a member's directory is refused (StoreLocked) and
+    does not take the live member's slot for a dead one's (its reservation
+    and numbers stay)."""
+    from kvbucket.errors import StoreLocked
+
+    budget = tmp_path / "BUDGET"
+    with BucketStore.open(tmp_path / "r0", budget_path=budget, budget_bytes=BUDGET, **MEMBER) as r0:
+        fill(r0, "a", 2)
+        raw = bytearray(budget.read_bytes())
+        slot = slots_of(budget)[str(tmp_path / "r0")]
+        slot.reserved = 4096  # as while a write is in flight
+        raw[2 * SECTOR : 2 * SECTOR + SECTOR] = encode_numbers(slot).ljust(SECTOR, b"\0")
+        budget.write_bytes(bytes(raw))
+        with pytest.raises(InvalidArgument, match="run with it"):  # re-measures the dead members first
+            BucketStore.open(tmp_path / "r0", budget_path=budget, budget_bytes=2 * BUDGET, **MEMBER)
+        with pytest.raises(StoreLocked):
+            BucketStore.open(tmp_path / "r0", budget_path=budget, **MEMBER)
+        assert slots_of(budget)[str(tmp_path / "r0")].reserved == 4096

@@ -211,7 +211,7 @@ class BucketStore:
             # A member takes its LOCK under the budget's flock: the others probe LOCKs only under it.
             with budget.locked() if budget is not None else contextlib.nullcontext():
                 if budget is not None:
-                    run_io("checking the budget", directory, budget.admit_new_directory)
+                    run_io("checking the budget", directory, budget.admit)
                 _prepare_directory(fs, directory, config.readonly)
                 lock = _take_lock(fs, directory, config)
                 if budget is not None and lock is not None:

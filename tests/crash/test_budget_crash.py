@@ -58,7 +58,11 @@ def slots(budget: str) -> dict[str, BudgetSlot]:
 
 
 def create_budget(budget: str) -> None:
-    Budget.open(FileSystem(), budget, BUDGET, os.path.dirname(budget)).close()
+    """Make the budget file (as the first member to open does)."""
+    handle = Budget.open(FileSystem(), budget, BUDGET, os.path.dirname(budget))
+    with handle.locked():
+        handle.admit()
+    handle.close()
 
 
 def skip_reservations() -> None:

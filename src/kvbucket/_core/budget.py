@@ -191,7 +191,7 @@ class Budget:
                 raise InvalidArgument(
                     f"there is no budget file at {path}; give budget_bytes (the disk's size, e.g. 3500G) to create it"
                 ) from None
-            st = fs.stat(os.path.dirname(os.path.abspath(path)))
+            st = stat_directory(fs, os.path.dirname(os.path.abspath(path)))
         else:
             if not stat.S_ISREG(st.st_mode):
                 raise _foreign(path, "a link or not a regular file")
@@ -206,13 +206,10 @@ class Budget:
         try:
             if not stat.S_ISREG(fs.fstat(fd).st_mode):
                 raise _foreign(path, "not a regular file")
-            budget = cls(fs, path, fd, directory, budget_bytes)
-            with budget.locked():
-                budget._check_size()
         except BaseException:
             fs.close(fd)
             raise
-        return budget
+        return cls(fs, path, fd, directory, budget_bytes)
 
     def close(self) -> None:
         """Close the descriptor (the slot stays: the directory still occupies the disk)."""
@@ -250,7 +247,8 @@ class Budget:
 
     def _check_size(self) -> None:
         """Create the header of a new (blank) file, or apply a changed
-        ``budget_bytes`` when no other member is alive; refuse it otherwise.
+        ``budget_bytes`` when no other member is alive; refuse it otherwise
+        (:class:`InvalidArgument`).
 
         Requires: the flock held."""
         current, requested = self._file.size, self._requested
@@ -271,11 +269,15 @@ class Budget:
         self._file.size = requested
 
     # -- membership ---------------------------------------------------------------
-    def admit_new_directory(self) -> None:
-        """Raise :class:`CapacityExceeded` when the store's directory does not
-        exist and a new member's floor does not fit in the budget.
+    def admit(self) -> None:
+        """Check the budget's size (see ``budget_bytes``: create the header of
+        a new file, apply a changed size while no other member runs, else
+        raise :class:`InvalidArgument`), then raise :class:`CapacityExceeded`
+        when the store's directory does not exist and a new member's floor
+        does not fit in the budget.
 
-        Requires: :meth:`locked` held."""
+        Requires: :meth:`locked` held, before the store's writer lock is taken."""
+        self._check_size()
         try:
             stat_directory(self._fs, self._dir)
             return
@@ -394,9 +396,10 @@ class Budget:
                 continue
             if not everyone and slot.usage >= 0:
                 continue
-            # A slot at this member's path but of another directory (the one
-            # there before it was replaced) is not live: the LOCK there is ours.
-            if slot.path != self._dir and _alive(self._fs, slot.path):
+            # Once joined, a slot at this member's path but of another directory
+            # (the one there before it was replaced) is not live: the LOCK there is ours.
+            ours = self._identity is not None and slot.path == self._dir
+            if not ours and _alive(self._fs, slot.path):
                 if slot.usage < 0:  # a live member with damaged numbers: count its directory
                     slot.usage = self._measure(slot) or 0
                 continue
