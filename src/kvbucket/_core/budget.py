@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import struct
@@ -130,20 +131,29 @@ def decode_budget(raw: bytes) -> BudgetFile | None:
 
 
 def _decode_slot(raw: bytes) -> BudgetSlot | None:
-    member = raw[:SECTOR]
-    if len(member) < _MEMBER.size:
+    member = _decode_member(raw[:SECTOR])
+    if member is None:
         return None
-    magic, device, inode, length = _MEMBER.unpack_from(member)
-    record = member[: _MEMBER.size + length + _CRC.size]
-    if magic != _MEMBER_MAGIC or not 0 < length <= MAX_PATH_BYTES or _unsealed(record) is None:
-        return None
-    slot = BudgetSlot(device, inode, os.fsdecode(record[_MEMBER.size : _MEMBER.size + length]))
+    slot = BudgetSlot(*member)
     numbers = _unsealed(raw[SECTOR : SECTOR + _NUMBERS.size + _CRC.size])
     if numbers is None or numbers[:8] != _NUMBERS_MAGIC:
         slot.usage = -1
     else:
         _, slot.usage, slot.reserved, slot.wanted = _NUMBERS.unpack(numbers)
     return slot
+
+
+@functools.lru_cache(maxsize=MAX_MEMBERS)
+def _decode_member(sector: bytes) -> tuple[int, int, str] | None:
+    """``(st_dev, st_ino, path)`` of a membership record; ``None`` when it is
+    zero or damaged. Cached: every read of the file decodes the same records."""
+    if len(sector) < _MEMBER.size:
+        return None
+    magic, device, inode, length = _MEMBER.unpack_from(sector)
+    record = sector[: _MEMBER.size + length + _CRC.size]
+    if magic != _MEMBER_MAGIC or not 0 < length <= MAX_PATH_BYTES or _unsealed(record) is None:
+        return None
+    return device, inode, os.fsdecode(record[_MEMBER.size : _MEMBER.size + length])
 
 
 def _sealed(record: bytes) -> bytes:
