@@ -276,3 +276,20 @@ def test_a_refused_opener_of_a_live_members_directory_leaves_its_slot_alone(tmp_
         with pytest.raises(StoreLocked):
             BucketStore.open(tmp_path / "r0", budget_path=budget, **MEMBER)
         assert slots_of(budget)[str(tmp_path / "r0")].reserved == 4096
+
+
+def test_removal_compaction_and_deletion_publish_the_usage(tmp_path: Path) -> None:
+    budget = tmp_path / "BUDGET"
+    with BucketStore.open(tmp_path / "r0", budget_path=budget, budget_bytes=BUDGET, **MEMBER) as r0:
+        r0.batch_offload({f"k{i}": os.urandom(8 * KiB) for i in range(8)})
+        r0.batch_offload({f"j{i}": os.urandom(8 * KiB) for i in range(8)})
+        for change in (
+            lambda: r0.batch_remove([f"k{i}" for i in range(6)]),
+            lambda: r0.batch_remove([f"j{i}" for i in range(6)]),
+            lambda: r0.compact(0.5),
+            lambda: r0.delete_bucket(r0.bucket_ids()[0]),
+        ):
+            change()
+            slot = slots_of(budget)[str(tmp_path / "r0")]
+            assert (slot.usage, slot.reserved) == (du(tmp_path / "r0"), 0)
+        assert len(r0) == 0
