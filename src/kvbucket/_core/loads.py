@@ -109,7 +109,7 @@ class LoadHandle:
             return dict(self._errors)
 
     def loaded(self) -> list[str]:
-        """The keys that loaded, in the order they were given (once :meth:`done`)."""
+        """The keys that loaded, in the order they were given (waits until the batch is done)."""
         self.wait()
         return [key for key in self._keys if key not in self._errors]
 
