@@ -127,7 +127,12 @@ class BucketConfig:
     """How long :meth:`~kvbucket.BucketStore.group_for_offload` may carry a
     partial bucket before emitting it anyway (0 disables the time flush)."""
     io_threads: int = 8
-    """Threads that read objects of one ``batch_load`` in parallel."""
+    """Load threads: objects read in parallel, across every load in flight."""
+    load_queue_depth: int = 64
+    """Most load batches in flight (submitted and not yet done); a
+    :meth:`~kvbucket.BucketStore.submit_load` beyond it waits for one to
+    finish (or raises :class:`~kvbucket.errors.CapacityExceeded` after its
+    ``timeout``)."""
     io_mode: IOMode = "buffered"
     """``buffered`` goes through the page cache; ``direct`` uses O_DIRECT."""
     budget_path: str | os.PathLike[str] = ""
@@ -346,7 +351,7 @@ _COUNT_RE = re.compile(r"^\s*\d+\s*$")
 # Integer fields that hold bytes (they take units); the other integer fields are counts.
 _SIZE_FIELDS = frozenset({"bucket_size_limit", "max_total_size", "max_physical_bytes", "budget_bytes"})
 # Integer fields where 0 means nothing rather than unlimited.
-_POSITIVE_FIELDS = frozenset({"bucket_size_limit", "bucket_keys_limit", "io_threads"})
+_POSITIVE_FIELDS = frozenset({"bucket_size_limit", "bucket_keys_limit", "io_threads", "load_queue_depth"})
 
 
 def _field_setting(name: str, annotation: object) -> Setting:

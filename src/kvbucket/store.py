@@ -5,8 +5,9 @@ A store composes five components, each owning its state and its lock:
 * the catalog (:mod:`kvbucket._core.catalog`): the index, leases, the access
   clock, the policy's state, the counters, under the *index lock*, held only
   for in-memory work (and opening a read descriptor);
-* the read path (:mod:`kvbucket._core.read_path`): read descriptors, pins and
-  the I/O threads, under its own lock;
+* the read path (:mod:`kvbucket._core.read_path`): read descriptors and
+  pins, under its own lock; the load queue (:mod:`kvbucket._core.loads`):
+  the load threads and the batches in flight, under its own lock;
 * the space account (:mod:`kvbucket._core.space`): limits and the usage the
   index does not hold, under its own lock;
 * eviction (:mod:`kvbucket._core.eviction`): victims from the policy
@@ -22,8 +23,10 @@ Reads take neither ``_writer`` nor the index lock during I/O: they pin
 their buckets, read through the pinned descriptors, and unpin. A bucket
 deleted meanwhile is unlinked at once, but its descriptor stays open until
 the last pin goes, so a read that has started completes with the right
-bytes. ``close()`` stops the background evictor, then waits for the reads in
-flight before it stops the I/O threads.
+bytes. Loads are asynchronous (:meth:`BucketStore.submit_load`), pinned per
+object, with no barrier between batches; ``batch_load`` and ``batch_get``
+submit a batch and wait for it. ``close()`` stops the background evictor,
+then waits for the loads in flight before it stops the load threads.
 
 Leases: :meth:`BucketStore.lookup` leases the keys it finds
 (:mod:`kvbucket._core.lease`); every eviction chooses its victims among the
@@ -65,6 +68,7 @@ from ._core.fs import FileSystem, run_io, stat_directory
 from ._core.index import Bucket, ObjectMeta
 from ._core.interfaces import EvictionListener
 from ._core.lease import Clock
+from ._core.loads import LoadHandle, Loads
 from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
@@ -82,7 +86,7 @@ from .policy.grouping import OffloadGrouper, split_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BucketStore", "StoreStats", "EvictionListener"]
+__all__ = ["BucketStore", "StoreStats", "EvictionListener", "LoadHandle"]
 
 Value = Buffer | Sequence[Buffer]
 Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
@@ -172,6 +176,7 @@ class BucketStore:
             on_corrupt=lambda truncated: self._catalog.corrupt(truncated),
         )
         self._catalog = Catalog(self._dir, policy, grouper, self._reads, clock or time.monotonic)
+        self._loads = Loads(self._dir, self._catalog, self._reads, threads=config.io_threads, depth=config.load_queue_depth)
         self._space = Space(fs, self._dir, limits, self._catalog.usage, count_foreign=config.physical_scope == "directory")
         self._files = BucketFiles(
             fs,
@@ -267,15 +272,18 @@ class BucketStore:
             self._space.reconcile()
 
     def close(self) -> None:
-        """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`.
+        """Release the directory. Loads in flight finish first (every
+        :class:`LoadHandle` submitted before is done when this returns, its
+        callbacks run); later calls raise :class:`StoreClosed`.
 
         The background evictor is stopped and joined first (a pass in
-        progress completes), before the I/O threads stop.
+        progress completes), before the load threads stop.
         """
         self._eviction.stop()
         with self._writer:
             if not self._catalog.close():
                 return
+            self._loads.close()
             self._reads.close()
             _close_quietly(self._dir, "finishing deletions", self._files.finish_deletions)
             if self._budget is not None:
@@ -388,20 +396,45 @@ class BucketStore:
             raise
 
     # -- reading --------------------------------------------------------------
+    def submit_load(self, destinations: Mapping[str, Buffer], *, timeout: float | None = None) -> LoadHandle:
+        """Start reading each object into the caller's buffer (as :meth:`batch_load`); return at once.
+
+        The returned :class:`LoadHandle` has a future for the batch and one
+        per key: each key loads or fails on its own (a missing key, a buffer
+        of the wrong size, a corrupt object or an I/O error fails only that
+        key). Batches run concurrently with no barrier between them; the
+        buffers must stay alive and untouched until the handle is done.
+        Each object's bucket stays pinned until its read ends, so eviction,
+        removal, compaction or a refresh meanwhile never yields wrong bytes.
+
+        At most ``load_queue_depth`` batches are in flight: a submit beyond
+        that waits for one to complete, up to ``timeout`` seconds (None: as
+        long as it takes; 0: not at all), then raises
+        :class:`CapacityExceeded`. After :meth:`close`, raises :class:`StoreClosed`.
+        """
+        if timeout is not None:
+            timeout = check_number(timeout, "timeout (seconds)")
+        return self._loads.submit(self._load_views(destinations, "submit_load"), "load", timeout=timeout)
+
     def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
         """Read each object into the caller's buffer (exactly the object's size),
         or into a list of buffers filled back to back (sizes summing to the
         object's size), without copying.
 
-        Unknown keys raise :class:`KeyNotFound`, wrong sizes
-        :class:`SizeMismatch`, a failed checksum :class:`CorruptionError`; on
-        error the buffers' content is unspecified.
+        Unknown keys raise :class:`KeyNotFound` and wrong sizes
+        :class:`SizeMismatch` before anything is read; a failed checksum
+        raises :class:`CorruptionError` once every read of the batch has
+        ended. On error the buffers' content is unspecified. It is
+        :meth:`submit_load` and a wait, reading on the calling thread too.
         """
-        destinations = key_mapping(destinations, "batch_load")
+        self._loads.run(self._load_views(destinations, "batch_load"), "load")
+
+    def _load_views(self, destinations: Mapping[str, Buffer], method: str) -> dict[str, list[memoryview]]:
+        """The destinations of a load, checked, as lists of writable views."""
+        destinations = key_mapping(destinations, method)
         if not destinations:
-            raise InvalidArgument("batch_load needs at least one key")
-        views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
-        self._read(views, "load")
+            raise InvalidArgument(f"{method} needs at least one key")
+        return {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""
@@ -409,19 +442,8 @@ class BucketStore:
         if not keys:
             raise InvalidArgument("batch_get needs at least one key")
         buffers = {key: bytearray(size) for key, size in self._catalog.sizes(keys, "get").items()}
-        self._read({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
+        self._loads.run({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
         return {key: bytes(buf) for key, buf in buffers.items()}
-
-    def _read(self, views: dict[str, list[memoryview]], op: str) -> None:
-        """Pin, read and unpin: the read of one call (``op`` names it in the counters)."""
-        started = time.perf_counter()
-        plan = self._catalog.pin(views, op)
-        succeeded: float | None = None
-        try:
-            self._reads.run(plan)
-            succeeded = started
-        finally:
-            self._catalog.unpin(plan, views, succeeded)
 
     # -- metadata -------------------------------------------------------------
     def exists(self, key: str) -> bool:
