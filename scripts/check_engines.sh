@@ -24,7 +24,7 @@ SGLANG_DEPS=(numpy orjson psutil pybase64 requests urllib3 idna certifi charset_
 LMCACHE_DEPS=(pyyaml cachetools sortedcontainers numba llvmlite prometheus_client py-cpuinfo aiofile caio
   transformers safetensors tokenizers regex huggingface_hub httpx2 httpcore2 truststore h11 cryptography cffi pycparser)
 VLLM_DEPS=(cbor2 openai sniffio jiter distro openai_harmony cloudpickle uvloop xgrammar apache-tvm-ffi fastapi
-  annotated_doc opentelemetry-api importlib-metadata zipp)
+  annotated_doc opentelemetry-api importlib-metadata zipp annotated_types partial_json_parser llguidance)
 
 pip_q() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 

@@ -199,14 +199,15 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
     store.batch_offload({"a": value_for("a", SIZE), "b": value_for("b", SIZE)})
     assert store.batch_get(["a", "b"]) == {"a": value_for("a", SIZE), "b": value_for("b", SIZE)}  # starts the I/O pool
     looked_up, proceed = threading.Event(), threading.Event()
-    start_lanes = store._reads.executor
+    pin = store._catalog.pin
 
-    def pausing_executor():  # type: ignore[no-untyped-def]
-        looked_up.set()  # called only after the lookup pinned the buckets
+    def pausing_pin(*args):  # type: ignore[no-untyped-def]
+        pinned = pin(*args)
+        looked_up.set()  # the lookup pinned the buckets; no read has started
         proceed.wait()
-        return start_lanes()
+        return pinned
 
-    store._reads.executor = pausing_executor  # type: ignore[method-assign]
+    store._catalog.pin = pausing_pin  # type: ignore[method-assign]
     buffers = {"a": bytearray(SIZE), "b": bytearray(SIZE)}
     errors: list[BaseException] = []
 
@@ -220,8 +221,8 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
         store.close()
         proceed.set()  # close() returned without waiting for the load
 
-    waiting = _SetOnRecord("read(s) in flight", proceed)  # or close() waits for it
-    store_log = logging.getLogger("kvbucket._core.read_path")
+    waiting = _SetOnRecord("batch(es) in flight", proceed)  # or close() waits for it
+    store_log = logging.getLogger("kvbucket._core.loads")
     level = store_log.level
     store_log.setLevel(logging.DEBUG)
     store_log.addHandler(waiting)

@@ -17,6 +17,7 @@ import pytest
 
 from adapter_suite import AdapterSuite, metric, page_bytes
 from kvbucket import BucketStore
+from kvbucket._core.read_path import ReadPath
 from kvbucket.errors import InvalidArgument, StoreLocked
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
@@ -356,3 +357,34 @@ class TestSuite(AdapterSuite):
 
     def close(self, adapter: Any) -> None:
         adapter.close()
+
+
+def test_a_load_task_is_read_by_the_store_load_queue(opened: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit_load_task hands the task to BucketStore.submit_load and returns
+    while its read is held; the load fd fires from the load's completion."""
+    adapter = plugin(opened, tmp_path)
+    keys, objects = [key(1), key(2)], chunks(2)
+    assert lm.store(adapter, keys, objects).is_successful()
+    entered, release = threading.Event(), threading.Event()
+    read = ReadPath.read
+
+    def held_read(self: ReadPath, *args: Any) -> None:
+        entered.set()
+        release.wait()
+        read(self, *args)
+
+    submitted: list[int] = []
+    submit = adapter._store.submit_load
+    monkeypatch.setattr(ReadPath, "read", held_read)
+    monkeypatch.setattr(adapter._store, "submit_load", lambda dests, **kw: submitted.append(len(dests)) or submit(dests, **kw))
+    targets = [FakeMemoryObj(CHUNK), FakeMemoryObj(CHUNK)]
+    try:
+        task = adapter.submit_load_task([key(1), key(2), key(3)], [*targets, FakeMemoryObj(CHUNK)])
+        entered.wait()
+        assert submitted == [3] and adapter.query_load_result(task) is None
+    finally:
+        release.set()
+    while (bitmap := adapter.query_load_result(task)) is None:
+        lm.wait_fd(adapter.get_load_event_fd())
+    assert [i for i in range(3) if bitmap.test(i)] == [0, 1]
+    assert [t.tensor.tobytes() for t in targets] == [o.tensor.tobytes() for o in objects]

@@ -86,6 +86,19 @@ def test_counters_after_known_operations(tmp_path: Path) -> None:
     assert samples(exposition(store)) == {("kvbucket_store_open", frozenset()): 0}
 
 
+def test_the_shared_budget_is_exposed(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    with BucketStore.open(tmp_path / "a", budget_path=tmp_path / "BUDGET", budget_bytes="10M", durability="relaxed") as store:
+        parsed = samples(exposition(store))
+        assert value(parsed, "kvbucket_budget_bytes") == 10 << 20
+        before = value(parsed, "kvbucket_budget_used_bytes")
+        store.batch_offload({"a": b"a" * 100_000})
+        after = value(samples(exposition(store)), "kvbucket_budget_used_bytes")
+        assert after == store.stats().budget_used_bytes >= before + 100_000
+    with BucketStore.open(tmp_path / "b") as alone:
+        assert value(samples(exposition(alone)), "kvbucket_budget_bytes") == 0
+
+
 def test_evictions_and_checksum_failures_are_counted(tmp_path: Path) -> None:
     store = BucketStore.open(tmp_path, total_keys_limit=2, eviction_policy="fifo", durability="relaxed")
     store.batch_offload({"a": b"a" * 64, "b": b"b" * 64})

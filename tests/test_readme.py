@@ -22,7 +22,7 @@ def blocks(language: str) -> list[tuple[int, str]]:
 
 def test_readme_has_the_examples_it_promises() -> None:
     code = "\n".join(body for _, body in blocks("python"))
-    for call in ("batch_offload", "batch_load", "recovery_report", "group_for_offload", "BucketConfig.from_file", "OffloadQueue"):
+    for call in ("batch_offload", "batch_load", "recovery_report", "group_for_offload", "BucketConfig.from_file", "OffloadQueue", "submit_load"):
         assert call in code, call
     assert "import numpy" not in code  # numpy is not a dependency
 
@@ -45,4 +45,5 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "214748364800 67108864" in out
     assert "exceeds bucket_size_limit=8388608" in out and "3 buckets" in out
     assert "64 objects stored" in out
+    assert "loaded ['page-1']" in out and "['nope']" in out
     assert "kvbucket_store_open{store=\"kv/metrics-demo\"} 1.0" in out

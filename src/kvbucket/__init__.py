@@ -8,13 +8,14 @@
 
 from . import errors as _errors
 from ._core.index import ObjectMeta
+from ._core.loads import LoadHandle
 from ._core.recovery import RecoveryReport
 from .config import BucketConfig
 from .errors import *  # noqa: F403 - every public error, so `from kvbucket import KeyNotFound` works
 from .pipeline import OffloadQueue
 from .store import BucketStore, StoreStats
 
-__all__ = ["BucketStore", "BucketConfig", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", *_errors.__all__]
+__all__ = ["BucketStore", "BucketConfig", "LoadHandle", "ObjectMeta", "OffloadQueue", "RecoveryReport", "StoreStats", *_errors.__all__]
 __version__ = "0.1.0"
 
 import logging as _logging

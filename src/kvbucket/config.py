@@ -127,9 +127,22 @@ class BucketConfig:
     """How long :meth:`~kvbucket.BucketStore.group_for_offload` may carry a
     partial bucket before emitting it anyway (0 disables the time flush)."""
     io_threads: int = 8
-    """Threads that read objects of one ``batch_load`` in parallel."""
+    """Load threads: objects read in parallel, across every load in flight."""
+    load_queue_depth: int = 64
+    """Most load batches in flight (submitted and not yet done); a
+    :meth:`~kvbucket.BucketStore.submit_load` beyond it waits for one to
+    finish (or raises :class:`~kvbucket.errors.CapacityExceeded` after its
+    ``timeout``)."""
     io_mode: IOMode = "buffered"
     """``buffered`` goes through the page cache; ``direct`` uses O_DIRECT."""
+    budget_path: str | os.PathLike[str] = ""
+    """A budget file shared by several store directories on one file system
+    (one per rank): their physical usage together stays within
+    ``budget_bytes``. Empty: no shared budget. Readonly stores ignore it."""
+    budget_bytes: int = 0
+    """The shared budget's size. The first member creates the budget file
+    with it; 0 takes the size the file records. A different size is applied
+    only when no other member is running."""
 
     def validated(self) -> BucketConfig:
         """Return a typed, normalised copy, or raise :class:`InvalidArgument` naming the bad field.
@@ -142,6 +155,8 @@ class BucketConfig:
         high, low = values["eviction_high_watermark"], values["eviction_low_watermark"]
         if low > high:
             raise InvalidArgument(f"eviction_low_watermark ({low}) exceeds eviction_high_watermark ({high})")
+        if values["budget_bytes"] and not os.fspath(values["budget_path"]):
+            raise InvalidArgument("budget_bytes needs budget_path: name the budget file the store directories share")
         if values["bucket_keys_limit"] > MAX_BUCKET_KEYS:
             raise InvalidArgument(f"bucket_keys_limit must be at most {MAX_BUCKET_KEYS}; got {values['bucket_keys_limit']!r}")
         return dataclasses.replace(self, **values)
@@ -189,7 +204,7 @@ class BucketConfig:
 
 
 # -- one parser for every source of a setting ---------------------------------
-SettingKind = Literal["bool", "size", "count", "number", "ratio", "choice", "path"]
+SettingKind = Literal["bool", "size", "count", "number", "ratio", "choice", "path", "optional_path"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +222,7 @@ class Setting:
     * ``ratio``: a number in (0, 1].
     * ``choice``: one of ``choices`` (any case).
     * ``path``: a non-empty ``str`` or path object; becomes a :class:`~pathlib.Path`.
+    * ``optional_path``: the same, or empty (``""`` or None: not set), which stays ``""``.
 
     ``minimum`` is the least value of a size, count or number (inclusive).
     An integral float (JSON and YAML write ``1e9``) is taken as a size or count.
@@ -311,6 +327,14 @@ def _parse_path(setting: Setting, value: object) -> Path:
     raise ValueError("a directory path")
 
 
+def _parse_optional_path(setting: Setting, value: object) -> Path | str:
+    if value is None or (isinstance(value, (str, os.PathLike)) and not os.fspath(value)):
+        return ""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError("a file path, or empty for none")
+
+
 _PARSERS: dict[str, Callable[[Setting, object], Any]] = {
     "bool": _parse_bool,
     "size": _parse_size_value,
@@ -319,20 +343,23 @@ _PARSERS: dict[str, Callable[[Setting, object], Any]] = {
     "ratio": _parse_ratio,
     "choice": _parse_choice,
     "path": _parse_path,
+    "optional_path": _parse_optional_path,
 }
 
 _COUNT_RE = re.compile(r"^\s*\d+\s*$")
 
 # Integer fields that hold bytes (they take units); the other integer fields are counts.
-_SIZE_FIELDS = frozenset({"bucket_size_limit", "max_total_size", "max_physical_bytes"})
+_SIZE_FIELDS = frozenset({"bucket_size_limit", "max_total_size", "max_physical_bytes", "budget_bytes"})
 # Integer fields where 0 means nothing rather than unlimited.
-_POSITIVE_FIELDS = frozenset({"bucket_size_limit", "bucket_keys_limit", "io_threads"})
+_POSITIVE_FIELDS = frozenset({"bucket_size_limit", "bucket_keys_limit", "io_threads", "load_queue_depth"})
 
 
 def _field_setting(name: str, annotation: object) -> Setting:
     """The :class:`Setting` of a field, from its name and annotation."""
     if name == "path":
         return Setting("path")
+    if name == "budget_path":
+        return Setting("optional_path")
     if name in _CHOICES:
         return Setting("choice", choices=_CHOICES[name])
     if annotation == "bool":

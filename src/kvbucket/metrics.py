@@ -121,6 +121,10 @@ def _usage_families(label: str, stats: StoreStats) -> Iterator[Metric]:
         "kvbucket_foreign_bytes", "Allocated bytes of entries that are not the store's, counted in physical usage.", label, stats.foreign_bytes
     )
     yield _gauge("kvbucket_pending_deletions", "Buckets out of the index whose files an I/O error kept on disk.", label, stats.pending_deletions)
+    yield _gauge("kvbucket_budget_bytes", "The shared budget this store belongs to (budget_path); 0 when none.", label, stats.budget_bytes)
+    yield _gauge(
+        "kvbucket_budget_used_bytes", "Physical bytes every member of the shared budget holds or has reserved.", label, stats.budget_used_bytes
+    )
     yield _counter("kvbucket_evicted_buckets", "Buckets evicted since open.", label, stats.evicted_buckets)
     yield _counter("kvbucket_evicted_keys", "Objects evicted since open.", label, stats.evicted_keys)
 

@@ -5,8 +5,9 @@ A store composes five components, each owning its state and its lock:
 * the catalog (:mod:`kvbucket._core.catalog`): the index, leases, the access
   clock, the policy's state, the counters, under the *index lock*, held only
   for in-memory work (and opening a read descriptor);
-* the read path (:mod:`kvbucket._core.read_path`): read descriptors, pins and
-  the I/O threads, under its own lock;
+* the read path (:mod:`kvbucket._core.read_path`): read descriptors and
+  pins, under its own lock; the load queue (:mod:`kvbucket._core.loads`):
+  the load threads and the batches in flight, under its own lock;
 * the space account (:mod:`kvbucket._core.space`): limits and the usage the
   index does not hold, under its own lock;
 * eviction (:mod:`kvbucket._core.eviction`): victims from the policy
@@ -22,8 +23,10 @@ Reads take neither ``_writer`` nor the index lock during I/O: they pin
 their buckets, read through the pinned descriptors, and unpin. A bucket
 deleted meanwhile is unlinked at once, but its descriptor stays open until
 the last pin goes, so a read that has started completes with the right
-bytes. ``close()`` stops the background evictor, then waits for the reads in
-flight before it stops the I/O threads.
+bytes. Loads are asynchronous (:meth:`BucketStore.submit_load`), pinned per
+object, with no barrier between batches; ``batch_load`` and ``batch_get``
+submit a batch and wait for it. ``close()`` stops the background evictor,
+then waits for the loads in flight before it stops the load threads.
 
 Leases: :meth:`BucketStore.lookup` leases the keys it finds
 (:mod:`kvbucket._core.lease`); every eviction chooses its victims among the
@@ -32,6 +35,8 @@ buckets holding no leased key.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -43,10 +48,12 @@ from typing import Any
 
 from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, key_value_pairs, lookup_keys
 from ._core.bucket_files import BucketFiles
+from ._core.budget import Budget
 from ._core.buffers import Buffer, views_of_value, writable_views
 from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
 from ._core.counters import CounterSnapshot
+from ._core.du import measure_store
 from ._core.eviction import Eviction
 from ._core.format import (
     ALIGNMENT,
@@ -61,6 +68,7 @@ from ._core.fs import FileSystem, run_io, stat_directory
 from ._core.index import Bucket, ObjectMeta
 from ._core.interfaces import EvictionListener
 from ._core.lease import Clock
+from ._core.loads import LoadHandle, Loads
 from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
@@ -78,7 +86,7 @@ from .policy.grouping import OffloadGrouper, split_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BucketStore", "StoreStats", "EvictionListener"]
+__all__ = ["BucketStore", "StoreStats", "EvictionListener", "LoadHandle"]
 
 Value = Buffer | Sequence[Buffer]
 Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
@@ -124,6 +132,10 @@ class StoreStats:
     """Background eviction runs that failed since open (each is logged)."""
     background_eviction_error: str | None = None
     """The last background eviction failure; None once a later run succeeds."""
+    budget_bytes: int = 0
+    """The size of the shared budget this writer is a member of (0: none)."""
+    budget_used_bytes: int = 0
+    """What every member of the budget counts together (usage and reservations)."""
 
 
 @dataclass
@@ -138,12 +150,15 @@ class _Object:
 class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
-    def __init__(self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None, budget: Budget | None = None
+    ) -> None:
         # Set here and never reassigned (recovery_report: once more, by open);
         # each component guards its own state with its own lock.
         self._config = config
         self._fs = fs
         self._lock = lock  # the writer's LOCK; None when readonly
+        self._budget = budget  # the shared budget joined; None when there is none or readonly
         self._dir = os.fspath(config.path)
         self._durable = config.durability == "strict"
         self._writer = threading.RLock()  # serialises every change to the directory
@@ -161,12 +176,21 @@ class BucketStore:
             on_corrupt=lambda truncated: self._catalog.corrupt(truncated),
         )
         self._catalog = Catalog(self._dir, policy, grouper, self._reads, clock or time.monotonic)
+        self._loads = Loads(self._dir, self._catalog, self._reads, threads=config.io_threads, depth=config.load_queue_depth)
         self._space = Space(fs, self._dir, limits, self._catalog.usage, count_foreign=config.physical_scope == "directory")
         self._files = BucketFiles(
-            fs, self._dir, lock, self._catalog, self._space, durable=self._durable, direct=direct, committed=lambda: self._eviction.committed()
+            fs,
+            self._dir,
+            lock,
+            self._catalog,
+            self._space,
+            durable=self._durable,
+            direct=direct,
+            committed=lambda: self._eviction.committed(),
+            reserve=lambda physical: self._eviction.reserve(physical),
         )
         self._eviction: Eviction = Eviction(
-            self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation
+            self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation, budget
         )
         self.recovery_report = RecoveryReport()
 
@@ -191,19 +215,30 @@ class BucketStore:
         config = _make_config(path, fields)
         fs = filesystem or FileSystem()
         directory = os.fspath(config.path)
-        _prepare_directory(fs, directory, config.readonly)
+        budget = _open_budget(fs, config, directory)
         try:
-            lock = None if config.readonly else _acquire_lock(fs, directory, config.durability == "strict")
-        except OSError as exc:
-            if isinstance(exc, StorageIOError):
-                raise
-            raise StorageIOError(f"taking the writer lock of {directory} failed: {exc.strerror or exc}", exc) from exc
-        store = cls(config, fs, lock, clock)
+            # A member takes its LOCK under the budget's flock: the others probe LOCKs only under it.
+            with budget.locked() if budget is not None else contextlib.nullcontext():
+                if budget is not None:
+                    run_io("checking the budget", directory, budget.admit)
+                _prepare_directory(fs, directory, config.readonly)
+                lock = _take_lock(fs, directory, config)
+                if budget is not None and lock is not None:
+                    _join_budget(fs, budget, lock, directory, config)
+        except BaseException:
+            if budget is not None:
+                budget.close()
+            raise
+        store = cls(config, fs, lock, clock, budget)
         try:
             store._recover()
+            with store._writer:
+                store._eviction.settle()
         except BaseException:
             if lock is not None:
                 lock.release()
+            if budget is not None:
+                budget.close()
             raise
         store._eviction.start()
         return store
@@ -237,17 +272,24 @@ class BucketStore:
             self._space.reconcile()
 
     def close(self) -> None:
-        """Release the directory. Reads in flight finish first; later calls raise :class:`StoreClosed`.
+        """Release the directory. Loads in flight finish first (every
+        :class:`LoadHandle` submitted before is done when this returns, its
+        callbacks run); later calls raise :class:`StoreClosed`.
 
         The background evictor is stopped and joined first (a pass in
-        progress completes), before the I/O threads stop.
+        progress completes), before the load threads stop.
         """
         self._eviction.stop()
         with self._writer:
             if not self._catalog.close():
                 return
+            self._loads.close()
             self._reads.close()
             _close_quietly(self._dir, "finishing deletions", self._files.finish_deletions)
+            if self._budget is not None:
+                budget = self._budget
+                _close_quietly(self._dir, "publishing usage in the budget", lambda: budget.leave(self._space.usage().physical))
+                budget.close()
             if self._lock is not None:
                 _close_quietly(self._dir, "releasing the writer lock", self._lock.release)
 
@@ -315,7 +357,7 @@ class BucketStore:
             raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
         started = time.perf_counter()
         batch = _prepare_batch(objects)
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             batch = _without_stored(batch, self._catalog.stored(o.key for o in batch), skip=on_duplicate == "skip")
             if not batch:
@@ -354,20 +396,45 @@ class BucketStore:
             raise
 
     # -- reading --------------------------------------------------------------
+    def submit_load(self, destinations: Mapping[str, Buffer], *, timeout: float | None = None) -> LoadHandle:
+        """Start reading each object into the caller's buffer (as :meth:`batch_load`); return at once.
+
+        The returned :class:`LoadHandle` has a future for the batch and one
+        per key: each key loads or fails on its own (a missing key, a buffer
+        of the wrong size, a corrupt object or an I/O error fails only that
+        key). Batches run concurrently with no barrier between them; the
+        buffers must stay alive and untouched until the handle is done.
+        Each object's bucket stays pinned until its read ends, so eviction,
+        removal, compaction or a refresh meanwhile never yields wrong bytes.
+
+        At most ``load_queue_depth`` batches are in flight: a submit beyond
+        that waits for one to complete, up to ``timeout`` seconds (None: as
+        long as it takes; 0: not at all), then raises
+        :class:`CapacityExceeded`. After :meth:`close`, raises :class:`StoreClosed`.
+        """
+        if timeout is not None:
+            timeout = check_number(timeout, "timeout (seconds)")
+        return self._loads.submit(self._load_views(destinations, "submit_load"), "load", timeout=timeout)
+
     def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
         """Read each object into the caller's buffer (exactly the object's size),
         or into a list of buffers filled back to back (sizes summing to the
         object's size), without copying.
 
-        Unknown keys raise :class:`KeyNotFound`, wrong sizes
-        :class:`SizeMismatch`, a failed checksum :class:`CorruptionError`; on
-        error the buffers' content is unspecified.
+        Unknown keys raise :class:`KeyNotFound` and wrong sizes
+        :class:`SizeMismatch` before anything is read; a failed checksum
+        raises :class:`CorruptionError` once every read of the batch has
+        ended. On error the buffers' content is unspecified. It is
+        :meth:`submit_load` and a wait, reading on the calling thread too.
         """
-        destinations = key_mapping(destinations, "batch_load")
+        self._loads.run(self._load_views(destinations, "batch_load"), "load")
+
+    def _load_views(self, destinations: Mapping[str, Buffer], method: str) -> dict[str, list[memoryview]]:
+        """The destinations of a load, checked, as lists of writable views."""
+        destinations = key_mapping(destinations, method)
         if not destinations:
-            raise InvalidArgument("batch_load needs at least one key")
-        views = {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
-        self._read(views, "load")
+            raise InvalidArgument(f"{method} needs at least one key")
+        return {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""
@@ -375,19 +442,8 @@ class BucketStore:
         if not keys:
             raise InvalidArgument("batch_get needs at least one key")
         buffers = {key: bytearray(size) for key, size in self._catalog.sizes(keys, "get").items()}
-        self._read({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
+        self._loads.run({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
         return {key: bytes(buf) for key, buf in buffers.items()}
-
-    def _read(self, views: dict[str, list[memoryview]], op: str) -> None:
-        """Pin, read and unpin: the read of one call (``op`` names it in the counters)."""
-        started = time.perf_counter()
-        plan = self._catalog.pin(views, op)
-        succeeded: float | None = None
-        try:
-            self._reads.run(plan)
-            succeeded = started
-        finally:
-            self._catalog.unpin(plan, views, succeeded)
 
     # -- metadata -------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -449,13 +505,13 @@ class BucketStore:
     # -- removal --------------------------------------------------------------
     def delete_bucket(self, bucket_id: int) -> None:
         """Delete a bucket and all its objects, durably."""
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             self._files.delete([self._catalog.bucket(bucket_id)])
 
     def remove_all(self) -> None:
         """Delete every bucket, durably."""
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             self._files.delete(self._catalog.buckets())
 
@@ -473,7 +529,7 @@ class BucketStore:
         :meth:`compact` or eviction reclaims them).
         """
         keys = key_list(keys, "batch_remove")
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             found, by_bucket = self._catalog.locate(keys)
             for bucket_id, removed in by_bucket.items():
@@ -503,7 +559,7 @@ class BucketStore:
         low = self._config.eviction_low_watermark if low is None else low
         if not 0 < low <= high <= 1:
             raise InvalidArgument(f"watermarks need 0 < low <= high <= 1; got high={high!r}, low={low!r}")
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             return self._eviction.to_watermark(high, low, on_evict)
 
@@ -524,7 +580,7 @@ class BucketStore:
         comes in between).
         """
         min_dead_ratio = check_number(min_dead_ratio, "min_dead_ratio", 0.0, 1.0)
-        with self._writer:
+        with self._mutating():
             self._begin_mutation()
             candidates = [b for b in self._catalog.buckets() if b.dead > 0 and b.dead >= min_dead_ratio * b.data_length]
             groups = split_batches(
@@ -534,7 +590,19 @@ class BucketStore:
                 size=lambda bucket: bucket.logical,
                 keys=lambda bucket: len(bucket.keys),
             )
-            return sum(self._files.compact(group, self.batch_get([k for b in group for k in b.keys])) for group in groups)
+            return sum(self._compact_group(group) for group in groups)
+
+    def _compact_group(self, group: list[Bucket]) -> int:
+        """Compact one group into a new bucket, its room reserved in the budget
+        (never more than the group's buckets allocate, plus the directory's growth).
+
+        Requires: ``_writer`` held.
+        """
+        self._eviction.reserve(sum(bucket.physical for bucket in group) + ALIGNMENT)
+        freed = self._files.compact(group, self.batch_get([k for b in group for k in b.keys]))
+        self._space.track_directory_growth()
+        self._eviction.settle()
+        return freed
 
     def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
         """Group ``{key: size}`` into full buckets; carry the partial rest to the next call.
@@ -563,12 +631,31 @@ class BucketStore:
         self._catalog.check_open()
         with self._writer:  # no bucket changes meanwhile: one consistent snapshot
             self._space.reconcile()
-            return _stats(self._catalog, self._space, self._eviction)
+            stats = _stats(self._catalog, self._space, self._eviction)
+            if self._budget is None:
+                return stats
+            budget = self._budget
+            self._eviction.settle()
+            used = run_io("reading the budget", self._dir, budget.used)
+            return dataclasses.replace(stats, budget_bytes=budget.size, budget_used_bytes=used)
 
     def counters(self) -> CounterSnapshot:
         """The operation counters since open: hits and misses, bytes read and
         written, latency histograms, checksum failures (no I/O)."""
         return self._catalog.counter_snapshot()
+
+    @contextlib.contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """Hold the writer lock for a change to the directory; afterwards publish
+        the usage in the shared budget (and drop any reservation), even when the
+        change failed (then a failure to publish is logged, not raised)."""
+        with self._writer:
+            try:
+                yield
+            except BaseException:
+                _close_quietly(self._dir, "publishing usage in the budget", self._eviction.settle)
+                raise
+            self._eviction.settle()
 
     def _begin_mutation(self) -> None:
         """Every mutation starts here: raise unless the store is open and
@@ -598,6 +685,35 @@ def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dic
         except TypeError as exc:
             raise InvalidArgument(f"unknown configuration field: {exc}") from exc
     return config.validated()
+
+
+def _open_budget(fs: FileSystem, config: BucketConfig, directory: str) -> Budget | None:
+    """The shared budget a writer joins (``budget_path``); None without one, or when readonly."""
+    if config.readonly or not os.fspath(config.budget_path):
+        return None
+    budget_path = os.fspath(config.budget_path)
+    return run_io("opening the budget file", budget_path, lambda: Budget.open(fs, budget_path, config.budget_bytes, directory))
+
+
+def _take_lock(fs: FileSystem, directory: str, config: BucketConfig) -> StoreLock | None:
+    """The writer lock of ``directory``; None when readonly."""
+    try:
+        return None if config.readonly else _acquire_lock(fs, directory, config.durability == "strict")
+    except OSError as exc:
+        if isinstance(exc, StorageIOError):
+            raise
+        raise StorageIOError(f"taking the writer lock of {directory} failed: {exc.strerror or exc}", exc) from exc
+
+
+def _join_budget(fs: FileSystem, budget: Budget, lock: StoreLock, directory: str, config: BucketConfig) -> None:
+    """Join ``budget`` with the directory's measured usage (before recovery,
+    which only frees space); releases ``lock`` when it fails."""
+    try:
+        count_foreign = config.physical_scope == "directory"
+        run_io("joining the budget", directory, lambda: budget.join(measure_store(fs, directory, foreign=count_foreign).total))
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:

@@ -53,6 +53,8 @@ PRIMITIVES = (
     "listdir",
     "fsync_dir",
     "lock",
+    "lock_wait",
+    "unlock",
     "advise_dontneed",
 )
 LOOPS = ("write_all", "read_into", "readv_into", "read_file")
@@ -139,6 +141,12 @@ class ForwardingFS(FileSystem):
 
     def lock(self, fd):
         return self.inner.lock(fd)
+
+    def lock_wait(self, fd):
+        return self.inner.lock_wait(fd)
+
+    def unlock(self, fd):
+        return self.inner.unlock(fd)
 
     def advise_dontneed(self, fd):
         return self.inner.advise_dontneed(fd)
@@ -387,6 +395,12 @@ class FaultFS(FdNames):
 
     def lock(self, fd):
         return self._plain("lock", "lock", fd)
+
+    def lock_wait(self, fd):
+        return self._plain("lock_wait", "lock_wait", fd)
+
+    def unlock(self, fd):
+        return self._plain("unlock", "unlock", fd)
 
     def advise_dontneed(self, fd):
         return self._plain("advise_dontneed", "advise_dontneed", fd)

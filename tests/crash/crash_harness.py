@@ -11,6 +11,8 @@ A workload is a list of JSON-able operations (dicts):
 * ``{"op": "offload", "keys": [...]}``: one ``batch_offload``; keys are never
   reused within a workload;
 * ``{"op": "get", "keys": [...]}``: read (and check) the keys that exist;
+* ``{"op": "load", "keys": [...]}``: the same through ``submit_load``, one
+  batch per key, all in flight at once;
 * ``{"op": "remove", "keys": [k]}``: ``remove(k)`` (``KeyNotFound`` = not removed);
 * ``{"op": "batch_remove", "keys": [...]}``;
 * ``{"op": "delete_bucket_of", "key": k}``: ``delete_bucket`` of the bucket
@@ -162,6 +164,7 @@ def ops_need(ops: list[dict]) -> set[str]:
             "compact": {"compact"},
             "evict": {"evict_to_watermark"},
             "settle": {"wait_for_eviction"},
+            "load": {"submit_load"},
         }.get(op["op"], set())
     return need
 
@@ -216,6 +219,20 @@ def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | No
             if got[k] != value_for(k):
                 emit({"ev": "wrong", "i": i, "key": k})
                 raise WrongBytes(f"batch_get({k!r}) returned wrong bytes in the writer")
+        result = len(present)
+    elif kind == "load":
+        emit({"ev": "begin", "i": i})
+        present = [k for k in op["keys"] if store.exists(k)]
+        buffers = {k: bytearray(len(value_for(k))) for k in present}
+        handles = [store.submit_load({k: buffers[k]}) for k in present]
+        for handle in handles:
+            handle.wait()
+        for handle in handles:
+            handle.result()  # the first failed batch's error
+        for k in present:
+            if buffers[k] != value_for(k):
+                emit({"ev": "wrong", "i": i, "key": k})
+                raise WrongBytes(f"submit_load({k!r}) returned wrong bytes in the writer")
         result = len(present)
     elif kind == "remove":
         emit({"ev": "begin", "i": i})

@@ -27,6 +27,7 @@ def fault_workload() -> list[dict]:
         {"op": "remove", "keys": [first[0]]},
         {"op": "batch_remove", "keys": [second[0], H.make_key("never-stored", 3)]},
         {"op": "compact", "ratio": 0.01},
+        {"op": "load", "keys": [*first[1:], *second[1:]]},
         {"op": "delete_bucket_of", "key": first[1]},
         {"op": "offload", "keys": [H.make_key("f-last", 10000), H.make_key("f-last2", 0)]},
     ]

@@ -44,6 +44,7 @@ class BucketFiles:
         durable: bool,
         direct: bool,
         committed: Callable[[], None],
+        reserve: Callable[[int], None],
     ) -> None:
         self._fs = fs
         self._dir = directory
@@ -53,6 +54,7 @@ class BucketFiles:
         self._durable = durable
         self._direct = direct
         self._committed = committed  # told after each bucket is indexed
+        self._reserve = reserve  # reserves bytes in the shared budget before a meta rewrite
         self._next_id = 1  # guarded by the writer lock
 
     def resume_ids(self, highest_used: int) -> None:
@@ -126,6 +128,7 @@ class BucketFiles:
         meta = rebuilt_meta(bucket, kept)
         meta_path = os.path.join(self._dir, meta_name(bucket_id))
         old_meta_physical = run_io("stat", self._dir, lambda: self._fs.stat(meta_path).st_blocks * 512)
+        self._reserve(old_meta_physical)  # the new meta (no longer than the old) sits beside it until the rename
         meta_physical = run_io(
             f"rewriting the meta of bucket {bucket_id}", self._dir, lambda: publish_meta(self._fs, self._dir, meta, durable=self._durable)
         )

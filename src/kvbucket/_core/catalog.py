@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress
 
-from ..errors import KeyNotFound, SizeMismatch, StoreClosed
+from ..errors import KeyNotFound, KvBucketError, SizeMismatch, StoreClosed
 from ..policy.grouping import OffloadGrouper
 from ..policy.interface import CachePolicy
 from .counters import CounterSnapshot, StoreCounters
@@ -199,41 +199,67 @@ class Catalog:
                 self.counters.looked_up(op, 0, 1)
                 raise
 
-    def pin(self, views: Mapping[str, list[memoryview]], op: str) -> list[Read]:
+    def pin(self, views: Mapping[str, list[memoryview]], op: str, partial: bool) -> tuple[list[Read], dict[str, KvBucketError]]:
         """Look up every key (counting hits and misses of ``op``), pin its
-        bucket and stamp the access, all under one lock hold; the read is in
-        flight until :meth:`unpin`."""
+        bucket once per object and stamp the access, all under one lock hold;
+        each object's read is in flight until the read path unpins it.
+
+        A key not stored (:class:`KeyNotFound`), a buffer of the wrong size
+        (:class:`SizeMismatch`) or a bucket that cannot be opened: with
+        ``partial``, that key is left out of the plan and returned among the
+        failures (each missing key counts a miss); without, the first one
+        raises and nothing stays pinned (the lookup stops at it).
+        """
         plan: list[Read] = []
+        failed: dict[str, KvBucketError] = {}
         with self._mutex:
             self._check_open_locked()
-            nbytes = 0
+            nbytes = missed = missed_bytes = 0
             for key, view in views.items():
                 size = sum(map(len, view))
-                try:
-                    meta = self._meta_locked(key)
-                except KeyNotFound:
-                    self.counters.looked_up(op, len(plan), 1, nbytes, size if op == "load" else 0)
-                    raise
-                if size != meta.size:
-                    raise SizeMismatch(f"buffer for key {key!r} is {size} bytes; the object is {meta.size}")
-                plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
-                nbytes += size
-            self.counters.looked_up(op, len(plan), 0, nbytes)
-            buckets = list({id(b): b for b, _, _, _ in plan}.values())
-            self._reads.pin(buckets)
-            for bucket in buckets:
-                self._touch_locked(bucket)
-                self._policy.read(bucket)
-        return plan
+                meta = self._index.get(key)
+                if meta is None:
+                    missed, missed_bytes = missed + 1, missed_bytes + size
+                    failed[key] = KeyNotFound(f"key {key!r} is not stored")
+                elif size != meta.size:
+                    failed[key] = SizeMismatch(f"buffer for key {key!r} is {size} bytes; the object is {meta.size}")
+                else:
+                    plan.append((self._index.buckets[meta.bucket_id], key, meta, view))
+                    nbytes += size
+                    continue
+                if not partial:
+                    if missed:
+                        self.counters.looked_up(op, len(plan), missed, nbytes, missed_bytes if op == "load" else 0)
+                    raise failed[key]
+            self.counters.looked_up(op, len(plan), missed, nbytes, missed_bytes if op == "load" else 0)
+            plan = self._pin_locked(plan, failed, partial)
+        return plan, failed
 
-    def unpin(self, plan: list[Read], keys: Iterable[str], started: float | None) -> None:
-        """End a read that :meth:`pin` started: the leases of its ``keys`` end,
-        a read that succeeded (``started`` is its start) is counted."""
+    def _pin_locked(self, plan: list[Read], failed: dict[str, KvBucketError], partial: bool) -> list[Read]:
+        """Pin the buckets of ``plan`` and stamp their access; the reads whose
+        bucket cannot be opened move to ``failed`` (without ``partial``, the
+        first such error raises and nothing stays pinned).
+
+        Requires: ``_mutex`` held.
+        """
+        outcomes = self._reads.pin([bucket for bucket, _, _, _ in plan])
+        pinned = [read for read, error in zip(plan, outcomes) if error is None]
+        errors = [(read[1], error) for read, error in zip(plan, outcomes) if error is not None]
+        if errors and not partial:
+            self._reads.unpin([bucket for bucket, _, _, _ in pinned])
+            raise errors[0][1]
+        failed.update(errors)
+        for bucket in {id(b): b for b, _, _, _ in pinned}.values():
+            self._touch_locked(bucket)
+            self._policy.read(bucket)
+        return pinned
+
+    def finished(self, keys: Iterable[str], objects: int, nbytes: int, seconds: float | None) -> None:
+        """A load or get of ``keys`` ended: their leases end; ``objects`` objects
+        (``nbytes`` bytes) were read, in ``seconds`` (None: not every key loaded)."""
         with self._mutex:
             self._leases.release(keys)
-            if started is not None:
-                self.counters.read(len(plan), sum(meta.size for _, _, meta, _ in plan), time.perf_counter() - started)
-        self._reads.unpin({id(bucket): bucket for bucket, _, _, _ in plan}.values())
+            self.counters.read(objects, nbytes, seconds)
 
     def corrupt(self, truncated: bool) -> None:
         """Count an object that failed its checksum or whose file ended early."""

@@ -46,14 +46,15 @@ class CounterSnapshot:
     hits: dict[str, int]
     """Objects found, per lookup op (:data:`LOOKUP_OPS`)."""
     misses: dict[str, int]
-    """Objects asked for and not stored, per lookup op. ``load`` and ``get``
-    stop at the first missing key, so each failed call counts one miss."""
+    """Objects asked for and not stored, per lookup op. ``batch_load`` and
+    ``batch_get`` stop at the first missing key, so each such failed call
+    counts one miss; ``submit_load`` counts every missing key."""
     hit_bytes: dict[str, int]
     """Value bytes of the objects found (0 for ``exists``)."""
     miss_bytes: dict[str, int]
     """Bytes of the buffers a missed ``load`` asked for (0 for ``exists`` and ``get``)."""
     read_objects: int
-    """Objects read and verified by successful loads and gets."""
+    """Objects read and verified by loads and gets (each object that loaded)."""
     read_bytes: int
     """Value bytes of those objects."""
     written_objects: int
@@ -61,7 +62,7 @@ class CounterSnapshot:
     written_bytes: int
     """Value bytes of those objects."""
     read_latency: Histogram
-    """Seconds per successful ``batch_load``/``batch_get`` call (lookup to unpin)."""
+    """Seconds per load or get whose every key loaded (lookup to the last unpin)."""
     write_latency: Histogram
     """Seconds per committed ``batch_offload`` call (from the call to its commit)."""
     checksum_failures: int
@@ -106,12 +107,14 @@ class StoreCounters:
         self._hit_bytes[op] += hit_bytes
         self._miss_bytes[op] += miss_bytes
 
-    def read(self, objects: int, nbytes: int, seconds: float) -> None:
-        """A load or get of ``objects`` objects (``nbytes`` bytes) completed."""
+    def read(self, objects: int, nbytes: int, seconds: float | None) -> None:
+        """A load or get read ``objects`` objects (``nbytes`` bytes); ``seconds``
+        is its latency (None: some of its keys failed, no latency is observed)."""
         self._read_objects += objects
         self._read_bytes += nbytes
-        self._read_counts[bisect_left(LATENCY_BOUNDS, seconds)] += 1
-        self._read_sum += seconds
+        if seconds is not None:
+            self._read_counts[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            self._read_sum += seconds
 
     def wrote(self, objects: int, nbytes: int, seconds: float | None) -> None:
         """A bucket of ``objects`` objects (``nbytes`` bytes) was committed;

@@ -13,6 +13,11 @@ A writer with an eviction policy and a limit owns one
 :class:`~kvbucket._core.evictor.BackgroundEvictor` thread, woken by each
 commit that leaves usage above the high watermark; it deletes through the
 same path, so the crash-safety argument is the foreground one.
+
+A member of a shared budget (:mod:`kvbucket._core.budget`) reserves what a
+write may add in the budget after its own limits admit it, evicting its own
+buckets when the budget is full, and publishes its usage after every change
+(:meth:`Eviction.settle`), so its slot always bounds its directory.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from collections.abc import Callable, Sequence
 
 from ..config import BucketConfig
 from ..errors import CapacityExceeded
+from .budget import Budget
 from .catalog import Catalog
 from .evictor import BackgroundEvictor
+from .fs import run_io
 from .index import Bucket
 from .interfaces import EvictionListener
 from .space import Limits, Space, Usage
@@ -54,6 +61,7 @@ class Eviction:
         writer: threading.RLock,
         delete: Callable[[Sequence[Bucket]], None],
         begin_mutation: Callable[[], None],
+        budget: Budget | None = None,
     ) -> None:
         self._dir = directory
         self._config = config
@@ -63,6 +71,7 @@ class Eviction:
         self._writer = writer
         self._delete = delete
         self._begin_mutation = begin_mutation
+        self._budget = budget  # the shared budget this store is a member of
         self._listeners: list[EvictionListener] = []  # appended at any time; read holding _writer
         self._evicted_buckets = 0  # guarded by _writer
         self._evicted_keys = 0  # guarded by _writer
@@ -84,7 +93,11 @@ class Eviction:
 
     # -- foreground -----------------------------------------------------------
     def make_room(self, need: Usage, on_evict: EvictionListener | None) -> None:
-        """Evict so that ``need`` fits, or raise :class:`CapacityExceeded` having changed nothing.
+        """Evict so that ``need`` fits the store's limits, then reserve it in
+        the shared budget (evicting more of this store's buckets when the
+        budget is full), or raise :class:`CapacityExceeded`. A limit that
+        cannot be met changes nothing; a budget that cannot be met evicts
+        nothing more than the limits did.
 
         Requires: ``_writer`` held.
         """
@@ -92,12 +105,54 @@ class Eviction:
         if limits.physical and not limits.admit(self._space.usage() + need):
             self._space.reconcile()
         usage = self._space.usage() + need
-        if limits.admit(usage):
-            return
-        victims = self._catalog.victims(usage, limits) if self._evicts and limits.admit(need) else None
+        if not limits.admit(usage):
+            victims = self._catalog.victims(usage, limits) if self._evicts and limits.admit(need) else None
+            if victims is None:
+                raise CapacityExceeded(self._space.shortfall(need, self._space.usage(), self._config.eviction_policy) + self._leased_note())
+            self._evict(victims, on_evict)
+        if self._budget is not None:
+            budget = self._budget
+            evict_to = (lambda target: self._evict_to_physical(target, on_evict)) if self._evicts else None
+            run_io("reserving room in the budget", self._dir, lambda: budget.reserve(need.physical, self._physical, evict_to))
+
+    def reserve(self, physical: int) -> None:
+        """Reserve ``physical`` bytes in the shared budget without evicting
+        (a compaction's new bucket); :class:`CapacityExceeded` when they do not fit.
+
+        Requires: ``_writer`` held.
+        """
+        if self._budget is not None:
+            budget = self._budget
+            run_io("reserving room in the budget", self._dir, lambda: budget.reserve(physical, self._physical, None))
+
+    def settle(self) -> None:
+        """Publish this member's usage in the shared budget and drop its
+        reservation (after every change to the directory).
+
+        Requires: ``_writer`` held.
+        """
+        if self._budget is not None and not self._catalog.closed:
+            budget = self._budget
+            run_io("publishing usage in the budget", self._dir, lambda: budget.publish(self._physical()))
+
+    def _physical(self) -> int:
+        return self._space.usage().physical
+
+    def _evict_to_physical(self, target: int, on_evict: EvictionListener | None) -> bool:
+        """Evict this store's buckets down to ``target`` physical bytes (after
+        re-measuring); False, evicting nothing, when that cannot be reached.
+
+        Requires: ``_writer`` held.
+        """
+        self._space.reconcile()
+        usage = self._space.usage()
+        if usage.physical <= target:
+            return True
+        victims = self._catalog.victims(usage, Limits(physical=target)) if target > 0 else None
         if victims is None:
-            raise CapacityExceeded(self._space.shortfall(need, self._space.usage(), self._config.eviction_policy) + self._leased_note())
+            return False
         self._evict(victims, on_evict)
+        return True
 
     def to_watermark(self, high: float, low: float, on_evict: EvictionListener | None) -> list[str]:
         """When usage is above ``high`` of a limit, evict down to ``low``; the evicted keys.
@@ -214,6 +269,7 @@ class Eviction:
                 self.background_error = None
                 return False
             self._evict(victims[:BACKGROUND_EVICTION_BATCH], None)
+            self.settle()
             self.background_error = None
             return len(victims) > BACKGROUND_EVICTION_BATCH
 

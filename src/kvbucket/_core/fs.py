@@ -117,6 +117,14 @@ class FileSystem:
             return False
         return True
 
+    def lock_wait(self, fd: int) -> None:
+        """Take an exclusive ``flock``, waiting while another descriptor holds it."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlock(self, fd: int) -> None:
+        """Release the ``flock`` held through ``fd`` (nothing when none is held)."""
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
     def advise_dontneed(self, fd: int) -> None:
         """Drop the file's pages from the page cache (benchmarks: cold reads); a hint,
         with no effect on the content."""

@@ -1,4 +1,4 @@
-"""The read path: read descriptors, pins, and the I/O threads.
+"""The read path: read descriptors, pins, and reading one object.
 
 Reads take neither of the store's locks during I/O: the store looks their
 keys up and the read path *pins* their buckets, both under the store's index
@@ -6,10 +6,11 @@ lock; the read goes through the pinned buckets' descriptors; then the read
 path unpins them. A bucket taken out of the index meanwhile is *retired*:
 its files may be unlinked at once, but its descriptor stays open until its
 last pin goes, so a read that has started completes with the right bytes
-(POSIX keeps an unlinked file readable).
+(POSIX keeps an unlinked file readable). The load queue
+(:mod:`kvbucket._core.loads`) schedules the reads and pins per object.
 
 Lock: :attr:`ReadPath._lock` guards the descriptor cache, the reads in
-flight, the I/O pool and, of every :class:`~kvbucket._core.index.Bucket`,
+flight, the helper threads and, of every :class:`~kvbucket._core.index.Bucket`,
 ``pins``, ``fd`` and ``retired``. Lock order: the store's index lock, then
 this one; nothing here calls out while holding it.
 """
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import CorruptionError, KeyNotFound, StorageIOError
+from ..errors import CorruptionError, KeyNotFound, KvBucketError, StorageIOError
 from .checksum import crc32c_of
 from .datafile import open_for_read, read_value
 from .format import data_name
@@ -63,44 +64,49 @@ class ReadPath:
         # retired bucket and its replacement share an id, and each closes only
         # its own descriptor.
         self._descriptors: OrderedDict[Bucket, None] = OrderedDict()
-        # Guarded by _lock: reads counted from their pin to their unpin. The
-        # store stops pinning before close() waits for this to reach 0, so no
-        # read submits to a shut-down pool.
+        # Guarded by _lock: objects being read, counted from their pin to their
+        # unpin (the sum of every bucket's pins). The store stops pinning
+        # before close() waits for this to reach 0.
         self._in_flight = 0
         self._reads_done = threading.Condition(self._lock)
         self._pool: ThreadPoolExecutor | None = None  # guarded by _lock; started on first use
 
     def executor(self) -> ThreadPoolExecutor:
-        """The I/O threads (started on first use); the store also computes checksums on them."""
+        """Helper threads (started on first use): the store computes a written bucket's checksums on them."""
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="kvbucket-io")
             return self._pool
 
     # -- pins -----------------------------------------------------------------
-    def pin(self, buckets: Iterable[Bucket]) -> None:
-        """Open ``buckets``' descriptors and pin them: one read is in flight
-        until :meth:`unpin`. On error nothing stays pinned.
+    def pin(self, buckets: Iterable[Bucket]) -> list[KvBucketError | None]:
+        """Open each bucket's descriptor and pin it once per occurrence (one
+        object to read, in flight until its :meth:`unpin`). Per occurrence:
+        None, or the error opening the descriptor (then nothing is pinned for it).
 
         Requires: the store's index lock held, and ``buckets`` in its index.
         """
+        outcomes: list[KvBucketError | None] = []
         with self._lock:
-            pinned: list[Bucket] = []
-            try:
-                for bucket in buckets:
+            for bucket in buckets:
+                try:
                     self._open_descriptor_locked(bucket)
-                    bucket.pins += 1
-                    pinned.append(bucket)
-            except BaseException:
-                self._unpin_locked(pinned)
-                raise
-            self._in_flight += 1
+                except KvBucketError as exc:
+                    outcomes.append(exc)
+                    continue
+                bucket.pins += 1
+                self._in_flight += 1
+                outcomes.append(None)
+        return outcomes
 
     def unpin(self, buckets: Iterable[Bucket]) -> None:
-        """Unpin the buckets of a read that :meth:`pin` started; the read is over."""
+        """Unpin one occurrence of each of ``buckets`` that :meth:`pin` pinned: those reads are over."""
         with self._lock:
-            self._unpin_locked(buckets)
-            self._in_flight -= 1
+            for bucket in buckets:
+                bucket.pins -= 1
+                self._in_flight -= 1
+                if bucket.retired and bucket.pins == 0:
+                    self._close_descriptor_locked(bucket)
             if not self._in_flight:
                 self._reads_done.notify_all()
 
@@ -124,13 +130,6 @@ class ReadPath:
             pool = self._pool
         if pool is not None:  # kept: a submit after close() raises, never starts threads again
             pool.shutdown(wait=True)
-
-    def _unpin_locked(self, buckets: Iterable[Bucket]) -> None:
-        """Requires: ``_lock`` held."""
-        for bucket in buckets:
-            bucket.pins -= 1
-            if bucket.retired and bucket.pins == 0:
-                self._close_descriptor_locked(bucket)
 
     def _open_descriptor_locked(self, bucket: Bucket) -> None:
         """Ensure ``bucket.fd`` is open; bound the cache.
@@ -165,26 +164,8 @@ class ReadPath:
                 log.warning("closing bucket %d's descriptor failed: %s", bucket.bucket_id, exc)
 
     # -- I/O ------------------------------------------------------------------
-    def run(self, plan: list[Read]) -> None:
-        """Read every object of ``plan`` (its buckets pinned), in parallel lanes
-        of ascending offsets; raise the first lane's error after all lanes end."""
-        if len(plan) == 1 or self._io_threads == 1:
-            self._read_lane(plan)
-            return
-        plan = sorted(plan, key=lambda item: (item[2].bucket_id, item[2].offset))
-        lanes = min(self._io_threads, len(plan))
-        futures = [self.executor().submit(self._read_lane, plan[lane::lanes]) for lane in range(lanes)]
-        errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
-
-    def _read_lane(self, items: list[Read]) -> None:
-        for item in items:
-            self._read_one(*item)
-
-    def _read_one(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
-        """Read one object: the right bytes, or a typed error naming key and bucket."""
+    def read(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
+        """Read one object of pinned ``bucket``: the right bytes, or a typed error naming key and bucket."""
         got = run_io(
             f"reading key {key!r} from bucket {meta.bucket_id}", self._dir, lambda: read_value(self._fs, bucket.fd, meta.offset, view, self._direct)
         )

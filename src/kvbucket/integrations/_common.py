@@ -15,6 +15,8 @@
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
 * :func:`~kvbucket.policy.grouping.split_batches` cuts a large write into bucket-sized batches.
 * :func:`load_each` loads a batch, and key by key when the batch fails.
+* :func:`loaded_keys` reads the outcome of an asynchronous load
+  (:meth:`~kvbucket.BucketStore.submit_load`), logging each failed key.
 * :class:`AllDone` calls back once every future of a job has resolved.
 * :func:`metrics_endpoint` reads the ``metrics_port``/``metrics_addr``
   settings; :func:`start_metrics` serves the store's Prometheus metrics there.
@@ -36,10 +38,11 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import BucketConfig, Setting, check_known_keys, coerce_field
-from ..errors import InvalidArgument, StoreLocked
+from ..errors import InvalidArgument, KeyNotFound, StoreLocked
 from ..policy.grouping import split_batches
 
 if TYPE_CHECKING:
+    from .._core.loads import LoadHandle
     from ..metrics import MetricsServer
     from ..pipeline import OffloadQueue
     from ..store import BucketStore
@@ -53,6 +56,7 @@ __all__ = [
     "pointer_view",
     "split_batches",
     "load_each",
+    "loaded_keys",
     "AllDone",
     "safe_component",
     "METRICS_KEYS",
@@ -247,6 +251,15 @@ def load_each(load: Callable[[dict[str, T]], Iterable[str]], dests: Mapping[str,
         except errors as exc:
             log.warning("%s: loading %r failed: %s", what, key, exc)
     return loaded
+
+
+def loaded_keys(handle: LoadHandle, what: str) -> set[str]:
+    """The keys of a done ``handle`` that loaded. Each failed key is logged,
+    prefixed with ``what``: a key no longer stored at debug level (evicted
+    since its lookup: a miss), any other failure as a warning."""
+    for key, error in handle.errors().items():
+        log.log(logging.DEBUG if isinstance(error, KeyNotFound) else logging.WARNING, "%s: loading %r failed: %s", what, key, error)
+    return set(handle.loaded())
 
 
 class AllDone:

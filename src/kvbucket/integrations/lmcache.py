@@ -18,7 +18,8 @@ What it does, in LMCache's terms:
   copy: LMCache keeps the objects until the task completes), whose writer
   commits each task's objects into buckets of their own; the store event fd
   fires once a task is durable.
-* **lookup-and-lock** and **load** tasks run on a small reader pool; their
+* **lookup-and-lock** tasks run on a small pool, **load** tasks on the
+  store's asynchronous load queue (straight into LMCache's buffers); their
   results are one-shot bitmaps, signalled on their own event fds. A lock
   keeps a key from LMCache-driven :meth:`~KvBucketL2Adapter.delete` until
   unlocked, and leases it in kvbucket (``lookup_lease_s``): kvbucket's own
@@ -53,7 +54,7 @@ from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
 from ..pipeline import OffloadQueue
 from . import _standins
-from ._common import METRICS_KEYS, AllDone, import_engine, load_each, metrics_endpoint, open_store, option, shut_down, start_metrics, store_options
+from ._common import METRICS_KEYS, AllDone, import_engine, loaded_keys, metrics_endpoint, open_store, option, shut_down, start_metrics, store_options
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -133,7 +134,8 @@ class KvBucketL2AdapterConfig(_ConfigBase):
     * any :class:`~kvbucket.BucketConfig` field: ``max_total_size``,
       ``max_physical_bytes``, ``total_keys_limit``, ``eviction_policy``
       (``lru``/``fifo``/``none``), ``durability``, ``bucket_size_limit``, ...
-    * ``num_io_threads`` (default 4): threads for lookups and loads.
+    * ``num_io_threads`` (default 4): threads for lookup-and-lock tasks
+      (loads run on the store's ``io_threads`` load threads).
     * ``metrics_port`` (default: off; 0: any free port) and ``metrics_addr``
       (default ``127.0.0.1``): serve the store's Prometheus metrics at
       ``http://metrics_addr:metrics_port/metrics``.
@@ -175,7 +177,7 @@ class KvBucketL2AdapterConfig(_ConfigBase):
             "- max_size_gb (float): capacity in GiB (kvbucket max_total_size)\n"
             "- max_total_size / max_physical_bytes / total_keys_limit: sizes as 1048576 or '200G'\n"
             "- eviction_policy (2q|lru|fifo|none), durability (strict|relaxed), bucket_size_limit, ...\n"
-            "- num_io_threads (int): threads for lookups and loads (default 4)\n"
+            "- num_io_threads (int): threads for lookups (default 4); loads use io_threads (default 8)\n"
             "- metrics_port (int), metrics_addr (str): serve Prometheus metrics (default off, 127.0.0.1)"
         )
 
@@ -422,37 +424,41 @@ class KvBucketL2Adapter(_AdapterBase):
     # ------------------------------------------------------------------ load
 
     def submit_load_task(self, keys: list[Any], objects: list[Any]) -> int:
-        """Read ``keys`` into the caller's ``objects`` (one bitmap bit per key)."""
+        """Start reading ``keys`` into the caller's ``objects`` (one bitmap bit per key).
+
+        The store's load queue reads them (:meth:`BucketStore.submit_load`);
+        the load event fd fires once every key has loaded or failed.
+        """
         if len(keys) != len(objects):
             raise InvalidArgument(f"load task has {len(keys)} keys but {len(objects)} objects")
         task_id = self._next_id()
-        self._submit(task_id, len(keys), self._done_loads, self._load_fd, self._load, list(keys), list(objects))
+        keys = list(keys)
+        dests, positions = _load_destinations(keys, objects)
+        if not dests:
+            self._load_done(task_id, keys, set())
+            return task_id
+        try:
+            handle = self._store.submit_load(dests)
+        except _ERRORS as exc:
+            log.warning("kvbucket L2: load task %d not started: %s", task_id, exc)
+            self._load_done(task_id, keys, set())
+            return task_id
+        handle.add_done_callback(lambda done: self._load_done(task_id, keys, {positions[t] for t in loaded_keys(done, "kvbucket L2")}))
         return task_id
 
-    def _load(self, keys: list[Any], objects: list[Any]) -> Any:
+    def _load_done(self, task_id: int, keys: list[Any], loaded: set[int]) -> None:
+        """Record the load task's bitmap (the positions ``loaded``); fire the load fd."""
         bitmap = Bitmap(len(keys))
-        loaded = self._load_into({i: (encode_key(k), o) for i, (k, o) in enumerate(zip(keys, objects))})
         for i in loaded:
             bitmap.set(i)
         if loaded:
-            self._notify_keys_accessed([keys[i] for i in sorted(loaded)])
-        return bitmap
-
-    def _load_into(self, wanted: dict[int, tuple[str, Any]]) -> list[int]:
-        """Fill the buffers of the keys the store holds; return the positions filled."""
-        try:
-            flags = self._store.batch_exists([t for t, _ in wanted.values()])
-            present = {i: (t, _byte_view(o)) for (i, (t, o)), ok in zip(wanted.items(), flags) if ok}
-        except _ERRORS as exc:
-            log.warning("kvbucket L2: load of %d keys failed: %s", len(wanted), exc)
-            return []
-
-        def load(batch: dict[str, memoryview]) -> Iterable[str]:
-            self._store.batch_load(batch)
-            return batch
-
-        loaded = load_each(load, dict(present.values()), _ERRORS, "kvbucket L2")
-        return [i for i, (text, _) in present.items() if text in loaded]
+            try:
+                self._notify_keys_accessed([keys[i] for i in sorted(loaded)])
+            except Exception:  # a listener failed: the keys are loaded all the same
+                log.exception("kvbucket L2: telling the listeners of load task %d failed", task_id)
+        with self._lock:
+            self._done_loads[task_id] = bitmap
+        self._load_fd.notify()
 
     def query_load_result(self, task_id: int) -> Any | None:
         """The task's loaded bitmap once, then None."""
@@ -556,6 +562,24 @@ class KvBucketL2Adapter(_AdapterBase):
             fd.notify()
 
         self._readers.submit(run)
+
+
+def _load_destinations(keys: list[Any], objects: list[Any]) -> tuple[dict[str, memoryview], dict[str, int]]:
+    """``({kvbucket key: buffer}, {kvbucket key: its position})`` of a load
+    task; a key that cannot be encoded, or repeats, is left out (not loaded)."""
+    dests: dict[str, memoryview] = {}
+    positions: dict[str, int] = {}
+    for i, (key, obj) in enumerate(zip(keys, objects)):
+        try:
+            text = encode_key(key)
+            if text in dests:
+                continue
+            dests[text] = _byte_view(obj)
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("kvbucket L2: cannot load key %r: %s", key, exc)
+            continue
+        positions[text] = i
+    return dests, positions
 
 
 def _encoded(key: Any) -> Any:

@@ -16,8 +16,9 @@ The tier moves *chunks* (rows of the primary tier's pinned CPU memory, a
 a :class:`~kvbucket.BucketStore`. Every tier method returns at once; stores
 go through an :class:`~kvbucket.pipeline.OffloadQueue` (zero copy: vLLM pins
 the chunk's primary slot until the job is reported finished, so the queue
-references it instead of copying), loads run on a small thread pool, and
-results are handed back by :meth:`get_finished_jobs`.
+references it instead of copying), loads through the store's asynchronous
+load queue (:meth:`~kvbucket.BucketStore.submit_load`, straight into the
+primary slots), and results are handed back by :meth:`get_finished_jobs`.
 
 One store directory per rank, ``<root_dir>/<model>_<digest>_r<rank>``: a
 directory has one writer, and the digest separates models, dtypes, parallel
@@ -59,7 +60,19 @@ from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
 from ..pipeline import OffloadQueue
 from . import _standins
-from ._common import AllDone, import_engine, load_each, metrics_endpoint, open_store, option, safe_component, shut_down, start_metrics, store_options
+from ._common import (
+    AllDone,
+    import_engine,
+    load_each,
+    loaded_keys,
+    metrics_endpoint,
+    open_store,
+    option,
+    safe_component,
+    shut_down,
+    start_metrics,
+    store_options,
+)
 
 if TYPE_CHECKING:
     from ..config import BucketConfig
@@ -101,7 +114,7 @@ TIER_DEFAULTS: dict[str, Any] = {
 
 TIER_OPTIONS: dict[str, str] = {
     "n_write_threads": "threads writing buckets (default 2)",
-    "n_read_threads": "threads serving load jobs (default 4)",
+    "n_read_threads": "threads reading load jobs: sets the store's io_threads (default: io_threads, 8)",
     "max_staged_bytes": "most bytes of store jobs in flight (default: the whole primary view)",
     "rank": "overrides the rank taken from the offloading spec",
     "max_size": "alias of max_physical_bytes (bytes or '200G')",
@@ -375,7 +388,9 @@ class KvBucketTierManager(_Base):
         # Everything is validated before the store is opened (and its directory locked).
         staged = option(options, "max_staged_bytes", Setting("size", minimum=1), max(self._view.nbytes, 1), _SOURCE)
         writers = option(options, "n_write_threads", _THREADS, 2, _SOURCE)
-        readers = option(options, "n_read_threads", _THREADS, 4, _SOURCE)
+        readers = option(options, "n_read_threads", _THREADS, None, _SOURCE)
+        if readers is not None and "io_threads" not in store_settings:
+            store_settings["io_threads"] = readers
         kv_events = option(options, "enable_kv_events", Setting("bool"), False, _SOURCE)
         max_event_keys = option(options, "max_kv_event_keys", Setting("count", minimum=1), 100_000, _SOURCE)
         endpoint = metrics_endpoint(options, _SOURCE, offset=self.rank)
@@ -388,7 +403,7 @@ class KvBucketTierManager(_Base):
         # backpressure="reject": submit_store must never block the scheduler.
         self._queue = OffloadQueue(target, max_staged_bytes=staged, backpressure="reject", workers=writers)
         self.metrics_server = start_metrics(endpoint, self.store, self._queue)
-        self._loader = ThreadPoolExecutor(readers, thread_name_prefix="kvbucket-vllm-load")
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="kvbucket-vllm-stats")  # usage refreshes
         self._jobs = _Jobs()
         self._closed = False
         self._reported = self.store.counters()  # the totals get_stats last reported
@@ -436,7 +451,12 @@ class KvBucketTierManager(_Base):
         AllDone(futures, lambda failed: self._end(job_id, not failed, started, 0 if failed else nbytes))
 
     def submit_load(self, job_metadata: Any) -> None:
-        """Copy the job's chunks into their primary slots on a loader thread."""
+        """Start copying the job's chunks into their primary slots; returns at once.
+
+        The chunks are read by the store's load queue
+        (:meth:`BucketStore.submit_load`); the job ends when the last one
+        has, with the chunks that loaded (a failing chunk never fails the others).
+        """
         job_id, started = job_metadata.job_id, time.monotonic()
         self._jobs.begin()
         try:
@@ -446,26 +466,37 @@ class KvBucketTierManager(_Base):
             log.error("kvbucket tier: load job %s is malformed: %s", job_id, exc)
             self._end(job_id, False, started, 0)
             return
+        staged = self._load_staged(chunks)
+        stored = {name: view for name, view in chunks.items() if name not in staged}
+        if not stored:
+            self._end_load(job_id, keys, staged, started)
+            return
         try:
-            self._loader.submit(self._run_load, job_id, keys, chunks, started)
-        except RuntimeError as exc:  # the pool is shut down
-            log.error("kvbucket tier: load job %s after shutdown: %s", job_id, exc)
-            self._end(job_id, False, started, 0)
+            handle = self.store.submit_load(stored)
+        except KvBucketError as exc:  # the store is closed
+            log.error("kvbucket tier: load job %s not started: %s", job_id, exc)
+            self._end_load(job_id, keys, staged, started)
+            return
+        handle.add_done_callback(lambda done: self._end_load(job_id, keys, staged | loaded_keys(done, "kvbucket tier"), started))
 
-    def _run_load(self, job_id: int, keys: list[bytes], chunks: dict[str, memoryview], started: float) -> None:
-        loaded = self._load(chunks) if chunks else set()
-        good = [key for key in keys if _store_key(key) in loaded]
-        success = len(good) == len(keys)
-        partial = tuple(good) if (good and not success) else None
-        self._end(job_id, success, started, len(good) * self._chunk_bytes, successful_keys=partial)
-
-    def _load(self, chunks: dict[str, memoryview]) -> set[str]:
-        """The keys copied into their slots; a failing key never fails the others."""
+    def _load_staged(self, chunks: dict[str, memoryview]) -> set[str]:
+        """Copy the chunks still staged for writing (a lookup answers RETRY for
+        those, so this is rare); return their keys."""
+        staged = {name: view for name, view in chunks.items() if self._queue.is_staged(name)}
+        if not staged:
+            return set()
 
         def load(batch: dict[str, memoryview]) -> Iterable[str]:
             return [name for name, hit in self._queue.batch_get_into(batch).items() if hit]
 
-        return load_each(load, chunks, (KvBucketError,), "kvbucket tier")
+        return load_each(load, staged, (KvBucketError,), "kvbucket tier")
+
+    def _end_load(self, job_id: int, keys: list[bytes], loaded: set[str], started: float) -> None:
+        """End a load job of ``keys``, of which ``loaded`` are in their slots."""
+        good = [key for key in keys if _store_key(key) in loaded]
+        success = len(good) == len(keys)
+        partial = tuple(good) if (good and not success) else None
+        self._end(job_id, success, started, len(good) * self._chunk_bytes, successful_keys=partial)
 
     def _chunks(self, job: Any) -> dict[str, memoryview]:
         """``{store key: primary slot view}`` for a TransferJob (``chunk_ids``) or JobMetadata (``block_ids``)."""
@@ -606,7 +637,7 @@ class KvBucketTierManager(_Base):
         if self._usage is None and time.monotonic() - self._usage_at >= STATS_INTERVAL_S:
             self._usage_at = time.monotonic()
             with contextlib.suppress(RuntimeError):  # the pool is shut down
-                self._usage = self._loader.submit(self.store.stats)
+                self._usage = self._background.submit(self.store.stats)
         return self._usage_last
 
     def shutdown(self) -> None:
@@ -615,7 +646,7 @@ class KvBucketTierManager(_Base):
             return
         self._closed = True
         self.drain_jobs()
-        shut_down(self.store, queue=self._queue, pool=self._loader, metrics_server=self.metrics_server)
+        shut_down(self.store, queue=self._queue, pool=self._background, metrics_server=self.metrics_server)
 
 
 # -- helpers -------------------------------------------------------------------------
