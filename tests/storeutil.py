@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -13,6 +14,7 @@ import pytest
 
 from kvbucket import BucketStore
 from kvbucket._core.fs import FileSystem
+from kvbucket._core.read_path import ReadPath
 from kvbucket.errors import StorageIOError
 
 
@@ -94,3 +96,38 @@ class DeletionGate(FileSystem):
     def unlink(self, path: str) -> None:
         with self.held:
             super().unlink(path)
+
+
+def hold_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """From now on every object read waits for ``release`` (the second event);
+    ``entered`` (the first) is set when a read starts."""
+    entered, release = threading.Event(), threading.Event()
+    read = ReadPath.read
+
+    def held_read(self: ReadPath, *args: Any) -> None:
+        entered.set()
+        release.wait()
+        read(self, *args)
+
+    monkeypatch.setattr(ReadPath, "read", held_read)
+    return entered, release
+
+
+def record_submits(monkeypatch: pytest.MonkeyPatch, store: BucketStore) -> list[int]:
+    """The sizes of the batches handed to ``store.submit_load`` from now on."""
+    submitted: list[int] = []
+    submit = store.submit_load
+    monkeypatch.setattr(store, "submit_load", lambda dests, **kw: submitted.append(len(dests)) or submit(dests, **kw))
+    return submitted
+
+
+class SetOnRecord(logging.Handler):
+    """Sets ``event`` when a record whose message contains ``fragment`` is logged."""
+
+    def __init__(self, fragment: str, event: threading.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.fragment, self.event = fragment, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.fragment in record.getMessage():
+            self.event.set()

@@ -19,7 +19,7 @@ from kvbucket import BucketStore, LoadHandle
 from kvbucket._core.format import data_name
 from kvbucket._core.fs import FileSystem
 from kvbucket.errors import CapacityExceeded, CorruptionError, InvalidArgument, KeyNotFound, SizeMismatch, StorageIOError, StoreClosed
-from storeutil import value_for
+from storeutil import SetOnRecord, value_for
 
 SIZE = 64 << 10
 
@@ -266,7 +266,7 @@ def test_close_waits_for_the_loads_in_flight_and_later_submits_raise(store_dir: 
     gate.entered.wait()
     queued = store.submit_load(queued_buffers)  # behind the held read: not started
     waiting = threading.Event()
-    handler = _SetOnRecord("batch(es) in flight", waiting)
+    handler = SetOnRecord("batch(es) in flight", waiting)
     log = logging.getLogger("kvbucket._core.loads")
     level = log.level
     log.setLevel(logging.DEBUG)
@@ -305,13 +305,3 @@ def test_batch_load_is_all_or_nothing_at_lookup(store_dir: Path, gate: ReadGate)
             store.submit_load({})
 
 
-class _SetOnRecord(logging.Handler):
-    """Sets ``event`` when a record whose message contains ``fragment`` is logged."""
-
-    def __init__(self, fragment: str, event: threading.Event) -> None:
-        super().__init__(logging.DEBUG)
-        self.fragment, self.event = fragment, event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.fragment in record.getMessage():
-            self.event.set()

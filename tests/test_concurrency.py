@@ -12,7 +12,7 @@ import pytest
 from kvbucket import BucketStore
 from kvbucket._core.fs import FileSystem
 from kvbucket.errors import KeyNotFound, StoreClosed
-from storeutil import value_for
+from storeutil import SetOnRecord, value_for
 
 SIZE = 64 << 10
 
@@ -179,16 +179,6 @@ def test_readers_and_a_refresher_on_a_readonly_store(store_dir: Path) -> None:
     store.close()
 
 
-class _SetOnRecord(logging.Handler):
-    """Sets ``event`` when a record whose message contains ``fragment`` is logged."""
-
-    def __init__(self, fragment: str, event: threading.Event) -> None:
-        super().__init__(logging.DEBUG)
-        self.fragment, self.event = fragment, event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.fragment in record.getMessage():
-            self.event.set()
 
 
 def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
@@ -221,7 +211,7 @@ def test_close_lets_a_load_past_its_lookup_finish(store_dir: Path) -> None:
         store.close()
         proceed.set()  # close() returned without waiting for the load
 
-    waiting = _SetOnRecord("batch(es) in flight", proceed)  # or close() waits for it
+    waiting = SetOnRecord("batch(es) in flight", proceed)  # or close() waits for it
     store_log = logging.getLogger("kvbucket._core.loads")
     level = store_log.level
     store_log.setLevel(logging.DEBUG)

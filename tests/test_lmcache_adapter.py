@@ -17,11 +17,10 @@ import pytest
 
 from adapter_suite import AdapterSuite, metric, page_bytes
 from kvbucket import BucketStore
-from kvbucket._core.read_path import ReadPath
 from kvbucket.errors import InvalidArgument, StoreLocked
 from standins import lmcache_standin as lm
 from standins.lmcache_standin import FakeMemoryObj, key
-from storeutil import fail_next_writes
+from storeutil import fail_next_writes, hold_reads, record_submits
 
 CHUNK = 64 * 1024
 
@@ -365,18 +364,8 @@ def test_a_load_task_is_read_by_the_store_load_queue(opened: list[Any], tmp_path
     adapter = plugin(opened, tmp_path)
     keys, objects = [key(1), key(2)], chunks(2)
     assert lm.store(adapter, keys, objects).is_successful()
-    entered, release = threading.Event(), threading.Event()
-    read = ReadPath.read
-
-    def held_read(self: ReadPath, *args: Any) -> None:
-        entered.set()
-        release.wait()
-        read(self, *args)
-
-    submitted: list[int] = []
-    submit = adapter._store.submit_load
-    monkeypatch.setattr(ReadPath, "read", held_read)
-    monkeypatch.setattr(adapter._store, "submit_load", lambda dests, **kw: submitted.append(len(dests)) or submit(dests, **kw))
+    entered, release = hold_reads(monkeypatch)
+    submitted = record_submits(monkeypatch, adapter._store)
     targets = [FakeMemoryObj(CHUNK), FakeMemoryObj(CHUNK)]
     try:
         task = adapter.submit_load_task([key(1), key(2), key(3)], [*targets, FakeMemoryObj(CHUNK)])

@@ -22,11 +22,10 @@ import pytest
 
 from adapter_suite import AdapterSuite, page_bytes
 from kvbucket import BucketStore
-from kvbucket._core.read_path import ReadPath
 from kvbucket.errors import InvalidArgument
 from standins import vllm_standin as vs
 from standins.modules import imported_without
-from storeutil import fail_next_writes
+from storeutil import fail_next_writes, hold_reads, record_submits
 
 CHUNK_BYTES = 64 << 10
 NUM_CHUNKS = 16
@@ -638,22 +637,13 @@ def test_a_load_job_is_read_by_the_store_load_queue(tmp_path: Path, memory: np.n
     """submit_load hands the job to BucketStore.submit_load and returns while
     its read is held; the job ends from the load's completion."""
     tier = make_tier(tmp_path, memory)
-    entered, release = threading.Event(), threading.Event()
+    release = threading.Event()
     try:
         expected = fill_random(memory, range(0, 2), seed=11)
         assert [r.success for r in store_keys(tier, 1, [vs.key(1), vs.key(2)], [0, 1])] == [True]
         memory[:] = 0
-        read = ReadPath.read
-
-        def held_read(self: ReadPath, *args: Any) -> None:
-            entered.set()
-            release.wait()
-            read(self, *args)
-
-        submitted: list[int] = []
-        submit = tier.store.submit_load
-        monkeypatch.setattr(ReadPath, "read", held_read)
-        monkeypatch.setattr(tier.store, "submit_load", lambda dests, **kw: submitted.append(len(dests)) or submit(dests, **kw))
+        entered, release = hold_reads(monkeypatch)
+        submitted = record_submits(monkeypatch, tier.store)
         tier.submit_load(vs.make_job(2, [vs.key(1), vs.key(2)], [4, 5], is_promotion=True))
         entered.wait()
         assert submitted == [2]
