@@ -672,6 +672,7 @@ class OffloadQueue:
         """
         with self._cond:
             self._joining.append(group)
+            self._cond.notify_all()
         with self._committing:
             with self._cond:
                 taken, self._joining = self._joining, []
