@@ -673,21 +673,24 @@ class OffloadQueue:
         with self._cond:
             self._joining.append(group)
             self._cond.notify_all()
-        with self._committing:
-            with self._cond:
-                taken, self._joining = self._joining, []
-                extra = self._take_ready()
-            groups = taken + extra
-            errors: list[BaseException | None] = [_unwritten()] * len(groups)
-            try:
-                errors = self._commit_groups(groups)
-            finally:
-                for each, error in zip(groups, errors):
-                    self._finish(each.entries, error)
-                    each.written.set()
+        groups: list[_Group] = []
+        extra: list[_Group] = []
+        errors: list[BaseException | None] = []
+        try:
+            with self._committing:
                 with self._cond:
-                    self._writes -= len(extra)
-                    self._cond.notify_all()
+                    groups, self._joining = self._joining, []
+                    extra = self._take_ready()
+                groups += extra
+                errors = self._commit_groups(groups)
+        finally:  # resolved outside the commit lock: the next group's syncs overlap the callbacks
+            errors += [_unwritten()] * (len(groups) - len(errors))
+            for each, error in zip(groups, errors):
+                self._finish(each.entries, error)
+                each.written.set()
+            with self._cond:
+                self._writes -= len(extra)
+                self._cond.notify_all()
         group.written.wait()
 
     def _take_ready(self) -> list[_Group]:
