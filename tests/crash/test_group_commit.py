@@ -150,13 +150,15 @@ def test_queue_workers_join_one_commit_group(tmp_path):
         with OffloadQueue(store, workers=4) as queue:
             fs.calls.clear()
             fs.armed = True
-            futures = queue.put_batch(batch("first"))
-            assert fs.entered.wait(10)
-            for i in range(3):
-                futures.update(queue.put_batch(batch(f"joined{i}")))
-            with queue._cond:
-                assert queue._cond.wait_for(lambda: len(queue._joining) == 3, timeout=10)
-            fs.release.set()
+            try:
+                futures = queue.put_batch(batch("first"))
+                assert fs.entered.wait(10)
+                for i in range(3):
+                    futures.update(queue.put_batch(batch(f"joined{i}")))
+                with queue._cond:
+                    assert queue._cond.wait_for(lambda: len(getattr(queue, "_joining", ())) == 3, timeout=10)
+            finally:
+                fs.release.set()  # a failed check must not leave the first commit blocked
             queue.flush()
             assert all(f.result(timeout=10) is None for f in futures.values())
         assert fs.calls == Counter(fdatasync=4, fsync=4, fsync_dir=2)
