@@ -68,14 +68,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
 from ._core.arguments import check_int, check_lookup_key, check_number, key_mapping, key_value_pairs, lookup_keys
 from ._core.buffers import Buffer, value_views, writable_view
 from ._core.counters import QueueCounters, QueueSnapshot
 from ._core.format import check_key
-from ._core.interfaces import EvictionListener, OffloadTarget
+from ._core.interfaces import EvictionListener, GroupCommit, OffloadTarget
 from .errors import (
     CapacityExceeded,
     InvalidArgument,
@@ -143,6 +143,12 @@ class _Group:
     entries: list[_Entry]
     recheck: bool = False
     error: BaseException | None = None
+    written: threading.Event = field(default_factory=threading.Event)  # set once its entries are resolved
+
+    @property
+    def plain(self) -> bool:
+        """Whether the group is a bucket to write (neither a recheck nor a failure)."""
+        return not self.recheck and self.error is None
 
 
 class OffloadQueue:
@@ -186,6 +192,7 @@ class OffloadQueue:
     ) -> None:
         _validate_args(max_staged_bytes, backpressure, put_timeout, workers, max_delay_s)
         self._store = store
+        self._group_commit = _group_commit_of(store)
         self._max_bytes = max_staged_bytes
         self._backpressure = backpressure
         self._put_timeout = put_timeout
@@ -201,6 +208,7 @@ class OffloadQueue:
         self._batches: list[dict[str, int]] = []  # staged by put_batch, each to be grouped alone
         self._handed: dict[str, float] = {}  # held by the store's pending group -> when handed
         self._ready: deque[_Group] = deque()  # grouped, waiting for a worker
+        self._joining: list[_Group] = []  # taken by workers, waiting for the next commit group
         self._staged_bytes = 0
         self._writes = 0
         self._flush_gen = 0  # flush() calls so far
@@ -211,6 +219,8 @@ class OffloadQueue:
         self._stored = 0
         self._failed = 0
         self._counters = QueueCounters()
+        # Held by the worker committing a group: the others' buckets join the next group.
+        self._committing = threading.Lock()
 
         self._threads = [
             threading.Thread(target=self._run, name=f"kvbucket-offload-{i}", daemon=True)
@@ -647,17 +657,79 @@ class OffloadQueue:
         elif group.recheck:
             self._write_rechecked(group.entries)
         else:
-            self._offload(group.entries)
+            self._commit_joined(group)
+
+    def _commit_joined(self, group: _Group) -> None:
+        """Write ``group``'s bucket in a commit group; return once its entries are resolved.
+
+        Leader/follower: the group joins ``_joining``; whichever worker next
+        holds ``_committing`` (this one, or one ahead of it) takes every
+        joined group, and the plain groups at the head of ``_ready``, and
+        commits them with one :meth:`BucketStore.offload_group` (one
+        directory ``fsync``). Buckets thus share a sync round exactly when
+        they are ready while another commit is in progress; a lone bucket
+        is a plain :meth:`BucketStore.batch_offload`.
+        """
+        with self._cond:
+            self._joining.append(group)
+            self._cond.notify_all()
+        groups: list[_Group] = []
+        extra: list[_Group] = []
+        errors: list[BaseException | None] = []
+        try:
+            with self._committing:
+                with self._cond:
+                    groups, self._joining = self._joining, []
+                    extra = self._take_ready()
+                groups += extra
+                errors = self._commit_groups(groups)
+        finally:  # resolved outside the commit lock: the next group's syncs overlap the callbacks
+            errors += [_unwritten()] * (len(groups) - len(errors))
+            for each, error in zip(groups, errors):
+                self._finish(each.entries, error)
+                each.written.set()
+            with self._cond:
+                self._writes -= len(extra)
+                self._cond.notify_all()
+        group.written.wait()
+
+    def _take_ready(self) -> list[_Group]:
+        """The plain groups at the head of ``_ready``, now being written. Caller holds the lock."""
+        taken: list[_Group] = []
+        while self._ready and self._ready[0].plain:
+            taken.append(self._ready.popleft())
+        self._writes += len(taken)
+        return taken
+
+    def _commit_groups(self, groups: list[_Group]) -> list[BaseException | None]:
+        """Write each group as a bucket, all committed together; per group, its error.
+
+        A failed group commit stores nothing, so its buckets are then written
+        one by one: one bucket's error fails only that bucket's keys.
+        """
+        if len(groups) > 1 and self._group_commit is not None:
+            try:
+                self._group_commit.offload_group(
+                    [{entry.key: entry.views for entry in g.entries} for g in groups], on_evict=self._on_evict, on_duplicate="skip"
+                )
+            except Exception as exc:  # noqa: BLE001 - each bucket is retried alone below
+                log.warning("committing %d buckets together failed (%s); writing them one by one", len(groups), exc)
+            else:
+                return [None] * len(groups)
+        return [self._store_bucket(g.entries) for g in groups]
 
     def _offload(self, entries: list[_Entry]) -> None:
         """Write ``entries`` as one bucket and resolve them with the outcome."""
+        self._finish(entries, self._store_bucket(entries))
+
+    def _store_bucket(self, entries: list[_Entry]) -> BaseException | None:
+        """Write ``entries`` as one bucket; the error, or None once it is durable."""
         objects = {entry.key: entry.views for entry in entries}
         try:
             self._store.batch_offload(objects, on_evict=self._on_evict, on_duplicate="skip")
         except Exception as exc:  # noqa: BLE001 - reported to every entry's future
-            self._finish(entries, exc)
-        else:
-            self._finish(entries, None)
+            return exc
+        return None
 
     def _write_rechecked(self, entries: list[_Entry]) -> None:
         """Keys the grouper did not emit: stored ones succeed, others get a bucket each."""
@@ -724,6 +796,20 @@ def _copy_out(entry: _Entry, dest: memoryview) -> None:
     for view in entry.views:
         dest[offset : offset + view.nbytes] = view
         offset += view.nbytes
+
+
+def _group_commit_of(store: OffloadTarget) -> GroupCommit | None:
+    """``store`` when its class commits groups of buckets, else None.
+
+    The class, not the instance: a wrapper that forwards unknown names to a
+    store but intercepts ``batch_offload`` must keep seeing every bucket.
+    """
+    return cast(GroupCommit, store) if callable(getattr(type(store), "offload_group", None)) else None
+
+
+def _unwritten() -> BaseException:
+    """The error of a group left unwritten because its commit was interrupted."""
+    return KvBucketError("the offload worker committing this key was interrupted; the key was not stored")
 
 
 def _validate_args(

@@ -52,6 +52,7 @@ from ._core.budget import Budget
 from ._core.buffers import Buffer, views_of_value, writable_views
 from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
+from ._core.commit import NewBucket
 from ._core.counters import CounterSnapshot
 from ._core.du import measure_store
 from ._core.eviction import Eviction
@@ -353,30 +354,86 @@ class BucketStore:
         after the commit; if it raises, the bucket is rolled back and the
         error propagates.
         """
-        if on_duplicate not in ("error", "skip"):
-            raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
+        skip = _skips_duplicates(on_duplicate)
         started = time.perf_counter()
         batch = _prepare_batch(objects)
         with self._mutating():
             self._begin_mutation()
-            batch = _without_stored(batch, self._catalog.stored(o.key for o in batch), skip=on_duplicate == "skip")
-            if not batch:
+            written = self._commit_group([batch], on_evict, skip, started)[0]
+            if written is None:
                 return None
-            _check_bucket_limits(batch, self._config)
-            aligned = self._config.io_mode == "direct"
-            offsets, length = (aligned_layout if aligned else packed_layout)([o.size for o in batch])
-            self._eviction.make_room(Usage(sum(o.size for o in batch), _physical_estimate(batch, length), len(batch)), on_evict)
-            bucket_id = self._files.allocate_id()
-            meta = BucketMeta.from_columns(
-                bucket_id, length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I")
-            )
-            # The checksums are needed only for the meta: compute them while the data is written.
-            checksums = self._reads.executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
-            bucket = self._files.add(meta, [o.views for o in batch], checksums.result, started)
-            self._space.track_directory_growth()
+            bucket, meta = written
             if on_complete is not None:
                 self._notify_complete(bucket, meta, on_complete)
-            return bucket_id
+            return bucket.bucket_id
+
+    def offload_group(
+        self,
+        batches: Sequence[Objects],
+        on_evict: EvictionListener | None = None,
+        on_duplicate: str = "error",
+    ) -> list[int | None]:
+        """Write each of ``batches`` as its own bucket, committed together;
+        return their ids (in order) once all are durable.
+
+        Each batch is as for :meth:`batch_offload` (``None`` for a batch whose
+        keys were all skipped). The group costs one directory ``fsync``
+        instead of one per bucket. It succeeds or fails as a whole: on an
+        error no bucket of the group is stored.
+        """
+        skip = _skips_duplicates(on_duplicate)
+        started = time.perf_counter()
+        prepared = [_prepare_batch(objects) for objects in batches]
+        with self._mutating():
+            self._begin_mutation()
+            written = self._commit_group(prepared, on_evict, skip, started)
+            return [None if w is None else w[0].bucket_id for w in written]
+
+    def _commit_group(
+        self, batches: list[list[_Object]], on_evict: EvictionListener | None, skip: bool, started: float
+    ) -> list[tuple[Bucket, BucketMeta] | None]:
+        """Write ``batches`` as new buckets committed together; per batch, its
+        bucket and meta (None when every key was skipped).
+
+        A key stored already, or in an earlier batch of the group, raises
+        :class:`KeyExists` unless ``skip``; then it is left out.
+
+        Requires: ``_writer`` held.
+        """
+        aligned = self._config.io_mode == "direct"
+        taken: set[str] = set()
+        kept: list[list[_Object]] = []
+        for batch in batches:
+            keys = [o.key for o in batch]
+            earlier = set(self._catalog.stored(keys)) | taken.intersection(keys)
+            batch = _without_stored(batch, [k for k in keys if k in earlier], skip=skip)
+            if batch:
+                _check_bucket_limits(batch, self._config)
+            taken.update(o.key for o in batch)
+            kept.append(batch)
+        layouts = [(aligned_layout if aligned else packed_layout)([o.size for o in batch]) for batch in kept]
+        need = sum(
+            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, length) in zip(kept, layouts) if b),
+            Usage(),
+        )
+        if not need.keys:
+            return [None] * len(kept)
+        self._eviction.make_room(need, on_evict)
+        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (offsets, length) in zip(kept, layouts) if batch]
+        written = iter(zip(self._files.add_group(new, started), (b.meta for b in new)))
+        self._space.track_directory_growth()
+        return [next(written) if batch else None for batch in kept]
+
+    def _new_bucket(self, batch: list[_Object], offsets: list[int], length: int, aligned: bool) -> NewBucket:
+        """A fresh id and meta for ``batch``; its checksums computed while the data is written.
+
+        Requires: ``_writer`` held.
+        """
+        meta = BucketMeta.from_columns(
+            self._files.allocate_id(), length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I")
+        )
+        checksums = self._reads.executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
+        return NewBucket(meta, [o.views for o in batch], checksums.result)
 
     def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
         """Run ``on_complete``; roll the bucket back if it raises.
@@ -760,6 +817,13 @@ def _prepare_batch(objects: Objects) -> list[_Object]:
     if not batch:
         raise InvalidArgument("batch_offload needs at least one object")
     return batch
+
+
+def _skips_duplicates(on_duplicate: str) -> bool:
+    """Whether ``on_duplicate`` asks to skip stored keys (``"skip"``) rather than raise (``"error"``)."""
+    if on_duplicate not in ("error", "skip"):
+        raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
+    return on_duplicate == "skip"
 
 
 def _without_stored(batch: list[_Object], stored: list[str], skip: bool) -> list[_Object]:

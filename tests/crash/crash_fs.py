@@ -611,6 +611,23 @@ class MetaInPlaceFS(FdNames):
         return super().stat(self._untmp(path))
 
 
+class LateDirSyncFS(ForwardingFS):
+    """Acknowledges before the directory fsync: each directory fsync is put
+    off until the next ``open`` (the next operation's first call)."""
+
+    def __init__(self, inner=None) -> None:
+        super().__init__(inner)
+        self.deferred: list = []
+
+    def fsync_dir(self, path):
+        self.deferred.append(path)
+
+    def open(self, path, flags, mode=0o644):
+        while self.deferred:
+            super().fsync_dir(self.deferred.pop(0))
+        return super().open(path, flags, mode)
+
+
 class NoUnlinkFS(ForwardingFS):
     """Never deletes anything: deleted buckets stay on disk. A canary for the
     kill -9 harness (which cannot see missing syncs, but sees this)."""
@@ -624,4 +641,12 @@ CANARIES = {
     "no_meta_fsync": NoMetaSyncFS,
     "no_dir_fsync": NoDirSyncFS,
     "meta_in_place": MetaInPlaceFS,
+}
+
+# The canaries of the group-commit path: the sync breaks, plus a group
+# acknowledged before its directory fsync (meta_in_place breaks only meta
+# rewrites, which a group commit never does).
+GROUP_CANARIES = {
+    **{name: CANARIES[name] for name in ("no_data_fdatasync", "no_meta_fsync", "no_dir_fsync")},
+    "ack_before_dir_fsync": LateDirSyncFS,
 }

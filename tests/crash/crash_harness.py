@@ -10,6 +10,9 @@ A workload is a list of JSON-able operations (dicts):
 
 * ``{"op": "offload", "keys": [...]}``: one ``batch_offload``; keys are never
   reused within a workload;
+* ``{"op": "offload_group", "groups": [[...], ...], "keys": [...]}``: one
+  ``offload_group`` (a bucket per group, committed together); ``keys`` lists
+  every group's keys;
 * ``{"op": "get", "keys": [...]}``: read (and check) the keys that exist;
 * ``{"op": "load", "keys": [...]}``: the same through ``submit_load``, one
   batch per key, all in flight at once;
@@ -104,6 +107,25 @@ def simple_workload(n_buckets: int, per_bucket: int = 3, tag: str = "w", sizes=S
     return ops
 
 
+def group_workload(n_groups: int, buckets: int = 3, per_bucket: int = 2, tag: str = "g", sizes=SIZES, seed: int = 0) -> list[dict]:
+    """``n_groups`` group commits of ``buckets`` buckets of ``per_bucket`` keys,
+    each group preceded by a lone offload (so a lost group is not the first
+    thing written), with a read at the end."""
+    import random
+
+    rng = random.Random(seed)
+    ops, everything = [], []
+    for g in range(n_groups):
+        lone = [make_key(f"{tag}{g}.lone", rng.choice(sizes))]
+        groups = [[make_key(f"{tag}{g}.{b}.{i}", rng.choice(sizes)) for i in range(per_bucket)] for b in range(buckets)]
+        keys = [k for group in groups for k in group]
+        everything += lone + keys
+        ops.append({"op": "offload", "keys": lone})
+        ops.append({"op": "offload_group", "groups": groups, "keys": keys})
+    ops.append({"op": "get", "keys": everything})
+    return ops
+
+
 def lifecycle_workload(seed: int = 0, n: int = 10, tag: str = "L", evict: bool = True) -> list[dict]:
     """Offloads mixed with remove, batch_remove, delete_bucket, compact (and
     watermark eviction when ``evict``): the issue-3 workload. Reads of single
@@ -165,6 +187,7 @@ def ops_need(ops: list[dict]) -> set[str]:
             "evict": {"evict_to_watermark"},
             "settle": {"wait_for_eviction"},
             "load": {"submit_load"},
+            "offload_group": {"offload_group"},
         }.get(op["op"], set())
     return need
 
@@ -211,6 +234,10 @@ def run_op(store: BucketStore, i: int, op: dict, emit: Emit, evict_kw: bool | No
         kwargs = {"on_evict": on_evict} if (offload_takes_on_evict() if evict_kw is None else evict_kw) else {}
         emit({"ev": "begin", "i": i})
         result = store.batch_offload(objects, **kwargs)
+    elif kind == "offload_group":
+        batches = [{k: value_for(k) for k in group} for group in op["groups"]]
+        emit({"ev": "begin", "i": i})
+        result = store.offload_group(batches, on_evict=on_evict)
     elif kind == "get":
         emit({"ev": "begin", "i": i})
         present = [k for k in op["keys"] if store.exists(k)]
@@ -319,11 +346,12 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
         keys = op.get("keys", [])
         if i in done:
             result = done[i]
-            if op["op"] == "offload":
+            if op["op"] in ("offload", "offload_group"):
                 for k in keys:
                     state[k] = "live" if acked_durable else "maybe"
-                if isinstance(result, int) and acked_durable:
-                    exp.max_acked_id = max(exp.max_acked_id, result)
+                ids = [r for r in (result if isinstance(result, list) else [result]) if isinstance(r, int)]
+                if ids and acked_durable:
+                    exp.max_acked_id = max(exp.max_acked_id, *ids)
             elif op["op"] in ("remove", "batch_remove"):
                 for k in result:
                     state[k] = "gone" if acked_durable else "maybe"
@@ -332,7 +360,7 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
                     state[k] = "gone" if acked_durable else "maybe"
         elif i in begun:
             exp.in_flight = i
-            if op["op"] == "offload":
+            if op["op"] in ("offload", "offload_group"):
                 for k in keys:
                     state[k] = "maybe"
             elif op["op"] in ("remove", "batch_remove"):
@@ -344,7 +372,7 @@ def expectation(ops: list[dict], events: list[dict], *, acked_durable: bool = Tr
                     if state.get(k) == "live":
                         state[k] = "maybe"
         else:
-            if op["op"] == "offload":
+            if op["op"] in ("offload", "offload_group"):
                 for k in keys:
                     state.setdefault(k, "gone")
         for k in evicted_after.get(i, []):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import CapacityExceeded
 from .catalog import Catalog
-from .commit import delete_bucket_files, publish_meta, write_bucket
+from .commit import NewBucket, delete_bucket_files, publish_meta, write_group
 from .format import MAX_BUCKET_ID, BucketMeta, MetaRecord, aligned_layout, meta_name, packed_layout
 from .fs import FileSystem, run_io
 from .index import Bucket, rebuilt_meta
@@ -84,20 +84,35 @@ class BucketFiles:
         started: float | None = None,
     ) -> Bucket:
         """Write and commit a new bucket (data, then meta, durably; see
-        :func:`~kvbucket._core.commit.write_bucket`), then index it
+        :func:`~kvbucket._core.commit.write_group`), then index it
         (``started``: when its write began, for the counters).
 
         Requires: the writer lock held.
         """
+        return self.add_group([NewBucket(meta, views, checksums)], started)[0]
+
+    def add_group(self, new: Sequence[NewBucket], started: float | None = None) -> list[Bucket]:
+        """Write and commit new buckets together (one directory ``fsync``; see
+        :func:`~kvbucket._core.commit.write_group`), then index them all.
+
+        No bucket is indexed (visible, acknowledged) before the group's last
+        sync; when the group fails, none is.
+
+        Requires: the writer lock held.
+        """
+        ids = [b.meta.bucket_id for b in new]
         physical = run_io(
-            f"writing bucket {meta.bucket_id}",
+            f"writing bucket{'s' if len(ids) > 1 else ''} {_ids(ids)}",
             self._dir,
-            lambda: write_bucket(self._fs, self._dir, meta, views, direct=self._direct, durable=self._durable, checksums=checksums),
+            lambda: write_group(self._fs, self._dir, new, direct=self._direct, durable=self._durable),
         )
-        bucket = Bucket(meta.bucket_id, meta.data_length, meta.aligned, physical)
-        self._catalog.commit(bucket, meta, started)
-        self._committed()
-        return bucket
+        buckets = []
+        for b, allocated in zip(new, physical):
+            bucket = Bucket(b.meta.bucket_id, b.meta.data_length, b.meta.aligned, allocated)
+            self._catalog.commit(bucket, b.meta, started)
+            self._committed()
+            buckets.append(bucket)
+        return buckets
 
     def compact(self, group: list[Bucket], values: dict[str, bytes]) -> int:
         """Rewrite ``group``'s live objects (``values``) as one new bucket, then

@@ -7,6 +7,9 @@ Order of a write (docs/FORMAT.md, "Commit protocol"):
 3. ``rename`` it to ``<id>.meta``;
 4. ``fsync`` the directory.
 
+A group (:func:`write_group`) runs step 1 for every bucket, then steps 2-3
+for every bucket, then one step 4.
+
 Invariant: ``<id>.meta`` names a bucket only after its data file is durable,
 and it appears atomically (rename), so a crash anywhere leaves either no meta
 (the data file is an orphan that recovery deletes) or a complete one.
@@ -22,6 +25,7 @@ import logging
 import os
 from array import array
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from .datafile import write_values
 from .format import BucketMeta, data_name, encode_meta, meta_name, tmp_name
@@ -29,42 +33,57 @@ from .fs import O_DIRECT, FileSystem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_bucket", "publish_meta", "delete_bucket_files", "unlink_if_present"]
+__all__ = ["NewBucket", "write_group", "publish_meta", "delete_bucket_files", "unlink_if_present"]
 
 
-def write_bucket(
-    fs: FileSystem,
-    directory: str,
-    meta: BucketMeta,
-    values: Sequence[Sequence[memoryview]],
-    *,
-    direct: bool,
-    durable: bool,
-    checksums: Callable[[], array[int]] | None = None,
-) -> int:
-    """Write a new bucket's data file and meta; return their allocated bytes.
+class NewBucket(NamedTuple):
+    """A bucket to write: its meta, its values, and what supplies its checksums."""
 
-    ``checksums``, when given, supplies ``meta.crcs`` once the data is
-    durable (the caller computes them while the data is written). On any
-    failure both files are removed before the error propagates.
+    meta: BucketMeta
+    values: Sequence[Sequence[memoryview]]
+    checksums: Callable[[], array[int]] | None
+
+
+def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *, direct: bool, durable: bool) -> list[int]:
+    """Write and commit new buckets (one or several) with one directory
+    ``fsync``; return each one's allocated bytes.
+
+    Every data file is written and synced, then every meta is published
+    (temporary, ``fsync``, ``rename``), then the directory is synced once:
+    each bucket keeps the order data, meta, directory, and none is durable
+    for the caller before that last sync. On any failure every bucket's
+    files are removed before the error propagates. A bucket's
+    ``checksums``, when given, supplies ``meta.crcs`` once its data is
+    durable (the caller computes them while the data is written).
     """
+    try:
+        physical = [_write_data(fs, directory, b.meta, b.values, direct=direct, durable=durable) for b in buckets]
+        for bucket in buckets:
+            if bucket.checksums is not None:
+                bucket.meta.crcs = bucket.checksums()
+        physical = [p + _publish(fs, directory, b.meta, durable=durable) for p, b in zip(physical, buckets)]
+        if durable:
+            fs.fsync_dir(directory)
+        return physical
+    except BaseException:
+        for bucket in buckets:
+            _discard(fs, directory, bucket.meta.bucket_id)
+        raise
+
+
+def _write_data(fs: FileSystem, directory: str, meta: BucketMeta, values: Sequence[Sequence[memoryview]], *, direct: bool, durable: bool) -> int:
+    """Create ``<id>.bucket`` (never over an existing file), write the values,
+    sync them when ``durable``; return its allocated bytes."""
     data_path = os.path.join(directory, data_name(meta.bucket_id))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if direct else 0)
     fd = fs.open(data_path, flags)
     try:
-        try:
-            write_values(fs, fd, values, meta.offsets, meta.data_length, direct)
-            if durable:
-                fs.fdatasync(fd)
-            data_physical = fs.fstat(fd).st_blocks * 512
-        finally:
-            fs.close(fd)
-        if checksums is not None:
-            meta.crcs = checksums()
-        return data_physical + publish_meta(fs, directory, meta, durable=durable)
-    except BaseException:
-        _discard(fs, directory, meta.bucket_id)
-        raise
+        write_values(fs, fd, values, meta.offsets, meta.data_length, direct)
+        if durable:
+            fs.fdatasync(fd)
+        return int(fs.fstat(fd).st_blocks * 512)
+    finally:
+        fs.close(fd)
 
 
 def publish_meta(fs: FileSystem, directory: str, meta: BucketMeta, *, durable: bool) -> int:
@@ -74,6 +93,15 @@ def publish_meta(fs: FileSystem, directory: str, meta: BucketMeta, *, durable: b
     the old content (or none) stays until the rename, and the new content is
     durable before it.
     """
+    physical = _publish(fs, directory, meta, durable=durable)
+    if durable:
+        fs.fsync_dir(directory)
+    return physical
+
+
+def _publish(fs: FileSystem, directory: str, meta: BucketMeta, *, durable: bool) -> int:
+    """:func:`publish_meta` up to the rename, without the directory ``fsync``
+    (the caller's: until it, the rename may be lost)."""
     tmp_path = os.path.join(directory, tmp_name(meta.bucket_id))
     fd = fs.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
@@ -81,15 +109,13 @@ def publish_meta(fs: FileSystem, directory: str, meta: BucketMeta, *, durable: b
             fs.write_all(fd, [memoryview(encode_meta(meta))], 0)
             if durable:
                 fs.fsync(fd)
-            physical = fs.fstat(fd).st_blocks * 512
+            physical = int(fs.fstat(fd).st_blocks * 512)
         finally:
             fs.close(fd)
         fs.rename(tmp_path, os.path.join(directory, meta_name(meta.bucket_id)))
     except BaseException:
         _quietly(unlink_if_present, fs, tmp_path)
         raise
-    if durable:
-        fs.fsync_dir(directory)
     return physical
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ObjectReads",
     "ObjectWrites",
     "ObjectStore",
+    "GroupCommit",
     "BucketGrouping",
     "OffloadTarget",
     "StoreObservation",
@@ -91,6 +92,20 @@ class ObjectWrites(Protocol):
 
 class ObjectStore(ObjectReads, ObjectWrites, Protocol):
     """Finding, loading and writing objects."""
+
+
+class GroupCommit(Protocol):
+    """Committing several buckets with one directory ``fsync``."""
+
+    def offload_group(
+        self,
+        batches: Sequence[Mapping[str, Buffer | Sequence[Buffer]]],
+        *,
+        on_evict: EvictionListener | None = None,
+        on_duplicate: str = "error",
+    ) -> list[int | None]:
+        """Write each batch as a bucket, committed together; their ids once all are durable (all or none stored)."""
+        ...
 
 
 class BucketGrouping(Protocol):
