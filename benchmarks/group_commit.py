@@ -17,41 +17,16 @@ import argparse
 import os
 import shutil
 import statistics
-import threading
 import time
 from collections import Counter
 from typing import Any
 
 from kvbucket import BucketStore, OffloadQueue
-from kvbucket._core.fs import FileSystem
+from kvbucket.replay.iocount import CountingFileSystem
 
 OBJECT_BYTES = 64 << 10
 OBJECTS_PER_BUCKET = 64
 SYNCS = ("fdatasync", "fsync", "fsync_dir")
-
-
-class CountingFS(FileSystem):
-    """The real file system, counting its sync calls."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.calls[name] += 1
-
-    def fdatasync(self, fd: int) -> None:
-        self._count("fdatasync")
-        super().fdatasync(fd)
-
-    def fsync(self, fd: int) -> None:
-        self._count("fsync")
-        super().fsync(fd)
-
-    def fsync_dir(self, path: str) -> None:
-        self._count("fsync_dir")
-        super().fsync_dir(path)
 
 
 class PerBucket:
@@ -68,19 +43,19 @@ def run(root: str, grouped: bool, buckets: int) -> tuple[float, Counter[str]]:
     """MiB/s of one run, and its sync calls."""
     path = os.path.join(root, "grouped" if grouped else "per-bucket")
     shutil.rmtree(path, ignore_errors=True)
-    fs = CountingFS()
+    fs = CountingFileSystem()
     value = os.urandom(OBJECT_BYTES)
     with BucketStore.open(path, filesystem=fs, durability="strict", bucket_size_limit=OBJECT_BYTES * OBJECTS_PER_BUCKET) as store:
         target: Any = store if grouped else PerBucket(store)
         with OffloadQueue(target, workers=4, max_staged_bytes=1 << 30) as queue:
-            fs.calls.clear()
+            fs.syncs.clear()
             start = time.perf_counter()
             jobs = [queue.put_batch({f"b{b}.{i}": value for i in range(OBJECTS_PER_BUCKET)}) for b in range(buckets)]
             queue.flush()
             elapsed = time.perf_counter() - start
             failed = [key for job in jobs for key, future in job.items() if future.exception() is not None]
             assert not failed, failed
-        calls = Counter(fs.calls)
+        calls = Counter(fs.syncs)
     shutil.rmtree(path, ignore_errors=True)
     return buckets * OBJECTS_PER_BUCKET * OBJECT_BYTES / elapsed / 2**20, calls
 

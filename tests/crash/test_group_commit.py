@@ -20,7 +20,7 @@ import crash_harness as H
 from crash_fs import GROUP_CANARIES
 from crash_sweeps import kill_sweep, powerloss_sweep
 from kvbucket import BucketStore, KeyExists, OffloadQueue
-from kvbucket._core.fs import FileSystem
+from kvbucket.replay.iocount import CountingFileSystem
 
 FULL_KW = {"point_budget": 10**9, "n_random": 24, "exhaustive_limit": 512}
 
@@ -70,31 +70,14 @@ def test_kill9_group_sweep(runner, tmp_path, crash_counts, durability):
     assert not failures, H.format_failures(failures)
 
 
-class SyncCountingFS(FileSystem):
-    """Counts the sync calls; ``gate``, once armed, holds the first data write until released."""
+class SyncCountingFS(CountingFileSystem):
+    """Counts the sync calls (``syncs``); once ``armed``, holds the first data write until ``release``."""
 
     def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        super().__init__()
         self.armed = False
         self.entered = threading.Event()
         self.release = threading.Event()
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.calls[name] += 1
-
-    def fdatasync(self, fd: int) -> None:
-        self._count("fdatasync")
-        super().fdatasync(fd)
-
-    def fsync(self, fd: int) -> None:
-        self._count("fsync")
-        super().fsync(fd)
-
-    def fsync_dir(self, path) -> None:
-        self._count("fsync_dir")
-        super().fsync_dir(path)
 
     def pwritev(self, fd: int, buffers, offset: int) -> int:
         if self.armed:
@@ -112,9 +95,9 @@ def batch(tag: str, n: int = 2) -> dict[str, bytes]:
 def test_group_of_n_buckets_syncs_the_directory_once(tmp_path, n):
     fs = SyncCountingFS()
     with BucketStore.open(tmp_path / "s", filesystem=fs, durability="strict") as store:
-        fs.calls.clear()
+        fs.syncs.clear()
         ids = store.offload_group([batch(f"b{i}") for i in range(n)])
-        assert fs.calls == Counter(fdatasync=n, fsync=n, fsync_dir=1)
+        assert fs.syncs == Counter(fdatasync=n, fsync=n, fsync_dir=1)
         assert len(set(ids)) == n
         for i in range(n):
             assert store.batch_get(list(batch(f"b{i}"))) == batch(f"b{i}")
@@ -125,10 +108,10 @@ def test_group_of_n_buckets_syncs_the_directory_once(tmp_path, n):
 def test_separate_offloads_sync_the_directory_each(tmp_path):
     fs = SyncCountingFS()
     with BucketStore.open(tmp_path / "s", filesystem=fs, durability="strict") as store:
-        fs.calls.clear()
+        fs.syncs.clear()
         for i in range(3):
             store.batch_offload(batch(f"b{i}"))
-        assert fs.calls == Counter(fdatasync=3, fsync=3, fsync_dir=3)
+        assert fs.syncs == Counter(fdatasync=3, fsync=3, fsync_dir=3)
 
 
 def test_group_skips_and_refuses_duplicates_across_its_buckets(tmp_path):
@@ -148,7 +131,7 @@ def test_queue_workers_join_one_commit_group(tmp_path):
     fs = SyncCountingFS()
     with BucketStore.open(tmp_path / "s", filesystem=fs, durability="strict") as store:
         with OffloadQueue(store, workers=4) as queue:
-            fs.calls.clear()
+            fs.syncs.clear()
             fs.armed = True
             try:
                 futures = queue.put_batch(batch("first"))
@@ -161,5 +144,5 @@ def test_queue_workers_join_one_commit_group(tmp_path):
                 fs.release.set()  # a failed check must not leave the first commit blocked
             queue.flush()
             assert all(f.result(timeout=10) is None for f in futures.values())
-        assert fs.calls == Counter(fdatasync=4, fsync=4, fsync_dir=2)
+        assert fs.syncs == Counter(fdatasync=4, fsync=4, fsync_dir=2)
         assert len(store) == 8

@@ -48,27 +48,21 @@ class ObjectReads(Protocol):
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""
-        ...
 
     def batch_exists(self, keys: Iterable[str]) -> list[bool]:
         """:meth:`exists` for each key, in order."""
-        ...
 
     def lookup(self, keys: Iterable[str], *, lease_s: float | None = None, prefix: bool = False) -> list[bool]:
         """:meth:`batch_exists`, leasing the buckets of the keys found."""
-        ...
 
     def lease(self, keys: Iterable[str], *, lease_s: float | None = None) -> None:
         """Protect the buckets of stored ``keys`` from eviction for a while."""
-        ...
 
     def release(self, keys: Iterable[str]) -> None:
         """End the leases of ``keys``."""
-        ...
 
     def batch_load(self, destinations: Mapping[str, Buffer]) -> None:
         """Fill each destination buffer with its key's bytes."""
-        ...
 
 
 class ObjectWrites(Protocol):
@@ -77,7 +71,6 @@ class ObjectWrites(Protocol):
     @property
     def config(self) -> BucketConfig:
         """The store's validated configuration (its bucket limits among it)."""
-        ...
 
     def batch_offload(
         self,
@@ -87,7 +80,6 @@ class ObjectWrites(Protocol):
         on_duplicate: str = "error",
     ) -> int | None:
         """Write ``objects`` as one bucket; its id once durable (None when every key was skipped)."""
-        ...
 
 
 class ObjectStore(ObjectReads, ObjectWrites, Protocol):
@@ -105,7 +97,6 @@ class GroupCommit(Protocol):
         on_duplicate: str = "error",
     ) -> list[int | None]:
         """Write each batch as a bucket, committed together; their ids once all are durable (all or none stored)."""
-        ...
 
 
 class BucketGrouping(Protocol):
@@ -113,15 +104,12 @@ class BucketGrouping(Protocol):
 
     def group_batch(self, sizes: Mapping[str, int]) -> list[list[str]]:
         """Cut one batch ``{key: size}`` into buckets of its own."""
-        ...
 
     def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
         """Pool ``{key: size}`` into full buckets, carrying the partial rest."""
-        ...
 
     def pending_group(self) -> list[str]:
         """Keys carried over, waiting to fill a bucket."""
-        ...
 
 
 class OffloadTarget(ObjectStore, BucketGrouping, Protocol):
@@ -134,20 +122,16 @@ class StoreObservation(Protocol):
     @property
     def path(self) -> str:
         """The store directory."""
-        ...
 
     @property
     def recovery_report(self) -> RecoveryReport:
         """What recovery did at the last open."""
-        ...
 
     def stats(self) -> StoreStats:
         """Usage against each limit, now."""
-        ...
 
     def counters(self) -> CounterSnapshot:
         """The operation counters since open."""
-        ...
 
 
 class QueueObservation(Protocol):
@@ -155,11 +139,9 @@ class QueueObservation(Protocol):
 
     def stats(self) -> PipelineStats:
         """The queue's depth, now."""
-        ...
 
     def counters(self) -> QueueSnapshot:
         """The queue's counters since it was created."""
-        ...
 
 
 if TYPE_CHECKING:

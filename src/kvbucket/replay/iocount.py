@@ -1,9 +1,10 @@
-"""Counting what a store writes, through the FileSystem seam."""
+"""Counting what a store writes and syncs, through the FileSystem seam."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,11 +33,14 @@ class WriteCounts:
 
 
 class CountingFileSystem(FileSystem):
-    """A :class:`FileSystem` that counts the bytes each ``pwritev`` writes."""
+    """A :class:`FileSystem` that counts the bytes each ``pwritev`` writes
+    (:attr:`counts`) and its sync calls by name (:attr:`syncs`:
+    ``fdatasync``, ``fsync``, ``fsync_dir``)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.counts = WriteCounts()
+        self.syncs: Counter[str] = Counter()
         self._kinds: dict[int, str] = {}  # open descriptor -> field of WriteCounts
         self._counting = threading.Lock()
 
@@ -57,6 +61,22 @@ class CountingFileSystem(FileSystem):
             kind = self._kinds.get(fd, "other")
             setattr(self.counts, kind, getattr(self.counts, kind) + written)
         return written
+
+    def fdatasync(self, fd: int) -> None:
+        self._count_sync("fdatasync")
+        super().fdatasync(fd)
+
+    def fsync(self, fd: int) -> None:
+        self._count_sync("fsync")
+        super().fsync(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        self._count_sync("fsync_dir")
+        super().fsync_dir(path)
+
+    def _count_sync(self, name: str) -> None:
+        with self._counting:
+            self.syncs[name] += 1
 
 
 class CountingSimulatedFileSystem(CountingFileSystem, SimulatedFileSystem):
