@@ -13,7 +13,6 @@
   (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
-* :func:`~kvbucket.policy.grouping.split_batches` cuts a large write into bucket-sized batches.
 * :func:`load_each` loads a batch, and key by key when the batch fails.
 * :func:`loaded_keys` reads the outcome of an asynchronous load
   (:meth:`~kvbucket.BucketStore.submit_load`), logging each failed key.
@@ -39,7 +38,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import BucketConfig, Setting, check_known_keys, coerce_field
 from ..errors import InvalidArgument, KeyNotFound, StoreLocked
-from ..policy.grouping import split_batches
 
 if TYPE_CHECKING:
     from .._core.loads import LoadHandle
@@ -54,7 +52,6 @@ __all__ = [
     "option",
     "open_store",
     "pointer_view",
-    "split_batches",
     "load_each",
     "loaded_keys",
     "AllDone",

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError
+from ..policy.grouping import split_batches
 from . import _standins
 from ._common import (
     METRICS_KEYS,
@@ -63,7 +64,6 @@ from ._common import (
     pointer_view,
     safe_component,
     shut_down,
-    split_batches,
     start_metrics,
     store_options,
 )
