@@ -213,6 +213,19 @@ def test_every_method_that_needs_a_lock_says_which(module: str) -> None:
             assert "held" in doc.split("Requires:")[1], f"{module}: {node.name} does not say which lock is held"
 
 
+
+@pytest.mark.parametrize(("module", "component"), [("_core/budget_member.py", "BudgetMember"), ("_core/group_commit.py", "GroupCommit")])
+def test_the_components_without_a_lock_of_their_own_say_they_run_under_the_writer_lock(module: str, component: str) -> None:
+    """The budget member and the group commit have no lock: each of their
+    methods states that it runs holding the store's writer lock."""
+    tree = ast.parse((Path(kvbucket.__file__).parent / module).read_text())
+    (cls,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == component]
+    methods = [node for node in cls.body if isinstance(node, ast.FunctionDef) and not node.name.startswith("__")]
+    assert methods
+    for method in methods:
+        doc = ast.get_docstring(method) or ""
+        assert "Requires: the writer lock held" in doc, f"{module}: {component}.{method.name} does not say it needs the writer lock"
+
 def test_store_arguments_are_checked_by_the_shared_checker(tmp_path: Path) -> None:
     """Whole numbers and numbers given to the store's methods get the one wording of
     :mod:`kvbucket._core.arguments` (a bool is not a number)."""

@@ -1,6 +1,6 @@
 """BucketStore: the public face of kvbucket.
 
-A store composes five components, each owning its state and its lock:
+A store composes these components, each owning its state and its lock:
 
 * the catalog (:mod:`kvbucket._core.catalog`): the index, leases, the access
   clock, the policy's state, the counters, under the *index lock*, held only
@@ -14,11 +14,17 @@ A store composes five components, each owning its state and its lock:
   (:mod:`kvbucket.policy.eviction`), two-phase eviction, the background evictor;
 * the bucket files (:mod:`kvbucket._core.bucket_files`): id allocation and
   writing, rewriting and deleting a bucket's files through the commit
-  protocol, under ``_writer``.
+  protocol, under ``_writer``; the group commit
+  (:mod:`kvbucket._core.group_commit`): batches checked, room made, and
+  written as new buckets committed together, under ``_writer``;
+* the budget member (:mod:`kvbucket._core.budget_member`): the store's side
+  of a shared budget (reservations before writes, usage published after
+  changes), under ``_writer`` and the budget file's own lock.
 
-Lock order: ``_writer``, then the index lock, then the read path's lock,
-then the space account's lock. ``_writer`` serialises everything that
-changes the directory: offload, removal, deletion, eviction, compaction.
+Lock order: ``_writer``, then the budget's lock, then the index lock, then
+the read path's lock, then the space account's lock. ``_writer``
+serialises everything that changes the directory: offload, removal,
+deletion, eviction, compaction.
 Reads take neither ``_writer`` nor the index lock during I/O: they pin
 their buckets, read through the pinned descriptors, and unpin. A bucket
 deleted meanwhile is unlinked at once, but its descriptor stays open until
@@ -41,31 +47,21 @@ import logging
 import os
 import threading
 import time
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, key_value_pairs, lookup_keys
+from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, lookup_keys
 from ._core.bucket_files import BucketFiles
 from ._core.budget import Budget
-from ._core.buffers import Buffer, views_of_value, writable_views
+from ._core.budget_member import BudgetMember, admitted, join_budget, open_budget
+from ._core.buffers import Buffer, writable_views
 from ._core.catalog import Catalog
-from ._core.checksum import crc32c_of
-from ._core.commit import NewBucket
 from ._core.counters import CounterSnapshot
-from ._core.du import measure_store
 from ._core.eviction import Eviction
-from ._core.format import (
-    ALIGNMENT,
-    HEADER_SIZE,
-    RECORD_SIZE,
-    BucketMeta,
-    aligned_layout,
-    check_key,
-    packed_layout,
-)
+from ._core.format import ALIGNMENT, check_key
 from ._core.fs import FileSystem, run_io, stat_directory
+from ._core.group_commit import GroupCommit, Objects, prepare_batch
 from ._core.index import Bucket, ObjectMeta
 from ._core.interfaces import EvictionListener
 from ._core.lease import Clock
@@ -73,11 +69,10 @@ from ._core.loads import LoadHandle, Loads
 from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
-from ._core.space import Limits, Space, Usage
+from ._core.space import Limits, Space
 from .config import BucketConfig
 from .errors import (
     InvalidArgument,
-    KeyExists,
     KeyNotFound,
     ReadOnlyStore,
     StorageIOError,
@@ -88,10 +83,6 @@ from .policy.grouping import OffloadGrouper, split_batches
 log = logging.getLogger(__name__)
 
 __all__ = ["BucketStore", "StoreStats", "EvictionListener", "LoadHandle"]
-
-Value = Buffer | Sequence[Buffer]
-Objects = Mapping[str, Value] | Iterable[tuple[str, Value]]
-
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -139,15 +130,6 @@ class StoreStats:
     """What every member of the budget counts together (usage and reservations)."""
 
 
-@dataclass
-class _Object:
-    """One object of a batch being written."""
-
-    key: str
-    views: list[memoryview]
-    size: int
-
-
 class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
@@ -159,7 +141,6 @@ class BucketStore:
         self._config = config
         self._fs = fs
         self._lock = lock  # the writer's LOCK; None when readonly
-        self._budget = budget  # the shared budget joined; None when there is none or readonly
         self._dir = os.fspath(config.path)
         self._durable = config.durability == "strict"
         self._writer = threading.RLock()  # serialises every change to the directory
@@ -179,6 +160,7 @@ class BucketStore:
         self._catalog = Catalog(self._dir, policy, grouper, self._reads, clock or time.monotonic)
         self._loads = Loads(self._dir, self._catalog, self._reads, threads=config.io_threads, depth=config.load_queue_depth)
         self._space = Space(fs, self._dir, limits, self._catalog.usage, count_foreign=config.physical_scope == "directory")
+        self._member = BudgetMember(budget, self._dir, lambda: self._space.usage().physical)
         self._files = BucketFiles(
             fs,
             self._dir,
@@ -188,11 +170,12 @@ class BucketStore:
             durable=self._durable,
             direct=direct,
             committed=lambda: self._eviction.committed(),
-            reserve=lambda physical: self._eviction.reserve(physical),
+            reserve=self._member.reserve,
         )
         self._eviction: Eviction = Eviction(
-            self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation, budget
+            self._dir, config, self._catalog, self._space, policy.evicts, self._writer, self._files.delete, self._begin_mutation, self._member
         )
+        self._writes = GroupCommit(config, self._catalog, self._reads, self._space, self._files, self._eviction)
         self.recovery_report = RecoveryReport()
 
     # -- opening and closing ------------------------------------------------
@@ -216,16 +199,13 @@ class BucketStore:
         config = _make_config(path, fields)
         fs = filesystem or FileSystem()
         directory = os.fspath(config.path)
-        budget = _open_budget(fs, config, directory)
+        budget = open_budget(fs, config, directory)
         try:
             # A member takes its LOCK under the budget's flock: the others probe LOCKs only under it.
-            with budget.locked() if budget is not None else contextlib.nullcontext():
-                if budget is not None:
-                    run_io("checking the budget", directory, budget.admit)
+            with admitted(budget, directory):
                 _prepare_directory(fs, directory, config.readonly)
                 lock = _take_lock(fs, directory, config)
-                if budget is not None and lock is not None:
-                    _join_budget(fs, budget, lock, directory, config)
+                join_budget(fs, budget, lock, directory, config)
         except BaseException:
             if budget is not None:
                 budget.close()
@@ -234,12 +214,11 @@ class BucketStore:
         try:
             store._recover()
             with store._writer:
-                store._eviction.settle()
+                store._member.settle()
         except BaseException:
             if lock is not None:
                 lock.release()
-            if budget is not None:
-                budget.close()
+            store._member.close()
             raise
         store._eviction.start()
         return store
@@ -287,10 +266,8 @@ class BucketStore:
             self._loads.close()
             self._reads.close()
             _close_quietly(self._dir, "finishing deletions", self._files.finish_deletions)
-            if self._budget is not None:
-                budget = self._budget
-                _close_quietly(self._dir, "publishing usage in the budget", lambda: budget.leave(self._space.usage().physical))
-                budget.close()
+            _close_quietly(self._dir, "publishing usage in the budget", self._member.leave)
+            self._member.close()
             if self._lock is not None:
                 _close_quietly(self._dir, "releasing the writer lock", self._lock.release)
 
@@ -356,15 +333,15 @@ class BucketStore:
         """
         skip = _skips_duplicates(on_duplicate)
         started = time.perf_counter()
-        batch = _prepare_batch(objects)
+        batch = prepare_batch(objects)
         with self._mutating():
             self._begin_mutation()
-            written = self._commit_group([batch], on_evict, skip, started)[0]
+            written = self._writes.commit([batch], on_evict, skip, started)[0]
             if written is None:
                 return None
             bucket, meta = written
             if on_complete is not None:
-                self._notify_complete(bucket, meta, on_complete)
+                self._writes.notify_complete(bucket, meta, on_complete)
             return bucket.bucket_id
 
     def offload_group(
@@ -383,74 +360,11 @@ class BucketStore:
         """
         skip = _skips_duplicates(on_duplicate)
         started = time.perf_counter()
-        prepared = [_prepare_batch(objects) for objects in batches]
+        prepared = [prepare_batch(objects) for objects in batches]
         with self._mutating():
             self._begin_mutation()
-            written = self._commit_group(prepared, on_evict, skip, started)
+            written = self._writes.commit(prepared, on_evict, skip, started)
             return [None if w is None else w[0].bucket_id for w in written]
-
-    def _commit_group(
-        self, batches: list[list[_Object]], on_evict: EvictionListener | None, skip: bool, started: float
-    ) -> list[tuple[Bucket, BucketMeta] | None]:
-        """Write ``batches`` as new buckets committed together; per batch, its
-        bucket and meta (None when every key was skipped).
-
-        A key stored already, or in an earlier batch of the group, raises
-        :class:`KeyExists` unless ``skip``; then it is left out.
-
-        Requires: ``_writer`` held.
-        """
-        aligned = self._config.io_mode == "direct"
-        taken: set[str] = set()
-        kept: list[list[_Object]] = []
-        for batch in batches:
-            keys = [o.key for o in batch]
-            earlier = set(self._catalog.stored(keys)) | taken.intersection(keys)
-            batch = _without_stored(batch, [k for k in keys if k in earlier], skip=skip)
-            if batch:
-                _check_bucket_limits(batch, self._config)
-            taken.update(o.key for o in batch)
-            kept.append(batch)
-        layouts = [(aligned_layout if aligned else packed_layout)([o.size for o in batch]) for batch in kept]
-        need = sum(
-            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, length) in zip(kept, layouts) if b),
-            Usage(),
-        )
-        if not need.keys:
-            return [None] * len(kept)
-        self._eviction.make_room(need, on_evict)
-        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (offsets, length) in zip(kept, layouts) if batch]
-        written = iter(zip(self._files.add_group(new, started), (b.meta for b in new)))
-        self._space.track_directory_growth()
-        return [next(written) if batch else None for batch in kept]
-
-    def _new_bucket(self, batch: list[_Object], offsets: list[int], length: int, aligned: bool) -> NewBucket:
-        """A fresh id and meta for ``batch``; its checksums computed while the data is written.
-
-        Requires: ``_writer`` held.
-        """
-        meta = BucketMeta.from_columns(
-            self._files.allocate_id(), length, aligned, [o.key for o in batch], array("Q", offsets), array("Q", [o.size for o in batch]), array("I")
-        )
-        checksums = self._reads.executor().submit(lambda: array("I", [crc32c_of(o.views) for o in batch]))
-        return NewBucket(meta, [o.views for o in batch], checksums.result)
-
-    def _notify_complete(self, bucket: Bucket, meta: BucketMeta, on_complete: Callable[..., object]) -> None:
-        """Run ``on_complete``; roll the bucket back if it raises.
-
-        Requires: ``_writer`` held.
-        """
-        keys = list(meta.keys)
-        metas = [ObjectMeta(meta.bucket_id, *fields) for fields in zip(meta.offsets, meta.sizes, meta.crcs)]
-        try:
-            on_complete(keys, metas)
-        except BaseException:
-            log.warning("on_complete failed for bucket %d; rolling it back", bucket.bucket_id)
-            try:
-                self._files.delete([bucket])
-            except StorageIOError as exc:  # the callback's error is the one to report
-                log.error("rolling back bucket %d failed (%s); the next open removes it only if it is damaged", bucket.bucket_id, exc)
-            raise
 
     # -- reading --------------------------------------------------------------
     def submit_load(self, destinations: Mapping[str, Buffer], *, timeout: float | None = None) -> LoadHandle:
@@ -655,10 +569,10 @@ class BucketStore:
 
         Requires: ``_writer`` held.
         """
-        self._eviction.reserve(sum(bucket.physical for bucket in group) + ALIGNMENT)
+        self._member.reserve(sum(bucket.physical for bucket in group) + ALIGNMENT)
         freed = self._files.compact(group, self.batch_get([k for b in group for k in b.keys]))
         self._space.track_directory_growth()
-        self._eviction.settle()
+        self._member.settle()
         return freed
 
     def group_for_offload(self, sizes: Mapping[str, int], flush: bool = False) -> list[list[str]]:
@@ -689,12 +603,8 @@ class BucketStore:
         with self._writer:  # no bucket changes meanwhile: one consistent snapshot
             self._space.reconcile()
             stats = _stats(self._catalog, self._space, self._eviction)
-            if self._budget is None:
-                return stats
-            budget = self._budget
-            self._eviction.settle()
-            used = run_io("reading the budget", self._dir, budget.used)
-            return dataclasses.replace(stats, budget_bytes=budget.size, budget_used_bytes=used)
+            share = self._member.share()
+            return stats if share is None else dataclasses.replace(stats, budget_bytes=share[0], budget_used_bytes=share[1])
 
     def counters(self) -> CounterSnapshot:
         """The operation counters since open: hits and misses, bytes read and
@@ -710,9 +620,9 @@ class BucketStore:
             try:
                 yield
             except BaseException:
-                _close_quietly(self._dir, "publishing usage in the budget", self._eviction.settle)
+                _close_quietly(self._dir, "publishing usage in the budget", self._member.settle)
                 raise
-            self._eviction.settle()
+            self._member.settle()
 
     def _begin_mutation(self) -> None:
         """Every mutation starts here: raise unless the store is open and
@@ -744,14 +654,6 @@ def _make_config(path: str | os.PathLike[str] | BucketConfig | None, fields: dic
     return config.validated()
 
 
-def _open_budget(fs: FileSystem, config: BucketConfig, directory: str) -> Budget | None:
-    """The shared budget a writer joins (``budget_path``); None without one, or when readonly."""
-    if config.readonly or not os.fspath(config.budget_path):
-        return None
-    budget_path = os.fspath(config.budget_path)
-    return run_io("opening the budget file", budget_path, lambda: Budget.open(fs, budget_path, config.budget_bytes, directory))
-
-
 def _take_lock(fs: FileSystem, directory: str, config: BucketConfig) -> StoreLock | None:
     """The writer lock of ``directory``; None when readonly."""
     try:
@@ -760,17 +662,6 @@ def _take_lock(fs: FileSystem, directory: str, config: BucketConfig) -> StoreLoc
         if isinstance(exc, StorageIOError):
             raise
         raise StorageIOError(f"taking the writer lock of {directory} failed: {exc.strerror or exc}", exc) from exc
-
-
-def _join_budget(fs: FileSystem, budget: Budget, lock: StoreLock, directory: str, config: BucketConfig) -> None:
-    """Join ``budget`` with the directory's measured usage (before recovery,
-    which only frees space); releases ``lock`` when it fails."""
-    try:
-        count_foreign = config.physical_scope == "directory"
-        run_io("joining the budget", directory, lambda: budget.join(measure_store(fs, directory, foreign=count_foreign).total))
-    except BaseException:
-        lock.release()
-        raise
 
 
 def _acquire_lock(fs: FileSystem, directory: str, durable: bool) -> StoreLock:
@@ -803,50 +694,11 @@ def _prepare_directory(fs: FileSystem, directory: str, readonly: bool) -> None:
         raise StorageIOError(f"creating {directory} failed: {exc.strerror}", exc) from exc
 
 
-def _prepare_batch(objects: Objects) -> list[_Object]:
-    """Validate a batch and turn its values into views; nothing is written yet."""
-    batch: list[_Object] = []
-    seen: set[str] = set()
-    for key, value in key_value_pairs(objects, "batch_offload"):
-        check_key(key)
-        if key in seen:
-            raise KeyExists(f"key {key!r} appears twice in the batch")
-        seen.add(key)
-        views = views_of_value(key, value)
-        batch.append(_Object(key, views, sum(map(len, views))))
-    if not batch:
-        raise InvalidArgument("batch_offload needs at least one object")
-    return batch
-
-
 def _skips_duplicates(on_duplicate: str) -> bool:
     """Whether ``on_duplicate`` asks to skip stored keys (``"skip"``) rather than raise (``"error"``)."""
     if on_duplicate not in ("error", "skip"):
         raise InvalidArgument(f"on_duplicate must be 'error' or 'skip'; got {on_duplicate!r}")
     return on_duplicate == "skip"
-
-
-def _without_stored(batch: list[_Object], stored: list[str], skip: bool) -> list[_Object]:
-    """``batch`` less its ``stored`` keys; :class:`KeyExists` unless ``skip``."""
-    if stored and not skip:
-        raise KeyExists(f"key {stored[0]!r} is already stored" + (f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""))
-    if not stored:
-        return batch
-    skipped = set(stored)
-    return [o for o in batch if o.key not in skipped]
-
-
-def _check_bucket_limits(batch: list[_Object], config: BucketConfig) -> None:
-    """A batch of several objects must fit one bucket (one object always does)."""
-    if len(batch) == 1:
-        return
-    size = sum(o.size for o in batch)
-    if len(batch) > config.bucket_keys_limit:
-        raise InvalidArgument(f"batch of {len(batch)} objects exceeds bucket_keys_limit={config.bucket_keys_limit}")
-    if size > config.bucket_size_limit:
-        raise InvalidArgument(
-            f"batch of {size} value bytes exceeds bucket_size_limit={config.bucket_size_limit}; split it (group_for_offload does)"
-        )
 
 
 def _lease_seconds(lease_s: float | None, config: BucketConfig) -> float:
@@ -913,12 +765,3 @@ def _checked_sizes(sizes: Mapping[str, int], method: str) -> Mapping[str, int]:
     for key, size in sizes.items():
         check_int(size, f"size of key {key!r}")
     return sizes
-
-
-def _physical_estimate(batch: list[_Object], data_length: int) -> int:
-    """Upper bound of the allocated bytes a new bucket adds: whole blocks for
-    the data and the meta, a block for the directory's growth, plus a block of
-    extent-tree slack per 128 MiB of data."""
-    meta_length = HEADER_SIZE + RECORD_SIZE * len(batch) + sum(len(o.key.encode()) for o in batch) + 4
-    blocks = -(-data_length // ALIGNMENT) + -(-meta_length // ALIGNMENT) + 1 + data_length // (128 << 20)
-    return blocks * ALIGNMENT

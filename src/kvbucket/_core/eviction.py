@@ -14,10 +14,10 @@ A writer with an eviction policy and a limit owns one
 commit that leaves usage above the high watermark; it deletes through the
 same path, so the crash-safety argument is the foreground one.
 
-A member of a shared budget (:mod:`kvbucket._core.budget`) reserves what a
-write may add in the budget after its own limits admit it, evicting its own
-buckets when the budget is full, and publishes its usage after every change
-(:meth:`Eviction.settle`), so its slot always bounds its directory.
+A member of a shared budget (:mod:`kvbucket._core.budget_member`) reserves
+what a write may add in the budget after its own limits admit it, evicting
+its own buckets when the budget is full, and publishes its usage after every
+background pass, so its slot always bounds its directory.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 
 from ..config import BucketConfig
 from ..errors import CapacityExceeded
-from .budget import Budget
+from .budget_member import BudgetMember
 from .catalog import Catalog
 from .evictor import BackgroundEvictor
-from .fs import run_io
 from .index import Bucket
 from .interfaces import EvictionListener
 from .space import Limits, Space, Usage
@@ -48,7 +47,8 @@ class Eviction:
 
     ``delete(buckets)`` takes buckets out of the index (those still in it)
     and deletes their files; ``begin_mutation()`` is what every change to
-    the directory starts with (it raises when the store cannot change).
+    the directory starts with (it raises when the store cannot change);
+    ``member`` is the store's side of the shared budget.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class Eviction:
         writer: threading.RLock,
         delete: Callable[[Sequence[Bucket]], None],
         begin_mutation: Callable[[], None],
-        budget: Budget | None = None,
+        member: BudgetMember,
     ) -> None:
         self._dir = directory
         self._config = config
@@ -71,7 +71,7 @@ class Eviction:
         self._writer = writer
         self._delete = delete
         self._begin_mutation = begin_mutation
-        self._budget = budget  # the shared budget this store is a member of
+        self._member = member
         self._listeners: list[EvictionListener] = []  # appended at any time; read holding _writer
         self._evicted_buckets = 0  # guarded by _writer
         self._evicted_keys = 0  # guarded by _writer
@@ -110,33 +110,8 @@ class Eviction:
             if victims is None:
                 raise CapacityExceeded(self._space.shortfall(need, self._space.usage(), self._config.eviction_policy) + self._leased_note())
             self._evict(victims, on_evict)
-        if self._budget is not None:
-            budget = self._budget
-            evict_to = (lambda target: self._evict_to_physical(target, on_evict)) if self._evicts else None
-            run_io("reserving room in the budget", self._dir, lambda: budget.reserve(need.physical, self._physical, evict_to))
-
-    def reserve(self, physical: int) -> None:
-        """Reserve ``physical`` bytes in the shared budget without evicting
-        (a compaction's new bucket); :class:`CapacityExceeded` when they do not fit.
-
-        Requires: ``_writer`` held.
-        """
-        if self._budget is not None:
-            budget = self._budget
-            run_io("reserving room in the budget", self._dir, lambda: budget.reserve(physical, self._physical, None))
-
-    def settle(self) -> None:
-        """Publish this member's usage in the shared budget and drop its
-        reservation (after every change to the directory).
-
-        Requires: ``_writer`` held.
-        """
-        if self._budget is not None and not self._catalog.closed:
-            budget = self._budget
-            run_io("publishing usage in the budget", self._dir, lambda: budget.publish(self._physical()))
-
-    def _physical(self) -> int:
-        return self._space.usage().physical
+        evict_to = (lambda target: self._evict_to_physical(target, on_evict)) if self._evicts else None
+        self._member.reserve(need.physical, evict_to)
 
     def _evict_to_physical(self, target: int, on_evict: EvictionListener | None) -> bool:
         """Evict this store's buckets down to ``target`` physical bytes (after
@@ -269,7 +244,7 @@ class Eviction:
                 self.background_error = None
                 return False
             self._evict(victims[:BACKGROUND_EVICTION_BATCH], None)
-            self.settle()
+            self._member.settle()
             self.background_error = None
             return len(victims) > BACKGROUND_EVICTION_BATCH
 

@@ -19,7 +19,8 @@ tensors. Hybrid models (Mamba/SWA state, DeepSeek's indexer and compressed
 pools, draft pools) register more host pools with ``register_mem_host_pool_v2``
 and move them with the v2 calls (:meth:`~KvBucketHiCacheStorage.batch_set_v2`,
 :meth:`~KvBucketHiCacheStorage.batch_get_v2`,
-:meth:`~KvBucketHiCacheStorage.batch_exists_v2`), zero-copy as well.
+:meth:`~KvBucketHiCacheStorage.batch_exists_v2`), zero-copy as well; the
+adapter hands them to its :class:`~kvbucket.integrations._sglang_v2.HostPools`.
 
 Layout on disk: ``<storage_path>/<model>/<rank dir>/`` is one kvbucket store per
 rank (one writer per directory). Keys carry HiCacheFile's namespace suffix
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import Setting
-from ..errors import InvalidArgument, KvBucketError
+from ..errors import InvalidArgument
 from ..policy.grouping import split_batches
 from . import _standins
 from ._common import (
@@ -67,6 +68,7 @@ from ._common import (
     start_metrics,
     store_options,
 )
+from ._sglang_v2 import READ_ERRORS, HostPools, page_nbytes
 
 if TYPE_CHECKING:
     from ..metrics import MetricsServer
@@ -83,11 +85,6 @@ _v2 = (
     import_engine({name: f"sglang.srt.mem_cache.hicache_storage:{name}" for name in ("PoolName", "PoolTransferResult")})
     or _standins.SGLANG
 )
-
-_KV = "kv"
-_MAMBA = "mamba"
-_ALL_PAGES, _TRAILING_PAGES, _BLOCK_GROUPS = "all_pages", "trailing_pages", "block_groups"
-
 
 ROOT_ENV = "KVBUCKET_PATH"
 """Environment variable naming the store root when the config has none."""
@@ -113,9 +110,6 @@ SGLANG_KEYS = frozenset(
 """``extra_config`` keys that SGLang itself reads (the dynamic backend loader, prefetch tuning)."""
 
 _SOURCE = "hicache extra_config"
-
-_READ_ERRORS = (KvBucketError, OSError, ValueError)
-
 
 @dataclass(frozen=True)
 class StoragePaths:
@@ -195,19 +189,6 @@ class _Metrics:
     backup_pgs: list[int] = field(default_factory=list)
     prefetch_bandwidth: list[float] = field(default_factory=list)
     backup_bandwidth: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Pool:
-    """A host pool registered for the v2 calls."""
-
-    host: Any
-    """SGLang's host pool (``get_page_buffer_meta`` gives each page's buffers)."""
-    tag: str
-    """``@`` + digest of the pool's page format, ending every key of its pages."""
-    sharded: bool
-    """TP-sharded state (Mamba, MHA-shaped pools of an MLA model): keyed per
-    rank and, where the TP ranks share ``store_dir``, kept in ``state_dir``."""
 
 
 class _SharedReader:
@@ -295,8 +276,7 @@ class KvBucketHiCacheStorage(_Base):
         self._metrics_on = bool(getattr(storage_config, "enable_storage_metrics", False))
         self._store: BucketStore | None = None
         self._reader: _SharedReader | None = None
-        self._pools: dict[str, _Pool] = {}
-        self._state_store: BucketStore | None = None
+        self._pools = HostPools(self, _v2)
         self.metrics_server: MetricsServer | None = None
         if self.paths.writer:
             self._store = open_store(self.paths.store_dir, self._options)
@@ -319,32 +299,12 @@ class KvBucketHiCacheStorage(_Base):
         attach) for a pool without ``get_page_buffer_meta``: kvbucket moves
         pages only straight from and into the pool's memory.
         """
-        name = _name(host_pool_name)
-        if not callable(getattr(host_pool, "get_page_buffer_meta", None)):
-            raise InvalidArgument(
-                f"kvbucket HiCache storage: host pool {name!r} ({type(host_pool).__name__}) has no "
-                "get_page_buffer_meta, so its pages cannot be moved zero-copy; use a page_first host "
-                "memory layout (--hicache-mem-layout page_first) or another storage backend"
-            )
-        super().register_mem_host_pool_v2(host_pool, host_pool_name)
-        mla = bool(getattr(self.storage_config, "is_mla_model", False))
-        sharded = name == _MAMBA or (mla and name != _KV and hasattr(host_pool, "v_buffer"))
-        self._pools[name] = _Pool(host_pool, _pool_tag(host_pool), sharded)
-        if sharded and self.paths.state_dir is not None and self._state_store is None:
-            self._state_store = open_store(self.paths.state_dir, self._options)
+        self._pools.register(host_pool, host_pool_name, super().register_mem_host_pool_v2)
 
     def on_host_pools_registered(self) -> None:
         """Log the registered pools and the directory each one's pages go to."""
         super().on_host_pools_registered()
-        if self._pools:
-            where = ", ".join(f"{name} -> {self._pool_dir(name)}" for name in self._pools)
-            log.info("kvbucket HiCache host pools: %s", where)
-
-    def _pool_dir(self, name: str) -> Path:
-        """The directory holding pool ``name``'s pages."""
-        if self._pools[name].sharded and self.paths.state_dir is not None:
-            return self.paths.state_dir
-        return self.paths.store_dir
+        self._pools.log_directories()
 
     def _key(self, key: str) -> str:
         """The store key of one page hash (HiCacheFile suffix + layout tag)."""
@@ -394,7 +354,7 @@ class KvBucketHiCacheStorage(_Base):
             if store is None:
                 return [False] * len(keys)
             return list(ask(store, self._keys(keys)))
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("kvbucket: %s of %d pages (first %r) failed: %s", what, len(keys), keys[0], exc)
             return [False] * len(keys)
 
@@ -449,28 +409,7 @@ class KvBucketHiCacheStorage(_Base):
         complete groups cover and never shortens the prefix. The pages of the
         answer are leased (``lookup_lease_s``) until they are loaded.
         """
-        keys = list(keys)
-        logical = self._logical_anchor()
-        kv = len(keys) if logical else _leading(self._pool_flags(_KV, keys))
-        hits: dict[Any, int] = {_v2.PoolName.KV: kv} if kv else {}
-        stops = set(range(1, kv + 1))
-        needed: list[tuple[str, int]] = [] if logical else [(_KV, 0)]
-        for transfer in pool_transfers or ():
-            name, policy = _name(transfer.name), _name(transfer.hit_policy)
-            flags = self._pool_flags(name, keys)
-            if policy == _BLOCK_GROUPS:
-                covered = _block_group_pages(flags, int(transfer.block_pages), int(transfer.group_pages))
-            else:
-                window = max(1, len(transfer.keys or ())) if policy == _TRAILING_PAGES else 0
-                pool_stops = _restorable(flags[:kv], policy, window)
-                stops &= pool_stops
-                covered = max(pool_stops, default=0)
-                needed.append((name, window))
-            if covered:
-                hits[transfer.name] = covered
-        final = max(stops, default=0)
-        self._lease_pages(keys[:final], needed)
-        return _v2.PoolTransferResult(final, hits, sorted(stops))
+        return self._pools.exists(keys, pool_transfers)
 
     def batch_set_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
         """Store each transfer's pages straight from its host pool; per pool, one result per key.
@@ -479,26 +418,7 @@ class KvBucketHiCacheStorage(_Base):
         and side-pool pages share buckets. An MLA reader rank writes only its
         TP-sharded state and reports the others as the writer rank holds them.
         """
-        results: dict[Any, list[bool]] = {}
-        groups: dict[int, tuple[BucketStore, list[tuple[Any, list[str]]], list[str], list[list[memoryview]]]] = {}
-        for transfer in transfers:
-            name, keys = _name(transfer.name), list(transfer.keys or ())
-            pages = self._transfer_pages(transfer, name, keys)
-            store = self._writes_to(name)
-            if pages is None:
-                results[transfer.name] = [False] * len(keys)
-            elif store is None:
-                results[transfer.name] = self._pool_flags(name, keys)
-            else:
-                _, members, skeys, values = groups.setdefault(id(store), (store, [], [], []))
-                members.append((transfer.name, pages[0]))
-                skeys.extend(pages[0])
-                values.extend(pages[1])
-        for store, members, skeys, values in groups.values():
-            stored = {k for k, ok in zip(skeys, self._write_pages(store, skeys, values)) if ok}
-            for pool_name, names in members:
-                results[pool_name] = [k in stored for k in names]
-        return results
+        return self._pools.store(transfers)
 
     def batch_get_v2(self, transfers: list[Any], extra_info: Any = None) -> dict[Any, list[bool]]:
         """Read each transfer's pages straight into its host pool; per pool, one result per key.
@@ -507,106 +427,9 @@ class KvBucketHiCacheStorage(_Base):
         components) is read into them back to back, without a bounce buffer.
         """
         start = time.perf_counter()
-        results: dict[Any, list[bool]] = {}
-        count, nbytes = 0, 0
-        for transfer in transfers:
-            name, keys = _name(transfer.name), list(transfer.keys or ())
-            pages = self._transfer_pages(transfer, name, keys)
-            if pages is None:
-                results[transfer.name] = [False] * len(keys)
-                continue
-            dests = dict(zip(*pages))
-            loaded = self._load_pages(name, dests)
-            results[transfer.name] = [k in loaded for k in pages[0]]
-            count += len(loaded)
-            nbytes += sum(_nbytes(dests[k]) for k in loaded)
+        results, count, nbytes = self._pools.load(transfers)
         self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, count, start, gb=nbytes / (1 << 30))
         return results
-
-    def _logical_anchor(self) -> bool:
-        """Whether the anchor pool only hands out indices (its KV lives in v2 pools)."""
-        pool = getattr(self, "mem_pool_host", None)
-        return pool is not None and hasattr(pool, "kv_buffer") and pool.kv_buffer is None
-
-    def _pool_keys(self, name: str, keys: Sequence[str]) -> list[str] | None:
-        """Store keys of pool ``name``'s pages ``keys``; None for a pool never registered."""
-        if name == _KV:
-            return self._keys(keys)
-        pool = self._pools.get(name)
-        if pool is None:
-            return None
-        suffix = self.paths.tp_suffix if pool.sharded else self.paths.suffix
-        return [f"{key}.{name}{suffix}{pool.tag}" for key in keys]
-
-    def _writes_to(self, name: str) -> BucketStore | None:
-        """The store that pool ``name``'s pages are written to (None: the MLA writer rank's)."""
-        pool = self._pools.get(name)
-        if pool is not None and pool.sharded and self._state_store is not None:
-            return self._state_store
-        return self._store
-
-    def _reads_from(self, name: str) -> BucketStore | None:
-        """The store that pool ``name``'s pages are read from (None: not there yet)."""
-        pool = self._pools.get(name)
-        if pool is not None and pool.sharded and self._state_store is not None:
-            return self._state_store
-        return self._read_store()
-
-    def _pool_flags(self, name: str, keys: Sequence[str]) -> list[bool]:
-        """For each page, whether pool ``name`` holds it (all False when it cannot be read)."""
-        skeys = self._pool_keys(name, keys)
-        if not skeys:
-            return [False] * len(keys)
-        try:
-            store = self._reads_from(name)
-            return [False] * len(keys) if store is None else list(store.batch_exists(skeys))
-        except _READ_ERRORS as exc:
-            log.warning("kvbucket: existence check of %d %s pages failed: %s", len(keys), name, exc)
-            return [False] * len(keys)
-
-    def _lease_pages(self, keys: Sequence[str], needed: Sequence[tuple[str, int]]) -> None:
-        """Lease the pages of prefix ``keys`` that each ``(pool, window)`` needs (window 0: all)."""
-        if not keys:
-            return
-        for name, window in needed:
-            skeys = self._pool_keys(name, keys[-window:] if window else keys)
-            try:
-                store = self._reads_from(name)
-                if store is not None and skeys:
-                    store.lease(skeys)
-            except _READ_ERRORS as exc:
-                log.warning("kvbucket: leasing %d %s pages failed: %s", len(keys), name, exc)
-
-    def _transfer_pages(self, transfer: Any, name: str, keys: list[str]) -> tuple[list[str], list[list[memoryview]]] | None:
-        """A transfer's store keys and each page's host buffers; None if unusable (logged)."""
-        pool = self._pools.get(name)
-        host = pool.host if pool is not None else getattr(self, "mem_pool_host", None) if name == _KV else None
-        if host is None or transfer.host_indices is None:
-            if keys:
-                log.error("kvbucket: v2 transfer of %d %s pages without a registered host pool or host indices", len(keys), name)
-            return None
-        page_size = self._page_size(host) if name == _KV else int(getattr(host, "page_size", 1) or 1)
-        try:
-            buffers = self._host_buffers(host, page_size, keys, transfer.host_indices)
-        except (NotImplementedError, ValueError) as exc:  # what SGLang's pools raise for layouts without zero copy
-            log.error("kvbucket: host pool %s gives no page buffers: %s", name, exc)
-            return None
-        skeys = self._pool_keys(name, keys)
-        return None if buffers is None or skeys is None else (skeys, buffers)
-
-    def _load_pages(self, name: str, dests: dict[str, list[memoryview]]) -> builtins.set[str]:
-        """Load the stored ones of ``dests`` (store key -> the page's buffers) from pool ``name``'s store."""
-        if not dests:
-            return set()
-        try:
-            store = self._reads_from(name)
-            if store is None:
-                return set()
-            present = [k for k, ok in zip(dests, store.batch_exists(list(dests))) if ok]
-        except _READ_ERRORS as exc:
-            log.warning("kvbucket: lookup for a read of %d %s pages failed: %s", len(dests), name, exc)
-            return set()
-        return self._load_into(store, {k: dests[k] for k in present})
 
     # --------------------------------------------------------- zero-copy path
 
@@ -671,14 +494,14 @@ class KvBucketHiCacheStorage(_Base):
         start = time.perf_counter()
         try:
             present = store.batch_exists(skeys)
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("kvbucket: cannot store %d pages (first %r): %s", len(skeys), skeys[0] if skeys else None, exc)
             return [False] * len(skeys)
         stored = {k for k, there in zip(skeys, present) if there}
         todo: dict[str, tuple[list[Any], int]] = {}
         for skey, value in zip(skeys, values):
             if skey not in stored and skey not in todo:
-                todo[skey] = (value, _nbytes(value))
+                todo[skey] = (value, page_nbytes(value))
         written = self._offload_batches(store, todo)
         stored |= written
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, len(written), start)
@@ -692,7 +515,7 @@ class KvBucketHiCacheStorage(_Base):
         for batch in split_batches(items, max_bytes=limits.bucket_size_limit, max_keys=limits.bucket_keys_limit, size=lambda item: item[2]):
             try:
                 store.batch_offload({k: v for k, v, _ in batch}, on_duplicate="skip")
-            except _READ_ERRORS as exc:
+            except READ_ERRORS as exc:
                 log.warning("kvbucket: writing %d pages (first %r) failed: %s", len(batch), batch[0][0], exc)
                 continue
             written.update(k for k, _, _ in batch)
@@ -708,7 +531,7 @@ class KvBucketHiCacheStorage(_Base):
                 return set()
             order = list(dests)
             flags = store.batch_exists([self._key(keys[i]) for i in order])
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("kvbucket: lookup for a read of %d pages failed: %s", len(dests), exc)
             return set()
         present = [i for i, ok in zip(order, flags) if ok]
@@ -741,7 +564,7 @@ class KvBucketHiCacheStorage(_Base):
             store.batch_load(batch)
             return batch
 
-        return load_each(load, dests, _READ_ERRORS, "kvbucket")
+        return load_each(load, dests, READ_ERRORS, "kvbucket")
 
     def _load_scattered(self, store: BucketStore, skey: str, bufs: list[Any]) -> bool:
         """Read one page whose host buffers are not adjacent (e.g. K and V)."""
@@ -749,7 +572,7 @@ class KvBucketHiCacheStorage(_Base):
         bounce = bytearray(sum(v.nbytes for v in views))
         try:
             store.batch_load({skey: bounce})
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("kvbucket: reading page %r failed: %s", skey, exc)
             return False
         offset = 0
@@ -769,7 +592,7 @@ class KvBucketHiCacheStorage(_Base):
             return {}
         try:
             got = store.batch_get([self._key(keys[i]) for i in found])
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("kvbucket: reading %d pages failed: %s", len(found), exc)
             return {}
         return {i: bytearray(got[self._key(keys[i])]) for i in found}
@@ -778,9 +601,9 @@ class KvBucketHiCacheStorage(_Base):
 
     def clear(self) -> None:
         """Remove every page this rank wrote (MLA reader ranks: their TP-sharded state only)."""
-        for store in (self._store, self._state_store):
-            if store is not None:
-                store.remove_all()
+        if self._store is not None:
+            self._store.remove_all()
+        self._pools.clear()
 
     def get_stats(self) -> Any:
         """SGLang ``StorageMetrics`` of the calls since the last call (None when off)."""
@@ -809,9 +632,7 @@ class KvBucketHiCacheStorage(_Base):
             self._store, self.metrics_server = None, None
         if self._reader is not None:
             self._reader.close()
-        if self._state_store is not None:
-            self._state_store.close()
-            self._state_store = None
+        self._pools.close()
 
     def _record(self, pages: list[int], bandwidth: list[float], count: int, start: float, gb: float | None = None) -> None:
         """Note ``count`` pages (``gb`` GiB; default: anchor pages) moved since ``start``."""
@@ -834,19 +655,6 @@ def _rank_offset(cfg: Any) -> int:
     return int(getattr(cfg, "tp_rank", 0) or 0) + int(getattr(cfg, "pp_rank", 0) or 0) * int(getattr(cfg, "tp_size", 1) or 1)
 
 
-def _nbytes(value: list[Any]) -> int:
-    """Total bytes of a page given as a list of buffers or tensors."""
-    total = 0
-    for part in value:
-        if hasattr(part, "nbytes"):
-            total += int(part.nbytes)
-        elif hasattr(part, "numel"):
-            total += int(part.numel()) * int(part.element_size())
-        else:
-            total += memoryview(part).nbytes
-    return total
-
-
 def _indices_like(original: Any, as_list: list[int]) -> Any:
     """Hand the pool the indices in the type it was given (tensors stay tensors)."""
     return original if hasattr(original, "tolist") else as_list
@@ -859,61 +667,3 @@ def _layout_tag(pool: Any) -> str:
         for name in ("layout", "dtype", "page_size", "layer_num", "head_num", "head_dim", "kv_lora_rank", "qk_rope_head_dim")
     ]
     return "@" + hashlib.blake2s("|".join(parts).encode(), digest_size=4).hexdigest()
-
-
-_POOL_FORMAT = (
-    "layout", "dtype", "page_size", "layer_num", "head_num", "head_dim", "kv_lora_rank", "qk_rope_head_dim",
-    "num_mamba_layers", "temporal_dtype", "conv_dtype", "temporal_state_elem_size", "conv_state_shapes", "size_per_token",
-)
-"""Host-pool attributes that describe a v2 pool's page format (absent ones count as empty)."""
-
-
-def _pool_tag(pool: Any) -> str:
-    """``@`` + 8 hex digits naming a v2 pool's page format (its class and :data:`_POOL_FORMAT`)."""
-    values = [getattr(pool, name, "") for name in _POOL_FORMAT]
-    parts = [type(pool).__name__, *("" if callable(value) else str(value) for value in values)]
-    return "@" + hashlib.blake2s("|".join(parts).encode(), digest_size=4).hexdigest()
-
-
-def _name(value: Any) -> str:
-    """A pool name or hit policy as its text (SGLang passes ``str`` enums)."""
-    return str(getattr(value, "value", value))
-
-
-def _leading(flags: Sequence[bool]) -> int:
-    """How many of ``flags``, from the first, are True."""
-    return next((i for i, ok in enumerate(flags) if not ok), len(flags))
-
-
-def _restorable(flags: Sequence[bool], policy: str, window: int) -> builtins.set[int]:
-    """The prefix lengths (pages) a pool holding the pages ``flags`` can restore under ``policy``.
-
-    ``all_pages``: every page of the prefix; ``trailing_pages``: its last
-    ``window`` pages. Any other policy restores nothing (and is logged).
-    """
-    if policy == _ALL_PAGES:
-        return set(range(1, _leading(flags) + 1))
-    if policy == _TRAILING_PAGES:
-        return {end for end in range(1, len(flags) + 1) if all(flags[max(0, end - window) : end])}
-    log.warning("kvbucket: unknown pool hit policy %r; the pool restores nothing", policy)
-    return set()
-
-
-def _block_group_pages(flags: Sequence[bool], block_pages: int, group_pages: int) -> int:
-    """Pages covered by the leading complete key groups of a ``block_groups`` pool.
-
-    Block ``b`` is pages ``[b * block_pages, (b + 1) * block_pages)`` from the
-    span start; its group is the first ``group_pages`` keys of the block. A
-    block counts when it lies wholly in the span and its group is stored; the
-    first block that does not ends the count. Geometry outside
-    ``0 < group_pages <= block_pages`` covers nothing (and is logged).
-    """
-    if not 0 < group_pages <= block_pages:
-        log.warning("kvbucket: block_groups pool with block_pages=%d, group_pages=%d covers nothing", block_pages, group_pages)
-        return 0
-    covered = 0
-    for start in range(0, len(flags) - block_pages + 1, block_pages):
-        if not all(flags[start : start + group_pages]):
-            break
-        covered = start + block_pages
-    return covered
