@@ -159,6 +159,6 @@ def test_prefetch_refuses_bad_arguments(tmp_path: Path, keys: object) -> None:
     fs = AdviceLog()
     with BucketStore.open(tmp_path / "s", filesystem=fs) as store:
         _offload(store, "k", [10])
-        with pytest.raises(InvalidArgument, match="prefetch|keys must be str"):
+        with pytest.raises(InvalidArgument, match=r"prefetch|keys must be str"):
             store.prefetch(keys)  # type: ignore[arg-type]
     assert fs.advice == []
