@@ -145,6 +145,8 @@ class ReadPath:
 
         Requires: each bucket of ``hints`` pinned once by :meth:`pin`.
         """
+        # The pool outlives every pin (close() waits for the pins before it
+        # shuts the pool down), so the job runs and releases these pins.
         self.executor().submit(self._advise, hints)
 
     def _advise(self, hints: Sequence[Hint]) -> None:

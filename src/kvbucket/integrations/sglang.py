@@ -835,7 +835,7 @@ class KvBucketHiCacheStorage(_Base):
 def _lookup_prefix(store: BucketStore, names: list[str]) -> list[bool]:
     """:meth:`BucketStore.lookup` of ``names`` up to the first miss, the hits hinted for reading ahead."""
     flags = store.lookup(names, prefix=True)
-    hint_loads(store, names[: next((i for i, hit in enumerate(flags) if not hit), len(flags))], "kvbucket HiCache")
+    hint_loads(store, [name for name, hit in zip(names, flags) if hit], "kvbucket HiCache")
     return flags
 
 
