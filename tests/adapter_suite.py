@@ -204,6 +204,22 @@ class AdapterSuite(ABC):
         config = self.bucket_store(adapter).config
         assert (config.max_physical_bytes, config.eviction_policy, config.bucket_keys_limit) == (3 << 20, "fifo", 16)
 
+    @pytest.mark.parametrize("setting, hints", [("on", True), ("off", False)])
+    def test_a_lookup_hints_the_pages_it_found_unless_turned_off(
+        self, opened: list[Any], module: ModuleType, root: Path, monkeypatch: pytest.MonkeyPatch, setting: str, hints: bool
+    ) -> None:
+        adapter = self.start(opened, module, root, prefetch_on_lookup=setting)
+        assert self.store(adapter, [1, 2]) == [True, True]
+        store = self.bucket_store(adapter)
+        hinted: list[str] = []
+        prefetch = store.prefetch
+        monkeypatch.setattr(store, "prefetch", lambda keys: hinted.extend(keys) or prefetch(keys))
+        assert self.lookup(adapter, [1, 3, 2]) == [True, False, True]
+        if hints:
+            assert len(set(hinted)) == 2 and all(store.batch_exists(hinted))  # pages 1 and 2, not the miss
+        else:
+            assert hinted == []
+
     def test_metrics_are_served_until_close(self, opened: list[Any], module: ModuleType, root: Path) -> None:
         adapter = self.start(opened, module, root, metrics_port=0)
         url = adapter.metrics_server.url

@@ -135,6 +135,11 @@ class BucketConfig:
     ``timeout``)."""
     io_mode: IOMode = "buffered"
     """``buffered`` goes through the page cache; ``direct`` uses O_DIRECT."""
+    prefetch_on_lookup: bool = True
+    """The engine adapters hint the store to read ahead
+    (:meth:`~kvbucket.BucketStore.prefetch`) the blocks an engine's lookup
+    found, so they are on their way into the page cache before the engine
+    loads them (nothing with ``io_mode="direct"``)."""
     budget_path: str | os.PathLike[str] = ""
     """A budget file shared by several store directories on one file system
     (one per rank): their physical usage together stays within

@@ -416,6 +416,26 @@ class BucketStore:
         self._loads.run({key: [memoryview(buf)] for key, buf in buffers.items()}, "get")
         return {key: bytes(buf) for key, buf in buffers.items()}
 
+    def prefetch(self, keys: Iterable[str]) -> int:
+        """Hint that ``keys`` will be loaded soon: their bytes are read ahead
+        into the page cache in the background; return how many keys were hinted.
+
+        Returns without waiting for any read (a helper thread gives the
+        kernel each stored key's byte range, adjacent objects of a bucket in
+        one range). Unknown keys are ignored, and so is a bucket deleted,
+        evicted or compacted meanwhile; the hint never changes what a load
+        returns. With ``io_mode="direct"`` loads bypass the page cache, so
+        nothing is hinted (0). After :meth:`close`, raises :class:`StoreClosed`.
+        """
+        keys = lookup_keys(keys, "prefetch")
+        if self._config.io_mode == "direct":
+            self._catalog.check_open()
+            return 0
+        hints, count = self._catalog.pin_hints(keys)
+        if hints:
+            self._reads.advise(hints)
+        return count
+
     # -- metadata -------------------------------------------------------------
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""

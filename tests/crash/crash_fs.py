@@ -56,6 +56,7 @@ PRIMITIVES = (
     "lock_wait",
     "unlock",
     "advise_dontneed",
+    "advise_willneed",
 )
 LOOPS = ("write_all", "read_into", "readv_into", "read_file")
 
@@ -150,6 +151,9 @@ class ForwardingFS(FileSystem):
 
     def advise_dontneed(self, fd):
         return self.inner.advise_dontneed(fd)
+
+    def advise_willneed(self, fd, offset, length):
+        return self.inner.advise_willneed(fd, offset, length)
 
 
 class FdNames(ForwardingFS):
@@ -404,6 +408,9 @@ class FaultFS(FdNames):
 
     def advise_dontneed(self, fd):
         return self._plain("advise_dontneed", "advise_dontneed", fd)
+
+    def advise_willneed(self, fd, offset, length):
+        return self._plain("advise_willneed", "advise_willneed", fd, offset, length)
 
 
 # ---------------------------------------------------------------------------

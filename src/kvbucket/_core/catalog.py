@@ -24,7 +24,7 @@ from .counters import CounterSnapshot, StoreCounters
 from .format import BucketMeta
 from .index import Bucket, Index, ObjectMeta, rebuilt_meta
 from .lease import Clock, LeaseTable
-from .read_path import Read, ReadPath
+from .read_path import Hint, Read, ReadPath, byte_ranges
 from .space import Limits, Usage
 
 __all__ = ["Catalog", "Records"]
@@ -253,6 +253,25 @@ class Catalog:
             self._touch_locked(bucket)
             self._policy.read(bucket)
         return pinned
+
+    def pin_hints(self, keys: Iterable[str]) -> tuple[list[Hint], int]:
+        """The stored keys among ``keys`` as the merged byte ranges of their
+        buckets, each bucket pinned once (a bucket that cannot be opened is
+        left out), and how many distinct keys those buckets hold. Unknown
+        keys are ignored; nothing is counted or stamped (a hint is no read).
+        """
+        by_bucket: dict[int, dict[str, ObjectMeta]] = {}
+        with self._mutex:
+            self._check_open_locked()
+            for key in keys:
+                meta = self._index.get(key)
+                if meta is not None:
+                    by_bucket.setdefault(meta.bucket_id, {})[key] = meta
+            buckets = [self._index.buckets[bucket_id] for bucket_id in by_bucket]
+            outcomes = self._reads.pin(buckets)
+        pinned = [bucket for bucket, error in zip(buckets, outcomes) if error is None]
+        hints = [(bucket, byte_ranges(by_bucket[bucket.bucket_id].values())) for bucket in pinned]
+        return hints, sum(len(by_bucket[bucket.bucket_id]) for bucket in pinned)
 
     def finished(self, keys: Iterable[str], objects: int, nbytes: int, seconds: float | None) -> None:
         """A load or get of ``keys`` ended: their leases end; ``objects`` objects

@@ -130,6 +130,11 @@ class FileSystem:
         with no effect on the content."""
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
+    def advise_willneed(self, fd: int, offset: int, length: int) -> None:
+        """Start reading ``length`` bytes at ``offset`` into the page cache, not waiting
+        for them (a hint, with no effect on the content)."""
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     # -- loops built on the primitives ------------------------------------
     def write_all(self, fd: int, views: Sequence[memoryview], offset: int) -> int:
         """Write ``views`` back to back at ``offset``, looping over short

@@ -8,6 +8,9 @@ its files may be unlinked at once, but its descriptor stays open until its
 last pin goes, so a read that has started completes with the right bytes
 (POSIX keeps an unlinked file readable). The load queue
 (:mod:`kvbucket._core.loads`) schedules the reads and pins per object.
+A prefetch hint (:meth:`ReadPath.advise`) pins each of its buckets once and
+asks the kernel, on a helper thread, to read byte ranges ahead into the page
+cache; the pin keeps the descriptor valid while the hint is given.
 
 Lock: :attr:`ReadPath._lock` guards the descriptor cache, the reads in
 flight, the helper threads and, of every :class:`~kvbucket._core.index.Bucket`,
@@ -21,7 +24,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import CorruptionError, KeyNotFound, KvBucketError, StorageIOError
@@ -33,13 +36,16 @@ from .index import Bucket, ObjectMeta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_OPEN_DESCRIPTORS", "ReadPath", "Read"]
+__all__ = ["MAX_OPEN_DESCRIPTORS", "ReadPath", "Read", "Hint", "byte_ranges"]
 
 MAX_OPEN_DESCRIPTORS = 256
 """Read descriptors kept open across calls; older unpinned ones are closed."""
 
 Read = tuple[Bucket, str, ObjectMeta, list[memoryview]]
 """One object to read: its pinned bucket, key, location and destination pieces."""
+
+Hint = tuple[Bucket, list[tuple[int, int]]]
+"""The byte ranges ``(offset, length)`` of one pinned bucket to read ahead."""
 
 
 class ReadPath:
@@ -131,6 +137,29 @@ class ReadPath:
         if pool is not None:  # kept: a submit after close() raises, never starts threads again
             pool.shutdown(wait=True)
 
+    def advise(self, hints: Sequence[Hint]) -> None:
+        """Have a helper thread ask the kernel to read each hint's ranges into
+        the page cache, then unpin its bucket; returns at once.
+
+        A hint that fails is logged and dropped: it changes no content.
+
+        Requires: each bucket of ``hints`` pinned once by :meth:`pin`.
+        """
+        # The pool outlives every pin (close() waits for the pins before it
+        # shuts the pool down), so the job runs and releases these pins.
+        self.executor().submit(self._advise, hints)
+
+    def _advise(self, hints: Sequence[Hint]) -> None:
+        """Give every hint, each bucket unpinned once its ranges are given."""
+        for bucket, ranges in hints:
+            try:
+                for offset, length in ranges:
+                    self._fs.advise_willneed(bucket.fd, offset, length)
+            except OSError as exc:
+                log.debug("prefetch hint for bucket %d failed: %s", bucket.bucket_id, exc)
+            finally:
+                self.unpin([bucket])
+
     def _open_descriptor_locked(self, bucket: Bucket) -> None:
         """Ensure ``bucket.fd`` is open; bound the cache.
 
@@ -175,3 +204,19 @@ class ReadPath:
         if self._verify and crc32c_of(view) != meta.checksum:
             self._on_corrupt(False)
             raise CorruptionError(f"key {key!r} in bucket {meta.bucket_id} fails its checksum; the bytes were not returned")
+
+
+def byte_ranges(metas: Iterable[ObjectMeta]) -> list[tuple[int, int]]:
+    """The byte ranges ``(offset, length)`` of the objects ``metas`` (of one
+    bucket), ascending, with touching or overlapping ranges merged into one;
+    an empty object has none (a length of 0 would mean "to the end of the file")."""
+    ranges: list[tuple[int, int]] = []
+    for meta in sorted(metas, key=lambda m: m.offset):
+        if not meta.size:
+            continue
+        if ranges and meta.offset <= ranges[-1][0] + ranges[-1][1]:
+            start, length = ranges[-1]
+            ranges[-1] = (start, max(length, meta.offset + meta.size - start))
+        else:
+            ranges.append((meta.offset, meta.size))
+    return ranges

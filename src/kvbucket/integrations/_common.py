@@ -11,6 +11,8 @@
   (:class:`~kvbucket.config.Setting`).
 * :func:`open_store` opens one store directory, with environment defaults
   (``KVBUCKET_*``) under the engine's settings and a hint on lock conflicts.
+* :func:`hint_loads` has the store read ahead what an engine's lookup found
+  (``prefetch_on_lookup``).
 * :func:`pointer_view` turns a raw host pointer into a ``memoryview``
   (engines hand out ``(ptr, size)`` pairs for zero-copy I/O).
 * :func:`load_each` loads a batch, and key by key when the batch fails.
@@ -37,7 +39,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import BucketConfig, Setting, check_known_keys, coerce_field
-from ..errors import InvalidArgument, KeyNotFound, StoreLocked
+from ..errors import InvalidArgument, KeyNotFound, KvBucketError, StoreLocked
 
 if TYPE_CHECKING:
     from .._core.loads import LoadHandle
@@ -51,6 +53,7 @@ __all__ = [
     "store_options",
     "option",
     "open_store",
+    "hint_loads",
     "pointer_view",
     "load_each",
     "loaded_keys",
@@ -206,6 +209,18 @@ def open_store(path: str | os.PathLike[str], options: Mapping[str, Any], *, read
             "process (rank) its own directory (keep the default per-rank sub-directories, "
             "or set a distinct storage_path per instance)"
         ) from exc
+
+
+def hint_loads(store: BucketStore, keys: Sequence[str], what: str) -> None:
+    """Have ``store`` read ``keys`` ahead (:meth:`~kvbucket.BucketStore.prefetch`),
+    unless its ``prefetch_on_lookup`` is off. Returns at once; a hint that
+    fails (the store closing) is logged, never raised: it is only a hint."""
+    if not keys or not store.config.prefetch_on_lookup:
+        return
+    try:
+        store.prefetch(keys)
+    except KvBucketError as exc:
+        log.debug("%s: prefetch hint of %d keys failed: %s", what, len(keys), exc)
 
 
 @functools.lru_cache(maxsize=256)

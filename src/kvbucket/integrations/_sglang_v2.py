@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidArgument, KvBucketError
-from ._common import open_store
+from ._common import hint_loads, open_store
 
 if TYPE_CHECKING:
     from ..store import BucketStore
@@ -278,6 +278,7 @@ class HostPools:
                 store = self._reads_from(name)
                 if store is not None and skeys:
                     store.lease(skeys)
+                    hint_loads(store, skeys, "kvbucket HiCache")
             except READ_ERRORS as exc:
                 log.warning("kvbucket: leasing %d %s pages failed: %s", len(keys), name, exc)
 

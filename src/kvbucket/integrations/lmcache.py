@@ -54,7 +54,19 @@ from ..config import Setting
 from ..errors import InvalidArgument, KvBucketError, StoreClosed
 from ..pipeline import OffloadQueue
 from . import _standins
-from ._common import METRICS_KEYS, AllDone, import_engine, loaded_keys, metrics_endpoint, open_store, option, shut_down, start_metrics, store_options
+from ._common import (
+    METRICS_KEYS,
+    AllDone,
+    hint_loads,
+    import_engine,
+    loaded_keys,
+    metrics_endpoint,
+    open_store,
+    option,
+    shut_down,
+    start_metrics,
+    store_options,
+)
 
 __all__ = ["KvBucketL2Adapter", "KvBucketL2AdapterConfig", "encode_key", "decode_key"]
 
@@ -389,6 +401,7 @@ class KvBucketL2Adapter(_AdapterBase):
         bitmap = Bitmap(len(keys))
         texts = [encode_key(k) for k in keys]
         flags = self._store.lookup(texts)  # hits are leased against kvbucket's own eviction too
+        hint_loads(self._store, [text for text, hit in zip(texts, flags) if hit], "kvbucket L2")
         with self._lock:
             for i, (text, hit) in enumerate(zip(texts, flags)):
                 if hit:

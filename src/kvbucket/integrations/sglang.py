@@ -57,6 +57,7 @@ from ..policy.grouping import split_batches
 from . import _standins
 from ._common import (
     METRICS_KEYS,
+    hint_loads,
     import_engine,
     load_each,
     metrics_endpoint,
@@ -337,8 +338,9 @@ class KvBucketHiCacheStorage(_Base):
         return next((i for i, ok in enumerate(flags) if not ok), len(flags))
 
     def _lookup_flags(self, keys: Sequence[str]) -> list[bool]:
-        """:meth:`_exists_flags` for an engine lookup: the found prefix is leased."""
-        return self._flags(keys, "lookup", lambda store, names: store.lookup(names, prefix=True))
+        """:meth:`_exists_flags` for an engine lookup: the found prefix is
+        leased and read ahead (``prefetch_on_lookup``)."""
+        return self._flags(keys, "lookup", _lookup_prefix)
 
     def _exists_flags(self, keys: Sequence[str]) -> list[bool]:
         """For each page, whether it is stored (nothing leased)."""
@@ -648,6 +650,13 @@ class KvBucketHiCacheStorage(_Base):
         if per_token is None:
             return 0.0
         return float(per_token()) * self._page_size(pool) / (1 << 30)
+
+
+def _lookup_prefix(store: BucketStore, names: list[str]) -> list[bool]:
+    """:meth:`BucketStore.lookup` of ``names`` up to the first miss, the hits hinted for reading ahead."""
+    flags = store.lookup(names, prefix=True)
+    hint_loads(store, [name for name, hit in zip(names, flags) if hit], "kvbucket HiCache")
+    return flags
 
 
 def _rank_offset(cfg: Any) -> int:

@@ -62,6 +62,7 @@ from ..pipeline import OffloadQueue
 from . import _standins
 from ._common import (
     AllDone,
+    hint_loads,
     import_engine,
     load_each,
     loaded_keys,
@@ -418,11 +419,15 @@ class KvBucketTierManager(_Base):
         """HIT when stored, RETRY while a store of it is in flight, else MISS (never blocks on I/O).
 
         A HIT leases the chunk (``lookup_lease_s``): eviction keeps it until
-        it is loaded or the lease ends, so the load that follows finds it."""
+        it is loaded or the lease ends, so the load that follows finds it;
+        with ``prefetch_on_lookup`` its bytes start into the page cache."""
         name = _store_key(key)
         if self._queue.is_staged(name):
             return _vllm.LookupResult.RETRY
-        return _vllm.LookupResult.HIT if self.store.lookup([name])[0] else _vllm.LookupResult.MISS
+        if not self.store.lookup([name])[0]:
+            return _vllm.LookupResult.MISS
+        hint_loads(self.store, [name], "kvbucket tier")
+        return _vllm.LookupResult.HIT
 
     # -- jobs ----------------------------------------------------------------
     def submit_store(self, job_metadata: Any) -> None:

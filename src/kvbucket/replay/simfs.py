@@ -183,6 +183,9 @@ class SimulatedFileSystem(FileSystem):
     def advise_dontneed(self, fd: int) -> None:
         self._descriptor(fd)
 
+    def advise_willneed(self, fd: int, offset: int, length: int) -> None:
+        self._descriptor(fd)
+
     # -- helpers ----------------------------------------------------------
     def _new_file(self, name: str) -> _File:
         self._inodes += 1
