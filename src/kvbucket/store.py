@@ -61,9 +61,7 @@ from ._core.format import (
     HEADER_SIZE,
     RECORD_SIZE,
     BucketMeta,
-    aligned_layout,
     check_key,
-    packed_layout,
 )
 from ._core.fs import FileSystem, run_io, stat_directory
 from ._core.index import Bucket, ObjectMeta
@@ -74,6 +72,7 @@ from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
 from ._core.space import Limits, Space, Usage
+from ._core.write_mode import WriteMode, reads_direct, writer_mode
 from .config import BucketConfig
 from .errors import (
     InvalidArgument,
@@ -152,8 +151,15 @@ class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
     def __init__(
-        self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None, budget: Budget | None = None
+        self,
+        config: BucketConfig,
+        fs: FileSystem,
+        lock: StoreLock | None,
+        clock: Clock | None = None,
+        budget: Budget | None = None,
+        write_mode: WriteMode | None = None,
     ) -> None:
+        # write_mode: the writer's, from writer_mode() at open; None when readonly (nothing is written).
         # Set here and never reassigned (recovery_report: once more, by open);
         # each component guards its own state with its own lock.
         self._config = config
@@ -166,13 +172,12 @@ class BucketStore:
         limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         policy = make_policy(config.eviction_policy, limits)
         grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
-        direct = config.io_mode == "direct"
         # The components call back into those created after them through these lambdas.
         self._reads = ReadPath(
             fs,
             self._dir,
             io_threads=config.io_threads,
-            direct=direct,
+            direct_reads=reads_direct(config.io_mode),
             verify=config.verify_checksums,
             on_corrupt=lambda truncated: self._catalog.corrupt(truncated),
         )
@@ -186,7 +191,7 @@ class BucketStore:
             self._catalog,
             self._space,
             durable=self._durable,
-            direct=direct,
+            write_mode=write_mode or WriteMode(config.io_mode, direct_ok=False),
             committed=lambda: self._eviction.committed(),
             reserve=lambda physical: self._eviction.reserve(physical),
         )
@@ -230,8 +235,9 @@ class BucketStore:
             if budget is not None:
                 budget.close()
             raise
-        store = cls(config, fs, lock, clock, budget)
         try:
+            write_mode = None if lock is None else writer_mode(fs, directory, config.io_mode)
+            store = cls(config, fs, lock, clock, budget, write_mode)
             store._recover()
             with store._writer:
                 store._eviction.settle()
@@ -400,7 +406,6 @@ class BucketStore:
 
         Requires: ``_writer`` held.
         """
-        aligned = self._config.io_mode == "direct"
         taken: set[str] = set()
         kept: list[list[_Object]] = []
         for batch in batches:
@@ -411,15 +416,15 @@ class BucketStore:
                 _check_bucket_limits(batch, self._config)
             taken.update(o.key for o in batch)
             kept.append(batch)
-        layouts = [(aligned_layout if aligned else packed_layout)([o.size for o in batch]) for batch in kept]
+        layouts = [self._files.layout([o.size for o in batch]) for batch in kept]
         need = sum(
-            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, length) in zip(kept, layouts) if b),
+            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, _, length) in zip(kept, layouts) if b),
             Usage(),
         )
         if not need.keys:
             return [None] * len(kept)
         self._eviction.make_room(need, on_evict)
-        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (offsets, length) in zip(kept, layouts) if batch]
+        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (aligned, offsets, length) in zip(kept, layouts) if batch]
         written = iter(zip(self._files.add_group(new, started), (b.meta for b in new)))
         self._space.track_directory_growth()
         return [next(written) if batch else None for batch in kept]
