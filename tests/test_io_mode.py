@@ -193,7 +193,7 @@ def test_direct_on_a_file_system_refusing_o_direct_fails_at_open(store_dir: Path
     with BucketStore.open(store_dir) as store:
         store.batch_offload(values("x", [8 * KiB]))
     before = snapshot(store_dir)
-    with pytest.raises(InvalidArgument, match="does not accept O_DIRECT.*io_mode='auto'.*'buffered'"):
+    with pytest.raises(InvalidArgument, match=r"does not accept O_DIRECT.*io_mode='auto'.*'buffered'"):
         BucketStore.open(store_dir, filesystem=OpenFlags(refuse_direct=True), io_mode="direct")
     assert snapshot(store_dir) == before
     with BucketStore.open(store_dir, filesystem=OpenFlags(refuse_direct=True), io_mode="auto") as store:
