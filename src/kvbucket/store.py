@@ -70,6 +70,7 @@ from ._core.lockfile import StoreLock, WriterLimits
 from ._core.read_path import ReadPath
 from ._core.recovery import RecoveryReport, build_index, check_ownership, repair, scan_directory
 from ._core.space import Limits, Space
+from ._core.write_mode import WriteMode, reads_direct, writer_mode
 from .config import BucketConfig
 from .errors import (
     InvalidArgument,
@@ -134,8 +135,15 @@ class BucketStore:
     """A directory of buckets of KV-cache objects. Create with :meth:`open`."""
 
     def __init__(
-        self, config: BucketConfig, fs: FileSystem, lock: StoreLock | None, clock: Clock | None = None, budget: Budget | None = None
+        self,
+        config: BucketConfig,
+        fs: FileSystem,
+        lock: StoreLock | None,
+        clock: Clock | None = None,
+        budget: Budget | None = None,
+        write_mode: WriteMode | None = None,
     ) -> None:
+        # write_mode: the writer's, from writer_mode() at open; None when readonly (nothing is written).
         # Set here and never reassigned (recovery_report: once more, by open);
         # each component guards its own state with its own lock.
         self._config = config
@@ -147,13 +155,12 @@ class BucketStore:
         limits = Limits(config.max_total_size, config.max_physical_bytes, config.total_keys_limit)
         policy = make_policy(config.eviction_policy, limits)
         grouper = OffloadGrouper(config.bucket_size_limit, config.bucket_keys_limit, config.group_max_delay_s)
-        direct = config.io_mode == "direct"
         # The components call back into those created after them through these lambdas.
         self._reads = ReadPath(
             fs,
             self._dir,
             io_threads=config.io_threads,
-            direct=direct,
+            direct_reads=reads_direct(config.io_mode),
             verify=config.verify_checksums,
             on_corrupt=lambda truncated: self._catalog.corrupt(truncated),
         )
@@ -168,7 +175,7 @@ class BucketStore:
             self._catalog,
             self._space,
             durable=self._durable,
-            direct=direct,
+            write_mode=write_mode or WriteMode(config.io_mode, direct_ok=False),
             committed=lambda: self._eviction.committed(),
             reserve=self._member.reserve,
         )
@@ -210,8 +217,9 @@ class BucketStore:
             if budget is not None:
                 budget.close()
             raise
-        store = cls(config, fs, lock, clock, budget)
         try:
+            write_mode = None if lock is None else writer_mode(fs, directory, config.io_mode)
+            store = cls(config, fs, lock, clock, budget, write_mode)
             store._recover()
             with store._writer:
                 store._member.settle()
@@ -428,7 +436,7 @@ class BucketStore:
         nothing is hinted (0). After :meth:`close`, raises :class:`StoreClosed`.
         """
         keys = lookup_keys(keys, "prefetch")
-        if self._config.io_mode == "direct":
+        if reads_direct(self._config.io_mode):
             self._catalog.check_open()
             return 0
         hints, count = self._catalog.pin_hints(keys)

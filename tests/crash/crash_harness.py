@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 
 from kvbucket import BucketStore
-from kvbucket._core.format import LOCK_NAME, META_MAGIC, QUARANTINE_DIR, data_name, meta_name, parse_name
+from kvbucket._core.format import ALIGNMENT, LOCK_NAME, META_MAGIC, QUARANTINE_DIR, FileKind, data_name, decode_meta, meta_name, parse_name
+from kvbucket._core.write_mode import AUTO_DIRECT_MIN_OBJECT
 from kvbucket.errors import CorruptionError, KeyNotFound, KvBucketError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,6 +60,10 @@ FULL = os.environ.get("KVBUCKET_FULL_SWEEP", "") not in ("", "0")
 SMALL_WRITE_CHUNK = 8192
 """Crash workloads write in 8 KiB calls so that one bucket takes several
 ``pwritev`` calls (each a kill point) without megabytes of test data."""
+
+AUTO_WRITE_CHUNK = 64 << 10
+"""Write calls of workloads with AUTO_DIRECT_SIZES objects: still several
+per object, without a hundred crash points per bucket."""
 
 Emit = Callable[[dict], None]
 
@@ -92,32 +97,62 @@ def offload_takes_on_evict() -> bool:
 
 SIZES = (0, 1, 511, 4096, 4097, 9000, 12288, 20000)
 
+AUTO_DIRECT_SIZES = (AUTO_DIRECT_MIN_OBJECT, AUTO_DIRECT_MIN_OBJECT + ALIGNMENT)
+"""Object sizes that io_mode="auto" writes aligned with O_DIRECT: multiples
+of 4 KiB whose mean is at least the threshold (SIZES are written packed)."""
 
-def simple_workload(n_buckets: int, per_bucket: int = 3, tag: str = "w", sizes=SIZES, seed: int = 0) -> list[dict]:
-    """``n_buckets`` offloads of ``per_bucket`` keys each, with a read at the end."""
+
+def _bucket_sizes(b: int, sizes, direct_every: int):
+    """The sizes bucket ``b`` draws from: AUTO_DIRECT_SIZES for every
+    ``direct_every``-th bucket (from the second), else ``sizes``."""
+    return AUTO_DIRECT_SIZES if direct_every and b % direct_every == 1 else sizes
+
+
+def layouts(path) -> set[bool]:
+    """The aligned flags of the metas in the store directory ``path``."""
+    return {
+        decode_meta(open(os.path.join(path, name), "rb").read(), parsed[0]).aligned
+        for name in os.listdir(path)
+        if (parsed := parse_name(name)) is not None and parsed[1] is FileKind.META
+    }
+
+
+def simple_workload(
+    n_buckets: int, per_bucket: int = 3, tag: str = "w", sizes=SIZES, seed: int = 0, direct_every: int = 0
+) -> list[dict]:
+    """``n_buckets`` offloads of ``per_bucket`` keys each, with a read at the
+    end; with ``direct_every``, every ``direct_every``-th bucket (from the
+    second) holds objects that io_mode="auto" writes with O_DIRECT."""
     import random
 
     rng = random.Random(seed)
     ops, everything = [], []
     for b in range(n_buckets):
-        keys = [make_key(f"{tag}{b}.{i}", rng.choice(sizes)) for i in range(per_bucket)]
+        keys = [make_key(f"{tag}{b}.{i}", rng.choice(_bucket_sizes(b, sizes, direct_every))) for i in range(per_bucket)]
         everything += keys
         ops.append({"op": "offload", "keys": keys})
     ops.append({"op": "get", "keys": everything})
     return ops
 
 
-def group_workload(n_groups: int, buckets: int = 3, per_bucket: int = 2, tag: str = "g", sizes=SIZES, seed: int = 0) -> list[dict]:
+def group_workload(
+    n_groups: int, buckets: int = 3, per_bucket: int = 2, tag: str = "g", sizes=SIZES, seed: int = 0, direct_every: int = 0
+) -> list[dict]:
     """``n_groups`` group commits of ``buckets`` buckets of ``per_bucket`` keys,
     each group preceded by a lone offload (so a lost group is not the first
-    thing written), with a read at the end."""
+    thing written), with a read at the end; with ``direct_every``, every
+    ``direct_every``-th bucket of a group (from the second) holds objects
+    that io_mode="auto" writes with O_DIRECT, so a group mixes both layouts."""
     import random
 
     rng = random.Random(seed)
     ops, everything = [], []
     for g in range(n_groups):
         lone = [make_key(f"{tag}{g}.lone", rng.choice(sizes))]
-        groups = [[make_key(f"{tag}{g}.{b}.{i}", rng.choice(sizes)) for i in range(per_bucket)] for b in range(buckets)]
+        groups = [
+            [make_key(f"{tag}{g}.{b}.{i}", rng.choice(_bucket_sizes(b, sizes, direct_every))) for i in range(per_bucket)]
+            for b in range(buckets)
+        ]
         keys = [k for group in groups for k in group]
         everything += lone + keys
         ops.append({"op": "offload", "keys": lone})

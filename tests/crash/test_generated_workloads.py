@@ -50,7 +50,7 @@ def workloads(draw) -> list[dict]:
 CONFIGS = st.fixed_dictionaries(
     {
         "durability": st.sampled_from(["strict", "relaxed"]),
-        "io_mode": st.sampled_from(["buffered", "direct"]),
+        "io_mode": st.sampled_from(["buffered", "direct", "auto"]),
         "io_threads": st.just(1),
         # Off: the evictor thread's timing would race the workload's steps;
         # test_background_eviction_crash.py sweeps crashes with it running.

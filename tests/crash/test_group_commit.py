@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 
 import crash_harness as H
+import kvbucket._core.fs
 from crash_fs import GROUP_CANARIES
 from crash_sweeps import kill_sweep, powerloss_sweep
 from kvbucket import BucketStore, KeyExists, OffloadQueue
@@ -29,14 +30,21 @@ def sweep_kw(n_random: int) -> dict:
     return FULL_KW if H.FULL else {"point_budget": 10**9, "n_random": n_random}
 
 
-@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
-def test_powerloss_group_strict(tmp_path, crash_counts, small_writes, io_mode):
-    ops = H.group_workload(3 if H.FULL else 2, seed=21)
+@pytest.mark.parametrize("io_mode", ["buffered", "direct", "auto"])
+def test_powerloss_group_strict(tmp_path, crash_counts, small_writes, io_mode, monkeypatch):
+    if io_mode == "auto":
+        monkeypatch.setattr(kvbucket._core.fs, "WRITE_CHUNK", H.AUTO_WRITE_CHUNK)
+    # auto: each group's second bucket is written aligned with O_DIRECT, the others packed
+    ops = H.group_workload(3 if H.FULL else 2, seed=21, direct_every=2 if io_mode == "auto" else 0)
     config = {"durability": "strict", "io_mode": io_mode, "io_threads": 1}
-    failures, stats = powerloss_sweep(tmp_path, ops, config, seed=4, **sweep_kw(4))
+    # auto's states hold large files: a sample of its crash points keeps the sweep's time
+    kw = sweep_kw(4) if io_mode != "auto" or H.FULL else {"point_budget": 40, "n_random": 4}
+    failures, stats = powerloss_sweep(tmp_path, ops, config, seed=4, **kw)
     crash_counts(**stats)
     assert stats["states_checked"] > stats["crash_points_tried"]
     assert not failures, H.format_failures(failures)
+    if io_mode == "auto":
+        assert H.layouts(tmp_path / "recorded") == {True, False}, "the workload wrote both layouts"
 
 
 def test_powerloss_group_relaxed(tmp_path, crash_counts, small_writes):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 
 import crash_harness as H
+import kvbucket._core.fs
 from crash_fs import CANARIES
 from crash_sweeps import powerloss_sweep
 
@@ -29,14 +30,19 @@ def sweep_kw(point_budget: int, n_random: int) -> dict:
     return FULL_KW if H.FULL else {"point_budget": point_budget, "n_random": n_random}
 
 
-@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
-def test_powerloss_strict(tmp_path, crash_counts, small_writes, io_mode):
-    ops = H.simple_workload(5 if H.FULL else 3, per_bucket=3, seed=11)
+@pytest.mark.parametrize("io_mode", ["buffered", "direct", "auto"])
+def test_powerloss_strict(tmp_path, crash_counts, small_writes, io_mode, monkeypatch):
+    if io_mode == "auto":
+        monkeypatch.setattr(kvbucket._core.fs, "WRITE_CHUNK", H.AUTO_WRITE_CHUNK)
+    # auto: the second bucket is written aligned with O_DIRECT, the others packed
+    ops = H.simple_workload(5 if H.FULL else 3, per_bucket=3, seed=11, direct_every=2 if io_mode == "auto" else 0)
     config = {"durability": "strict", "io_mode": io_mode, "io_threads": 1}
     failures, stats = powerloss_sweep(tmp_path, ops, config, seed=1, **sweep_kw(10**9, 4))
     crash_counts(**stats)
     assert stats["states_checked"] > stats["crash_points_tried"]
     assert not failures, H.format_failures(failures)
+    if io_mode == "auto":
+        assert H.layouts(tmp_path / "recorded") == {True, False}, "the workload wrote both layouts"
 
 
 def test_powerloss_relaxed(tmp_path, crash_counts, small_writes):

@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from ..errors import CapacityExceeded
 from .catalog import Catalog
 from .commit import NewBucket, delete_bucket_files, publish_meta, write_group
-from .format import MAX_BUCKET_ID, BucketMeta, MetaRecord, aligned_layout, meta_name, packed_layout
+from .format import MAX_BUCKET_ID, BucketMeta, MetaRecord, meta_name
 from .fs import FileSystem, run_io
 from .index import Bucket, rebuilt_meta
 from .lockfile import StoreLock
 from .space import Space
+from .write_mode import WriteMode
 
 __all__ = ["BucketFiles"]
 
@@ -42,7 +43,7 @@ class BucketFiles:
         space: Space,
         *,
         durable: bool,
-        direct: bool,
+        write_mode: WriteMode,
         committed: Callable[[], None],
         reserve: Callable[[int], None],
     ) -> None:
@@ -52,7 +53,7 @@ class BucketFiles:
         self._catalog = catalog
         self._space = space
         self._durable = durable
-        self._direct = direct
+        self._write_mode = write_mode
         self._committed = committed  # told after each bucket is indexed
         self._reserve = reserve  # reserves bytes in the shared budget before a meta rewrite
         self._next_id = 1  # guarded by the writer lock
@@ -75,6 +76,12 @@ class BucketFiles:
         bucket_id = self._next_id
         self._next_id += 1
         return bucket_id
+
+    def layout(self, sizes: list[int]) -> tuple[bool, list[int], int]:
+        """``(aligned, offsets, data_length)`` of a new bucket of objects of
+        ``sizes``, as the store's ``io_mode`` chooses it (see
+        :mod:`kvbucket._core.write_mode`)."""
+        return self._write_mode.layout(sizes)
 
     def add(
         self,
@@ -104,7 +111,7 @@ class BucketFiles:
         physical = run_io(
             f"writing bucket{'s' if len(ids) > 1 else ''} {_ids(ids)}",
             self._dir,
-            lambda: write_group(self._fs, self._dir, new, direct=self._direct, durable=self._durable),
+            lambda: write_group(self._fs, self._dir, new, durable=self._durable),
         )
         buckets = []
         for b, allocated in zip(new, physical):
@@ -121,10 +128,10 @@ class BucketFiles:
         Requires: the writer lock held.
         """
         keys = [key for bucket in group for key in bucket.keys]
-        offsets, length = (aligned_layout if self._direct else packed_layout)([len(values[k]) for k in keys])
+        aligned, offsets, length = self.layout([len(values[k]) for k in keys])
         crcs = self._catalog.checksums(keys)
         rows = [MetaRecord(k, off, len(values[k]), c) for k, off, c in zip(keys, offsets, crcs)]
-        meta = BucketMeta(self.allocate_id(), length, self._direct, rows)
+        meta = BucketMeta(self.allocate_id(), length, aligned, rows)
         before = sum(b.physical for b in group)
         bucket = self.add(meta, [[memoryview(values[k])] for k in keys])
         self.delete(group)

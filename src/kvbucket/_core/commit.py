@@ -44,7 +44,7 @@ class NewBucket(NamedTuple):
     checksums: Callable[[], array[int]] | None
 
 
-def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *, direct: bool, durable: bool) -> list[int]:
+def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *, durable: bool) -> list[int]:
     """Write and commit new buckets (one or several) with one directory
     ``fsync``; return each one's allocated bytes.
 
@@ -57,7 +57,7 @@ def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *,
     durable (the caller computes them while the data is written).
     """
     try:
-        physical = [_write_data(fs, directory, b.meta, b.values, direct=direct, durable=durable) for b in buckets]
+        physical = [_write_data(fs, directory, b.meta, b.values, durable=durable) for b in buckets]
         for bucket in buckets:
             if bucket.checksums is not None:
                 bucket.meta.crcs = bucket.checksums()
@@ -71,14 +71,15 @@ def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *,
         raise
 
 
-def _write_data(fs: FileSystem, directory: str, meta: BucketMeta, values: Sequence[Sequence[memoryview]], *, direct: bool, durable: bool) -> int:
-    """Create ``<id>.bucket`` (never over an existing file), write the values,
-    sync them when ``durable``; return its allocated bytes."""
+def _write_data(fs: FileSystem, directory: str, meta: BucketMeta, values: Sequence[Sequence[memoryview]], *, durable: bool) -> int:
+    """Create ``<id>.bucket`` (never over an existing file), write the values
+    (with O_DIRECT exactly when the layout is aligned), sync them when
+    ``durable``; return its allocated bytes."""
     data_path = os.path.join(directory, data_name(meta.bucket_id))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if direct else 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if meta.aligned else 0)
     fd = fs.open(data_path, flags)
     try:
-        write_values(fs, fd, values, meta.offsets, meta.data_length, direct)
+        write_values(fs, fd, values, meta.offsets, meta.data_length, meta.aligned)
         if durable:
             fs.fdatasync(fd)
         return int(fs.fstat(fd).st_blocks * 512)

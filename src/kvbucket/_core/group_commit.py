@@ -29,7 +29,7 @@ from .catalog import Catalog
 from .checksum import crc32c_of
 from .commit import NewBucket
 from .eviction import Eviction
-from .format import ALIGNMENT, HEADER_SIZE, RECORD_SIZE, BucketMeta, aligned_layout, check_key, packed_layout
+from .format import ALIGNMENT, HEADER_SIZE, RECORD_SIZE, BucketMeta, check_key
 from .index import Bucket, ObjectMeta
 from .interfaces import EvictionListener
 from .read_path import ReadPath
@@ -74,7 +74,6 @@ class GroupCommit:
 
         Requires: the writer lock held.
         """
-        aligned = self._config.io_mode == "direct"
         taken: set[str] = set()
         kept: list[list[BatchObject]] = []
         for batch in batches:
@@ -85,15 +84,15 @@ class GroupCommit:
                 _check_bucket_limits(batch, self._config)
             taken.update(o.key for o in batch)
             kept.append(batch)
-        layouts = [(aligned_layout if aligned else packed_layout)([o.size for o in batch]) for batch in kept]
+        layouts = [self._files.layout([o.size for o in batch]) for batch in kept]
         need = sum(
-            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, length) in zip(kept, layouts) if b),
+            (Usage(sum(o.size for o in b), _physical_estimate(b, length), len(b)) for b, (_, _, length) in zip(kept, layouts) if b),
             Usage(),
         )
         if not need.keys:
             return [None] * len(kept)
         self._eviction.make_room(need, on_evict)
-        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (offsets, length) in zip(kept, layouts) if batch]
+        new = [self._new_bucket(batch, offsets, length, aligned) for batch, (aligned, offsets, length) in zip(kept, layouts) if batch]
         written = iter(zip(self._files.add_group(new, started), (b.meta for b in new)))
         self._space.track_directory_growth()
         return [next(written) if batch else None for batch in kept]

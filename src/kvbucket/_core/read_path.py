@@ -56,12 +56,12 @@ class ReadPath:
     """
 
     def __init__(
-        self, fs: FileSystem, directory: str, *, io_threads: int, direct: bool, verify: bool, on_corrupt: Callable[[bool], None]
+        self, fs: FileSystem, directory: str, *, io_threads: int, direct_reads: bool, verify: bool, on_corrupt: Callable[[bool], None]
     ) -> None:
         self._fs = fs
         self._dir = directory
         self._io_threads = io_threads
-        self._direct = direct
+        self._direct_reads = direct_reads
         self._verify = verify
         self._on_corrupt = on_corrupt
         self._lock = threading.Lock()
@@ -170,7 +170,7 @@ class ReadPath:
             return
         path = os.path.join(self._dir, data_name(bucket.bucket_id))
         try:
-            bucket.fd = open_for_read(self._fs, path, self._direct)
+            bucket.fd = open_for_read(self._fs, path, self._direct_reads)
         except FileNotFoundError as exc:
             raise KeyNotFound(f"bucket {bucket.bucket_id} was deleted by its writer; refresh() the store") from exc
         except OSError as exc:
@@ -196,7 +196,9 @@ class ReadPath:
     def read(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
         """Read one object of pinned ``bucket``: the right bytes, or a typed error naming key and bucket."""
         got = run_io(
-            f"reading key {key!r} from bucket {meta.bucket_id}", self._dir, lambda: read_value(self._fs, bucket.fd, meta.offset, view, self._direct)
+            f"reading key {key!r} from bucket {meta.bucket_id}",
+            self._dir,
+            lambda: read_value(self._fs, bucket.fd, meta.offset, view, self._direct_reads),
         )
         if got != meta.size:
             self._on_corrupt(True)
