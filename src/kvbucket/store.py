@@ -207,19 +207,22 @@ class BucketStore:
         fs = filesystem or FileSystem()
         directory = os.fspath(config.path)
         budget = open_budget(fs, config, directory)
+        lock: StoreLock | None = None
         try:
             # A member takes its LOCK under the budget's flock: the others probe LOCKs only under it.
             with admitted(budget, directory):
                 _prepare_directory(fs, directory, config.readonly)
                 lock = _take_lock(fs, directory, config)
                 join_budget(fs, budget, lock, directory, config)
+            write_mode = None if lock is None else writer_mode(fs, directory, config.io_mode)
+            store = cls(config, fs, lock, clock, budget, write_mode)
         except BaseException:
+            if lock is not None:
+                lock.release()
             if budget is not None:
                 budget.close()
             raise
         try:
-            write_mode = None if lock is None else writer_mode(fs, directory, config.io_mode)
-            store = cls(config, fs, lock, clock, budget, write_mode)
             store._recover()
             with store._writer:
                 store._member.settle()
