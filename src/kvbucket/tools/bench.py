@@ -877,10 +877,10 @@ def format_report(result: dict[str, Any]) -> str:
             row = f"{label} ({mode})" + (" [default]" if mode == default else "") + ("" if mode in raw_modes else " [vs best raw]")
             base = m.get(f"raw_{raw}_{mode}") if mode in raw_modes else best_raw
             lines.append(f"{row:44}{_fmt(base):>22}  {_fmt(m.get(f'kv_{kv}_{mode}')):>22}  {_x(r.get(f'{op}_{mode}')):>6}")
-    for op, label in REPORT_ROWS:
-        lines.append(f"best kvbucket mode / best raw mode, {label}: {_x(r.get(f'{op}_best'))}")
+    for op, _ in REPORT_ROWS:
+        lines.append(f"best kvbucket mode / best raw mode, {op.replace('_', ' ')}: {_x(r.get(f'{op}_best'))}")
     if default is not None:
-        figures = ", ".join(f"{label} {_x(r.get(f'{op}_default'))}" for op, label in REPORT_ROWS)
+        figures = ", ".join(f"{op.replace('_', ' ')} {_x(r.get(f'{op}_default'))}" for op, _ in REPORT_ROWS)
         lines.append(f"default configuration (io_mode={default}) / best raw mode: {figures}")
     return "\n".join(lines)
 
