@@ -4,13 +4,14 @@ Four OffloadQueue workers write ``--buckets`` buckets of 64 objects of
 64 KiB (4 MiB buckets), strict durability. ``grouped`` is the store itself
 (workers that find buckets ready together commit them with one directory
 fsync); ``per-bucket`` is the same store behind a forwarding wrapper whose
-class has no ``offload_group``, so every bucket is committed on its own;
-``raw`` is the raw baseline: four threads, each writing the next bucket's
-bytes into a new file with ``os.pwritev`` (1 MiB a call) and one
-``fdatasync`` (the store's data sync; it also syncs each bucket's meta and
-the directory). The three alternate, three runs each, in one process; the
-figures are medians, the store's sync calls counted through the FileSystem
-seam::
+class has no ``offload_group``, so every bucket is committed on its own.
+The raw baselines are four threads, each writing the next bucket's bytes
+into a new file with ``os.pwritev`` (1 MiB a call): ``raw`` with one
+``fdatasync`` (the data's sync alone), ``raw-commit`` with the syncs of a
+bucket committed on its own (``fdatasync`` of the data, a 4 KiB meta file
+written and ``fsync``-ed, an ``fsync`` of the directory). The four
+alternate, three runs each, in one process; the figures are medians, the
+store's sync calls counted through the FileSystem seam::
 
     python benchmarks/group_commit.py --dir /var/tmp/kv-group --buckets 64
 """
@@ -40,8 +41,11 @@ OBJECT_BYTES = 64 << 10
 OBJECTS_PER_BUCKET = 64
 WORKERS = 4
 SYNCS = ("fdatasync", "fsync", "fsync_dir")
-VARIANTS = ("raw", "per-bucket", "grouped")
+VARIANTS = ("raw", "raw-commit", "per-bucket", "grouped")
 WRITE_CALL = 1 << 20
+META_BYTES = 4096
+RATIOS = (("grouped", "raw-commit"), ("per-bucket", "raw-commit"), ("grouped", "raw"), ("grouped", "per-bucket"))
+"""The ratios reported: (numerator, denominator) variants."""
 
 
 class PerBucket:
@@ -79,16 +83,28 @@ def run(root: str, grouped: bool, buckets: int) -> tuple[float, Counter[str]]:
     return _mib_s(buckets, elapsed), calls
 
 
-def raw_run(root: str, buckets: int) -> float:
-    """MiB/s of the raw baseline: ``WORKERS`` threads, each writing the next
-    bucket's bytes into a new file and ``fdatasync``-ing it."""
+def raw_run(root: str, buckets: int, commit: bool) -> float:
+    """MiB/s of a raw baseline: ``WORKERS`` threads, each writing the next
+    bucket's bytes into a new file and ``fdatasync``-ing it; with ``commit``
+    also a meta file, ``fsync``-ed, and an ``fsync`` of the directory."""
     path = os.path.join(root, "raw")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     value = memoryview(os.urandom(OBJECT_BYTES))
     calls = [[value] * (WRITE_CALL // OBJECT_BYTES)] * (OBJECTS_PER_BUCKET * OBJECT_BYTES // WRITE_CALL)
+    meta = os.urandom(META_BYTES)
     order = iter(range(buckets))
     lock = threading.Lock()
+
+    def write_file(name: str, views: list[list[memoryview]], sync: Any) -> None:
+        fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            offset = 0
+            for call in views:
+                offset += os.pwritev(fd, call, offset)
+            sync(fd)
+        finally:
+            os.close(fd)
 
     def writer() -> None:
         while True:
@@ -96,14 +112,14 @@ def raw_run(root: str, buckets: int) -> float:
                 b = next(order, None)
             if b is None:
                 return
-            fd = os.open(os.path.join(path, f"{b}.dat"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                offset = 0
-                for views in calls:
-                    offset += os.pwritev(fd, views, offset)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            write_file(f"{b}.dat", calls, os.fdatasync)
+            if commit:
+                write_file(f"{b}.meta", [[memoryview(meta)]], os.fsync)
+                directory = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
 
     threads = [threading.Thread(target=writer) for _ in range(WORKERS)]
     start = time.perf_counter()
@@ -112,9 +128,9 @@ def raw_run(root: str, buckets: int) -> float:
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
-    written = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    data = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path) if name.endswith(".dat"))
     shutil.rmtree(path, ignore_errors=True)
-    assert written == buckets * OBJECTS_PER_BUCKET * OBJECT_BYTES, written
+    assert data == buckets * OBJECTS_PER_BUCKET * OBJECT_BYTES, data
     return _mib_s(buckets, elapsed)
 
 
@@ -124,7 +140,8 @@ def measure(root: str, buckets: int, repeats: int) -> dict[str, Any]:
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     syncs: dict[str, list[Counter[str]]] = {"per-bucket": [], "grouped": []}
     for _ in range(repeats):
-        runs["raw"].append(raw_run(root, buckets))
+        runs["raw"].append(raw_run(root, buckets, commit=False))
+        runs["raw-commit"].append(raw_run(root, buckets, commit=True))
         for grouped in (False, True):
             speed, calls = run(root, grouped, buckets)
             name = "grouped" if grouped else "per-bucket"
@@ -141,9 +158,7 @@ def measure(root: str, buckets: int, repeats: int) -> dict[str, Any]:
         "workers": WORKERS,
         "runs_mib_s": runs,
         "syncs": {name: {s: statistics.median(c[s] for c in calls) for s in SYNCS} for name, calls in syncs.items()},
-        "trial_ratios": {"grouped / raw": trial_ratios("grouped", "raw"),
-                         "per-bucket / raw": trial_ratios("per-bucket", "raw"),
-                         "grouped / per-bucket": trial_ratios("grouped", "per-bucket")},
+        "trial_ratios": {f"{a} / {b}": trial_ratios(a, b) for a, b in RATIOS},
     }
 
 

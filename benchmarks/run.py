@@ -73,7 +73,6 @@ SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
 PHASES = ("sizes", "async", "small", "group", "metadata")
 SMALL_SIZE = 64 << 10
 QUICK_DATASET = 128 * MiB
-QUICK_PEERS = ",".join(peer_mod.PEERS)
 
 
 def kv_variants() -> list[tuple[str, str]]:
@@ -236,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3, quick 2)")
     p.add_argument("--sizes", default="64KiB,1MiB,4MiB", help="object sizes, among " + ",".join(SIZES))
     p.add_argument("--meta-keys", type=int, default=None, help="objects in the metadata phase (default 1000000)")
-    p.add_argument("--peers", default=None, help="peers to run ('' for none; default all)")
+    p.add_argument("--peers", default=",".join(peer_mod.PEERS), help="peers to run ('' for none)")
     p.add_argument("--phases", default=",".join(PHASES), help="among " + ",".join(PHASES))
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     meta_keys = args.meta_keys if args.meta_keys is not None else (100_000 if args.quick else 1_000_000)
     group_buckets = args.group_buckets or (16 if args.quick else 64)
     sizes = [s for s in args.sizes.split(",") if s]
-    peer_names = [p for p in (args.peers if args.peers is not None else QUICK_PEERS if args.quick else ",".join(peer_mod.PEERS)).split(",") if p]
+    peer_names = [p for p in args.peers.split(",") if p]
     phases = [p for p in args.phases.split(",") if p]
     unknown = sorted(set(phases) - set(PHASES) | set(sizes) - set(SIZES))
     if unknown:
