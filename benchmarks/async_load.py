@@ -1,8 +1,9 @@
 """Asynchronous loads against a raw ``os.preadv`` loop at the same parallelism.
 
 Writes ``--total-mib`` of ``--object-kib`` objects into 256 MiB buckets
-(default configuration otherwise), then, cold (page cache dropped before
-every pass), reads every object once in a random order:
+(default configuration otherwise, its default ``io_mode`` included), then,
+cold (page cache dropped before every pass), reads every object once in a
+random order:
 
 * ``raw``: ``--threads`` Python threads, each ``os.preadv``-ing the next
   object from the store's own data files at the object's offset (no
@@ -14,7 +15,9 @@ every pass), reads every object once in a random order:
   after each batch).
 
 Each pass is run ``--repeats`` times, interleaved; the figures are medians
-and the ratios are of medians, measured in one process::
+and the ratios are of medians, measured in one process. The passes are
+``kvbucket bench``'s own (:mod:`kvbucket.tools.bench`), so this script and
+``kvbucket bench`` measure the same thing::
 
     python benchmarks/async_load.py --dir /var/tmp/kv-async --total-mib 1024
 """
@@ -22,129 +25,73 @@ and the ratios are of medians, measured in one process::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import shutil
 import statistics
 import sys
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-from kvbucket import BucketStore, LoadHandle
-from kvbucket._core.format import data_name
-from kvbucket.tools.bench import Source, Workload, make_cold, make_keys, mib_s, read_batches
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import kvbucket  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+from kvbucket.config import BucketConfig  # noqa: E402
+from kvbucket.tools import bench as kb  # noqa: E402
 
 MiB = 1 << 20
+PASSES = ("raw", "async", "batch_load")
 
 
-def _dests(count: int, size: int) -> list[memoryview]:
-    """``count`` pre-faulted destination buffers of ``size`` bytes."""
-    area = bytearray(b"\x01" * (count * size))
-    view = memoryview(area)
-    return [view[i * size : (i + 1) * size] for i in range(count)]
-
-
-def write_store(path: str, wl: Workload, source: Source, keys: Sequence[str]) -> None:
-    """The workload's objects, one bucket per ``per_bucket`` objects, durable."""
-    with BucketStore.open(path, bucket_size_limit=wl.bucket_size, bucket_keys_limit=max(500, wl.per_bucket)) as store:
-        for objects in wl.buckets():
-            store.batch_offload({keys[i]: source.value(i) for i in objects})
-
-
-def raw_pass(path: str, wl: Workload, locations: list[tuple[str, int]]) -> float:
-    """Cold random ``os.preadv`` of every object by ``wl.threads`` threads; MiB/s."""
-    fds = {name: os.open(os.path.join(path, name), os.O_RDONLY) for name in {name for name, _ in locations}}
-    order = iter([i for batch in read_batches(wl) for i in batch])
-    lock = threading.Lock()
-
-    def reader(dest: memoryview) -> None:
-        while True:
-            with lock:
-                i = next(order, None)
-            if i is None:
-                return
-            name, offset = locations[i]
-            got = 0
-            while got < len(dest):
-                n = os.preadv(fds[name], [dest[got:]], offset + got)
-                if n == 0:
-                    raise OSError(f"short read of object {i}")
-                got += n
-
-    threads = [threading.Thread(target=reader, args=(dest,)) for dest in _dests(wl.threads, wl.object_size)]
+def measure(path: str, wl: kb.Workload, repeats: int) -> dict[str, Any]:
+    """Median MiB/s of each pass and the ratios to the raw loop, in the
+    store's default ``io_mode``; ``path`` is a new store directory."""
+    mode = BucketConfig().io_mode
+    keys = kb.make_keys(wl.n_objects)
+    source = kb.Source(wl.object_size)
+    area, dests = kb.dest_views(wl)
+    sets_area, sets = kb.dest_sets(wl)
+    runs: dict[str, list[float]] = {name: [] for name in PASSES}
+    cold = ""
     try:
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return mib_s(wl.nbytes, time.perf_counter() - started)
+        with kb.open_store(path, wl, "strict", mode) as store, cf.ThreadPoolExecutor(wl.threads) as pool:
+            kb.kv_offload(store, wl, keys, source)
+            kb.verify_sample(store, keys, source)
+            locations = kb.store_locations(store, keys)
+            passes: dict[str, Callable[[], float]] = {
+                "raw": lambda: kb.py_read_pipelined(locations, wl, mode == "direct", pool),
+                "async": lambda: kb.mib_s(wl.nbytes, kb.kv_submit_load(store, wl, keys, sets)),
+                "batch_load": lambda: kb.mib_s(wl.nbytes, kb.kv_load(store, wl, keys, dests)),
+            }
+            for _ in range(repeats):
+                for name, run in passes.items():
+                    cold = kb.make_cold([path])
+                    runs[name].append(run())
+                    if name == "async":
+                        checked = kb.verify_loaded(wl, sets, source)
     finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def async_pass(store: BucketStore, wl: Workload, keys: Sequence[str], depth: int) -> float:
-    """Cold random loads, ``depth`` batches of ``wl.batch`` in flight; MiB/s."""
-    free = deque(_dests(depth * wl.batch, wl.object_size)[i * wl.batch : (i + 1) * wl.batch] for i in range(depth))
-    in_flight: deque[tuple[LoadHandle, list[memoryview]]] = deque()
-    started = time.perf_counter()
-    for batch in read_batches(wl):
-        if not free:
-            handle, dests = in_flight.popleft()
-            handle.result()
-            free.append(dests)
-        dests = free.popleft()
-        in_flight.append((store.submit_load({keys[i]: dests[j] for j, i in enumerate(batch)}), dests))
-    for handle, _ in in_flight:
-        handle.result()
-    return mib_s(wl.nbytes, time.perf_counter() - started)
-
-
-def sync_pass(store: BucketStore, wl: Workload, keys: Sequence[str]) -> float:
-    """Cold random ``batch_load`` calls, one batch at a time; MiB/s."""
-    dests = _dests(wl.batch, wl.object_size)
-    started = time.perf_counter()
-    for batch in read_batches(wl):
-        store.batch_load({keys[i]: dests[j] for j, i in enumerate(batch)})
-    return mib_s(wl.nbytes, time.perf_counter() - started)
-
-
-def measure(path: str, wl: Workload, depth: int, repeats: int) -> dict[str, object]:
-    """Median MiB/s of each pass and the ratios to the raw loop."""
-    keys = make_keys(wl.n_objects)
-    source = Source(wl.object_size)
-    write_store(path, wl, source, keys)
-    runs: dict[str, list[float]] = {"raw": [], "async": [], "batch_load": []}
-    with BucketStore.open(path, io_threads=wl.threads, load_queue_depth=depth) as store:
-        metas = store.batch_query(keys)
-        locations = [(data_name(metas[k].bucket_id), metas[k].offset) for k in keys]
-        cold = ""
-        passes: dict[str, Callable[[], float]] = {
-            "raw": lambda: raw_pass(path, wl, locations),
-            "async": lambda: async_pass(store, wl, keys, depth),
-            "batch_load": lambda: sync_pass(store, wl, keys),
-        }
-        for _ in range(repeats):
-            for name, run in passes.items():
-                cold = make_cold([path])
-                runs[name].append(run())
-        check = {keys[0]: bytearray(wl.object_size)}
-        store.batch_load(check)
-        if check[keys[0]] != source.value(0):
-            raise AssertionError("kvbucket returned wrong bytes")
+        dests.clear()
+        sets.clear()
+        area.close()
+        sets_area.close()
+        source.close()
     medians = {name: statistics.median(values) for name, values in runs.items()}
     return {
         "object_bytes": wl.object_size,
         "total_bytes": wl.nbytes,
         "threads": wl.threads,
         "batch": wl.batch,
-        "depth": depth,
+        "depth": wl.depth,
+        "io_mode": mode,
         "cache": cold,
+        "verified_objects": checked,
         "runs_mib_s": runs,
         "median_mib_s": medians,
+        "trial_ratios": {name: [v / r for v, r in zip(runs[name], runs["raw"])] for name in ("async", "batch_load")},
         "async_vs_raw": medians["async"] / medians["raw"],
         "batch_load_vs_raw": medians["batch_load"] / medians["raw"],
     }
@@ -162,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.path.exists(args.dir):
         parser.error(f"{args.dir} exists; give a new directory")
-    wl = Workload(object_size=args.object_kib << 10, total_bytes=args.total_mib * MiB, threads=args.threads, batch=args.batch)
+    wl = kb.Workload(object_size=args.object_kib << 10, total_bytes=args.total_mib * MiB, threads=args.threads,
+                     batch=args.batch, depth=args.depth)
     try:
-        result = measure(args.dir, wl, args.depth, args.repeats)
+        result = measure(args.dir, wl, args.repeats)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     json.dump(result, sys.stdout, indent=2)

@@ -32,7 +32,6 @@ import json
 import os
 import pstats
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ except ImportError:
 import metadata  # noqa: E402
 from kvbucket.config import parse_size  # noqa: E402
 from kvbucket.tools import bench as kb  # noqa: E402
+from report import paired  # noqa: E402
 
 MiB = 1 << 20
 Row = dict[str, Any]
@@ -89,15 +89,6 @@ class Profiler:
         pstats.Stats(self.profile, stream=out).sort_stats("tottime").print_stats(count)
         self.profile = cProfile.Profile()
         return f"--- cProfile of kvbucket, {title} ---\n{out.getvalue()}"
-
-
-def paired(name: str, unit: str, kv: list[float], raw: list[float]) -> Row:
-    """One row: medians of both sides and the median per-trial ratio."""
-    ratios = [k / r for k, r in zip(kv, raw) if r]
-    return {"name": name, "unit": unit, "kvbucket": kv, "raw": raw,
-            "kv_median": statistics.median(kv), "raw_median": statistics.median(raw),
-            "ratio": statistics.median(ratios) if ratios else None,
-            "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None)}
 
 
 # -- writes -------------------------------------------------------------------

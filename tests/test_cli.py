@@ -306,6 +306,8 @@ def test_rm(store_dir: Path) -> None:
         ["frobnicate"],
         ["rm", "{dir}"],
         ["bench", "--object-size", "lots"],
+        ["bench", "--bucket-keys", str((1 << 20) + 1)],
+        ["bench", "--depth", "0"],
         ["import", "{dir}", "{dir}/x"],
     ],
 )
@@ -553,7 +555,19 @@ def test_bench_small_run_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["workload"]["object_size"] == 64 << 10 and "ratios" in result
+    assert result["ratios"]["async_read_buffered"] > 0 and result["ratios"]["async_read_default"] > 0
+    assert result["verified_objects"] > 0
     assert os.listdir(tmp_path) == []  # the scratch directory is gone
+
+
+def test_bench_takes_the_async_depth_and_bucket_geometry(tmp_path: Path) -> None:
+    proc = kvbucket(
+        "bench", tmp_path, "--object-size", "64KiB", "--total", "1MiB", "--threads", "2", "--batch", "2", "--depth", "3",
+        "--bucket-size", "256KiB", "--bucket-keys", "3", "--repeats", "1", "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    workload = json.loads(proc.stdout)["workload"]
+    assert (workload["depth"], workload["bucket_size"], workload["bucket_keys"], workload["per_bucket"]) == (3, 256 << 10, 3, 3)
 
 
 def test_fsck_reports_and_repairs_a_huge_sparse_meta(store_dir: Path) -> None:

@@ -14,12 +14,27 @@ a ratio to it:
   parallelism), each batch finished before the next starts; by ``fio``
   (``psync``, ``threads`` jobs, each over its own slice of the file) or by a
   minimal ``os.preadv`` thread pool; then kvbucket's ``batch_load`` of the
-  same batches into preallocated buffers. The page cache is emptied before
-  every read phase (``/proc/sys/vm/drop_caches`` when permitted, else
-  ``posix_fadvise(DONTNEED)`` on each file; ``direct`` mode bypasses it).
+  same batches into preallocated buffers.
+* **async cold random read**: the same random batches through
+  ``submit_load``, ``depth`` batches in flight (``io_threads`` = ``threads``,
+  ``load_queue_depth`` = ``depth``), against ``threads`` Python threads that
+  each ``os.preadv`` the next object of the same order with no barrier
+  anywhere, so ``threads`` raw reads are in flight all the time.
+
+The page cache is emptied before every read phase
+(``/proc/sys/vm/drop_caches`` when permitted, else
+``posix_fadvise(DONTNEED)`` on each file; ``direct`` mode bypasses it).
+
+kvbucket is measured in every ``io_mode`` the configuration offers, the
+default among them, with the default configuration otherwise (the bucket
+geometry included); the raw baselines run buffered and with O_DIRECT. A mode
+with no raw counterpart (one that picks per operation) is compared with the
+faster raw mode, and so is the default in the ``*_default`` ratios.
 
 Every figure is the median of ``repeats`` runs, with min and max; raw and
 kvbucket alternate within each run so drift of a noisy disk hits both.
+kvbucket's bytes are checked against the source after every pass, so a
+figure never comes from a store that returned the wrong data.
 
 The building blocks (:class:`Workload`, :func:`fio_write`, :func:`py_read`,
 :func:`kv_offload`, ...) are public so the ``benchmarks/`` suite reuses them.
@@ -27,6 +42,7 @@ The building blocks (:class:`Workload`, :func:`fio_write`, :func:`py_read`,
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import json
 import mmap
@@ -37,11 +53,15 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._core.format import MAX_BUCKET_KEYS, data_name
+from ..config import BucketConfig, IOMode
 from .version import installed_version
 
 __all__ = [
@@ -56,10 +76,19 @@ __all__ = [
     "fio_read",
     "py_write",
     "py_read",
+    "py_read_pipelined",
+    "raw_locations",
+    "store_locations",
     "kv_offload",
     "kv_load",
+    "kv_submit_load",
+    "verify_loaded",
     "read_batches",
     "dest_views",
+    "dest_sets",
+    "kv_io_modes",
+    "store_settings",
+    "raw_io_modes",
     "machine_info",
 ]
 
@@ -79,9 +108,11 @@ SOURCE_BYTES = 64 * MiB
 class Workload:
     """One benchmark shape: ``total_bytes`` of ``object_size`` objects.
 
-    Objects are grouped ``per_bucket`` at a time (``bucket_size`` bytes, the
-    store's ``bucket_size_limit``); reads go in random batches of ``batch``
-    objects over ``threads`` workers.
+    Objects are grouped ``per_bucket`` at a time (at most ``bucket_size``
+    bytes, the store's ``bucket_size_limit``, and at most ``bucket_keys``
+    objects, its ``bucket_keys_limit``); reads go in random batches of
+    ``batch`` objects over ``threads`` workers, and asynchronous reads keep
+    ``depth`` such batches in flight.
     """
 
     object_size: int = MiB
@@ -90,6 +121,8 @@ class Workload:
     batch: int = 32
     bucket_size: int = 256 * MiB
     seed: int = 1
+    depth: int = 4
+    bucket_keys: int = MAX_BUCKET_KEYS
 
     @property
     def n_objects(self) -> int:
@@ -104,7 +137,7 @@ class Workload:
     @property
     def per_bucket(self) -> int:
         """Objects per bucket."""
-        return max(1, min(self.n_objects, self.bucket_size // self.object_size))
+        return max(1, min(self.n_objects, self.bucket_size // self.object_size, self.bucket_keys))
 
     @property
     def write_block(self) -> int:
@@ -165,15 +198,32 @@ def make_keys(n: int, prefix: str = "") -> list[str]:
     return [prefix + hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).hexdigest() for i in range(n)]
 
 
+def _slots(count: int, size: int) -> tuple[mmap.mmap, list[memoryview]]:
+    """``count`` page-aligned buffers of ``size`` bytes in one map, every
+    page faulted in before timing (as pinned host memory would be)."""
+    area = mmap.mmap(-1, max(1, count * size))
+    ones = b"\x01" * min(len(area), MiB)
+    for start in range(0, len(area), len(ones)):
+        area[start : start + len(ones)] = ones[: len(area) - start]
+    view = memoryview(area)
+    return area, [view[i * size : (i + 1) * size] for i in range(count)]
+
+
 def dest_views(wl: Workload) -> tuple[mmap.mmap, list[memoryview]]:
     """Preallocated, pre-faulted, page-aligned destination buffers for one
     batch (as pinned host memory would be); returns the map and one view per
     slot."""
-    slots = min(wl.batch, wl.n_objects)
-    area = mmap.mmap(-1, slots * wl.object_size)
-    area.write(b"\x01" * len(area))  # fault every page in before timing
-    view = memoryview(area)
-    return area, [view[i * wl.object_size : (i + 1) * wl.object_size] for i in range(slots)]
+    return _slots(min(wl.batch, wl.n_objects), wl.object_size)
+
+
+def dest_sets(wl: Workload) -> tuple[mmap.mmap, list[list[memoryview]]]:
+    """Destination buffers for ``wl.depth`` batches in flight (as
+    :func:`dest_views`, one set of ``batch`` slots per batch; no more sets
+    than there are batches); returns the map and the sets."""
+    per_set = min(wl.batch, wl.n_objects)
+    count = max(1, min(wl.depth, -(-wl.n_objects // per_set)))
+    area, views = _slots(count * per_set, wl.object_size)
+    return area, [views[k * per_set : (k + 1) * per_set] for k in range(count)]
 
 
 def read_batches(wl: Workload, seed: int | None = None) -> list[list[int]]:
@@ -404,24 +454,87 @@ def py_read(path: str, wl: Workload, dests: list[memoryview], direct: bool, pool
     return mib_s(wl.nbytes, elapsed)
 
 
+def raw_locations(path: str, wl: Workload) -> list[tuple[str, int]]:
+    """Where each object of a raw file written by :func:`py_write` or
+    :func:`fio_write` lies: ``(path, offset)``, object ``i`` at ``i * object_size``."""
+    return [(path, i * wl.object_size) for i in range(wl.n_objects)]
+
+
+def py_read_pipelined(locations: Sequence[tuple[str, int]], wl: Workload, direct: bool, pool: cf.ThreadPoolExecutor) -> float:
+    """Raw random read with no barrier: ``wl.threads`` workers of ``pool``
+    (which must have that many), each ``os.preadv``-ing the next object of
+    the :func:`read_batches` order at its ``locations[i]`` (path, offset)
+    into its own buffer until none is left, so ``threads`` reads are in
+    flight all the time; returns MiB/s."""
+    order = iter([i for batch in read_batches(wl) for i in batch])
+    lock = threading.Lock()
+    flags = os.O_RDONLY | (O_DIRECT if direct else 0)
+    fds: dict[str, int] = {}
+    area, dests = _slots(min(wl.threads, wl.n_objects), wl.object_size)
+
+    def reader(dest: memoryview) -> None:
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            path, offset = locations[i]
+            _read_exact(fds[path], dest, offset)
+
+    try:
+        for path in dict.fromkeys(path for path, _ in locations):
+            fds[path] = os.open(path, flags)
+        t0 = time.perf_counter()
+        for future in [pool.submit(reader, dest) for dest in dests]:
+            future.result()
+        elapsed = time.perf_counter() - t0
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        dests.clear()
+        area.close()
+    return mib_s(wl.nbytes, elapsed)
+
+
 # --------------------------------------------------------------------------
 # kvbucket
 # --------------------------------------------------------------------------
 
 
+def kv_io_modes(wl: Workload) -> list[str]:
+    """kvbucket's ``io_mode`` values to measure for ``wl``: every one the
+    configuration offers, buffered and direct first, the default among them
+    (``direct`` only when ``wl.direct_ok``)."""
+    offered = typing.get_args(IOMode)
+    modes = dict.fromkeys(["buffered", "direct", *offered, BucketConfig().io_mode])
+    return [m for m in modes if m in offered and (m != "direct" or wl.direct_ok)]
+
+
+def raw_io_modes(wl: Workload) -> list[str]:
+    """The raw baselines' modes: buffered, and O_DIRECT when ``wl.direct_ok``."""
+    return ["buffered", "direct"] if wl.direct_ok else ["buffered"]
+
+
+def store_settings(wl: Workload, durability: str, io_mode: str) -> dict[str, Any]:
+    """The settings of a store shaped for ``wl`` (the default configuration
+    otherwise): ``io_threads`` = ``wl.threads``, ``load_queue_depth`` =
+    ``wl.depth``, buckets of ``wl.per_bucket`` objects."""
+    return {
+        "durability": durability,
+        "io_mode": io_mode,
+        "io_threads": wl.threads,
+        "load_queue_depth": wl.depth,
+        "bucket_size_limit": wl.bucket_size,
+        "bucket_keys_limit": max(BucketConfig().bucket_keys_limit, wl.per_bucket),
+    }
+
+
 def open_store(path: str, wl: Workload, durability: str, io_mode: str, **extra: Any) -> Any:
-    """Open a :class:`~kvbucket.BucketStore` shaped for ``wl``."""
+    """Open a :class:`~kvbucket.BucketStore` with :func:`store_settings`;
+    ``extra`` overrides any setting."""
     from .. import BucketStore
 
-    return BucketStore.open(
-        path,
-        durability=durability,
-        io_mode=io_mode,
-        io_threads=wl.threads,
-        bucket_size_limit=wl.bucket_size,
-        bucket_keys_limit=max(500, wl.per_bucket),
-        **extra,
-    )
+    return BucketStore.open(path, **{**store_settings(wl, durability, io_mode), **extra})
 
 
 def kv_offload(store: Any, wl: Workload, keys: Sequence[str], source: Source) -> float:
@@ -439,6 +552,45 @@ def kv_load(store: Any, wl: Workload, keys: Sequence[str], dests: list[memoryvie
     for b in batches:
         store.batch_load({keys[i]: dests[j] for j, i in enumerate(b)})
     return time.perf_counter() - t0
+
+
+def kv_submit_load(store: Any, wl: Workload, keys: Sequence[str], sets: Sequence[Sequence[memoryview]]) -> float:
+    """``submit_load`` every object once, in the random batches of
+    :func:`read_batches`, ``len(sets)`` batches in flight: batch ``k`` loads
+    into ``sets[k % len(sets)]`` once batch ``k - len(sets)`` is done, so
+    each set ends holding the last batch loaded into it (see
+    :func:`verify_loaded`); returns seconds, until the last batch is done."""
+    in_flight: collections.deque[Any] = collections.deque()
+    t0 = time.perf_counter()
+    for k, batch in enumerate(read_batches(wl)):
+        if len(in_flight) == len(sets):
+            in_flight.popleft().result()
+        dests = sets[k % len(sets)]
+        in_flight.append(store.submit_load({keys[i]: dests[j] for j, i in enumerate(batch)}))
+    for handle in in_flight:
+        handle.result()
+    return time.perf_counter() - t0
+
+
+def verify_loaded(wl: Workload, sets: Sequence[Sequence[memoryview]], source: Source) -> int:
+    """Check byte for byte the objects :func:`kv_submit_load` left in
+    ``sets`` (the last ``len(sets)`` batches, each in ``sets[k % len(sets)]``);
+    returns how many were checked, raises AssertionError at a wrong one."""
+    batches = read_batches(wl)
+    checked = 0
+    for k in range(max(0, len(batches) - len(sets)), len(batches)):
+        for j, i in enumerate(batches[k]):
+            if sets[k % len(sets)][j].tobytes() != source.value(i).tobytes():
+                raise AssertionError(f"kvbucket's submit_load returned wrong bytes for object {i}")
+            checked += 1
+    return checked
+
+
+def store_locations(store: Any, keys: Sequence[str]) -> list[tuple[str, int]]:
+    """Where each object lies in the store's own data files, ``(path, offset)``,
+    for a raw reader of the very same bytes (:func:`py_read_pipelined`)."""
+    metas = store.batch_query(keys)
+    return [(os.path.join(store.path, data_name(metas[key].bucket_id)), metas[key].offset) for key in keys]
 
 
 def verify_sample(store: Any, keys: Sequence[str], source: Source, count: int = 4) -> None:
@@ -517,38 +669,46 @@ class _Progress:
 
 
 def _raw_pass(work: str, wl: Workload, mode: str, engine: str, source: Source, dests: list[memoryview],
-              pool: cf.ThreadPoolExecutor) -> tuple[float, float, str]:
-    """One raw write + cold read in ``mode``; returns (write, read MiB/s, cold method)."""
+              pool: cf.ThreadPoolExecutor) -> dict[str, float | str]:
+    """One raw write, cold batched read and cold pipelined read in ``mode``;
+    returns their MiB/s by measurement name, and the cold method."""
     direct = mode == "direct"
     path = os.path.join(work, f"raw-{mode}.dat")
     try:
         make_cold([])
         w = fio_write(path, wl, direct) if engine == "fio" else py_write(path, wl, source, direct)
-        cold = make_cold([path])
+        make_cold([path])
         r = fio_read(path, wl, direct) if engine == "fio" else py_read(path, wl, dests, direct, pool)
+        cold = make_cold([path])
+        pipelined = py_read_pipelined(raw_locations(path, wl), wl, direct, pool)
     finally:
         if os.path.exists(path):
             os.unlink(path)
-    return w, r, cold
+    return {f"raw_write_{mode}": w, f"raw_read_{mode}": r, f"raw_read_pipelined_{mode}": pipelined, "cold": cold}
 
 
 def _kv_pass(work: str, wl: Workload, mode: str, durability: str, keys: Sequence[str], source: Source,
-             dests: list[memoryview]) -> tuple[float, float]:
-    """One kvbucket offload + cold batch_load in ``mode``; returns MiB/s."""
+             dests: list[memoryview], sets: list[list[memoryview]]) -> dict[str, float]:
+    """One kvbucket offload, cold ``batch_load`` and cold ``submit_load`` in
+    ``mode``, each checked against the source; returns MiB/s by measurement
+    name, and how many objects were checked byte for byte."""
     path = os.path.join(work, f"kv-{mode}")
     try:
         make_cold([])
         store = open_store(path, wl, durability, mode)
         try:
             w = mib_s(wl.nbytes, kv_offload(store, wl, keys, source))
+            verify_sample(store, keys, source)
             make_cold([path])
             r = mib_s(wl.nbytes, kv_load(store, wl, keys, dests))
-            verify_sample(store, keys, source)
+            make_cold([path])
+            a = mib_s(wl.nbytes, kv_submit_load(store, wl, keys, sets))
+            checked = verify_loaded(wl, sets, source)
         finally:
             store.close()
     finally:
         shutil.rmtree(path, ignore_errors=True)
-    return w, r
+    return {f"kv_write_{mode}": w, f"kv_read_{mode}": r, f"kv_read_async_{mode}": a, "checked": checked}
 
 
 def run(
@@ -561,71 +721,113 @@ def run(
     progress: bool = True,
     repeats: int = 3,
     durability: str = "strict",
-    io_modes: Sequence[str] = ("buffered", "direct"),
+    io_modes: Sequence[str] | None = None,
     engine: str = "auto",
-    bucket_size: int = 256 * MiB,
+    bucket_size: int | None = None,
+    bucket_keys: int | None = None,
+    depth: int = 4,
 ) -> dict[str, Any]:
     """Benchmark the disk under ``path`` (a temp directory when None), then
     kvbucket on the same workload; return a JSON-able result.
 
-    Per repeat and per I/O mode it runs the raw write and cold random read
-    (``engine``: ``"fio"``, ``"python"`` or ``"auto"`` = fio when installed),
-    then kvbucket's ``batch_offload`` and cold ``batch_load`` of the same
-    bytes. Only a scratch sub-directory of ``path`` is written, and it is
-    removed afterwards. The result holds per-measurement summaries
-    (median/min/max MiB/s), the ratios kvbucket / raw per mode, and the
-    ratio of kvbucket's best mode to the raw disk's best mode.
+    Per repeat it runs, buffered and with O_DIRECT, the raw write, the cold
+    random read (``engine``: ``"fio"``, ``"python"`` or ``"auto"`` = fio
+    when installed) and the cold pipelined Python read; and per kvbucket
+    ``io_mode`` (``io_modes``, default :func:`kv_io_modes`) the
+    ``batch_offload``, the cold ``batch_load`` and the cold ``submit_load``
+    of the same bytes, ``depth`` batches in flight. Buckets default to the
+    store's defaults (``bucket_size_limit``, ``bucket_keys_limit``). Only a
+    scratch sub-directory of ``path`` is written, and it is removed
+    afterwards. The result holds per-measurement summaries (median/min/max
+    MiB/s), the ratios kvbucket / raw per mode, the ratio of kvbucket's best
+    mode to the raw disk's best mode, and that of the default mode to the
+    raw disk's best mode.
     """
-    wl = Workload(object_size, total_bytes, threads, batch, bucket_size)
-    modes = [m for m in io_modes if m == "buffered" or wl.direct_ok]
+    defaults = BucketConfig()
+    wl = Workload(object_size, total_bytes, threads, batch, bucket_size or defaults.bucket_size_limit, depth=depth,
+                  bucket_keys=bucket_keys or defaults.bucket_keys_limit)
+    raw_modes = raw_io_modes(wl)
+    kv_modes = [m for m in (kv_io_modes(wl) if io_modes is None else io_modes) if m != "direct" or wl.direct_ok]
+    if not kv_modes:
+        raise ValueError(f"no io_mode to measure among {list(io_modes or [])} (direct needs 4 KiB multiples)")
     fio = fio_version()
     engine = ("fio" if fio else "python") if engine == "auto" else engine
     if engine == "fio" and not fio:
         raise RuntimeError("engine='fio' but fio is not installed")
     base = path or tempfile.gettempdir()
+    for mode in kv_modes:  # a bad setting fails here, not after the raw passes
+        BucketConfig(path=os.path.join(base, "kv"), **store_settings(wl, durability, mode)).validated()
     os.makedirs(base, exist_ok=True)
     work = tempfile.mkdtemp(prefix="kvbucket-bench-", dir=base)
     runs: dict[str, list[float]] = {}
     cold = "none"
-    bar = _Progress(repeats * len(modes) * 2, progress)
+    checked = 0
+    bar = _Progress(repeats * (len(raw_modes) + len(kv_modes)), progress)
     source = Source(object_size)
     area, dests = dest_views(wl)
+    sets_area, sets = dest_sets(wl)
     keys = make_keys(wl.n_objects)
     try:
         with cf.ThreadPoolExecutor(wl.threads) as pool:
             for rep in range(repeats):
-                for mode in modes:
-                    w, r, cold = _raw_pass(work, wl, mode, engine, source, dests, pool)
-                    runs.setdefault(f"raw_write_{mode}", []).append(w)
-                    runs.setdefault(f"raw_read_{mode}", []).append(r)
-                    bar.step(f"raw {mode} {rep + 1}/{repeats}")
-                    w, r = _kv_pass(work, wl, mode, durability, keys, source, dests)
-                    runs.setdefault(f"kv_write_{mode}", []).append(w)
-                    runs.setdefault(f"kv_read_{mode}", []).append(r)
-                    bar.step(f"kvbucket {mode} {rep + 1}/{repeats}")
+                for mode in dict.fromkeys([*raw_modes, *kv_modes]):
+                    if mode in raw_modes:
+                        figures = _raw_pass(work, wl, mode, engine, source, dests, pool)
+                        cold = str(figures.pop("cold"))
+                        _append(runs, figures)
+                        bar.step(f"raw {mode} {rep + 1}/{repeats}")
+                    if mode in kv_modes:
+                        figures_kv = _kv_pass(work, wl, mode, durability, keys, source, dests, sets)
+                        checked += int(figures_kv.pop("checked"))
+                        _append(runs, figures_kv)
+                        bar.step(f"kvbucket {mode} {rep + 1}/{repeats}")
     finally:
         bar.close()
         dests.clear()
+        sets.clear()
         area.close()
+        sets_area.close()
         source.close()
         shutil.rmtree(work, ignore_errors=True)
-    return _result(wl, modes, engine, fio, cold, durability, repeats, base, runs)
+    result = _result(wl, kv_modes, raw_modes, engine, fio, cold, durability, repeats, base, runs)
+    result["verified_objects"] = checked
+    return result
 
 
-def _result(wl: Workload, modes: list[str], engine: str, fio: str | None, cold: str, durability: str,
-            repeats: int, base: str, runs: dict[str, list[float]]) -> dict[str, Any]:
-    """Assemble the JSON-able result of :func:`run`."""
+def _append(runs: dict[str, list[float]], figures: dict[str, Any]) -> None:
+    """Add one pass's figures to the runs of each measurement."""
+    for name, value in figures.items():
+        runs.setdefault(name, []).append(float(value))
+
+
+RATIO_OPS = (("write", "write", "write"), ("read", "read", "read"), ("async_read", "read_async", "read_pipelined"))
+"""Each ratio's name and the kvbucket and raw measurements it divides:
+``<ratio>_<mode>`` = ``kv_<kv>_<mode>`` / ``raw_<raw>_<mode>``."""
+
+
+def _result(wl: Workload, modes: list[str], raw_modes: list[str], engine: str, fio: str | None, cold: str,
+            durability: str, repeats: int, base: str, runs: dict[str, list[float]]) -> dict[str, Any]:
+    """Assemble the JSON-able result of :func:`run`.
+
+    A kvbucket mode with a raw counterpart is divided by it; one without
+    (a mode that picks per operation) by the faster raw mode, as is the
+    default mode in ``<op>_default``."""
     m = {name: summarize(vals) for name, vals in runs.items()}
+    default = BucketConfig().io_mode
     ratios: dict[str, float | None] = {}
-    for op in ("write", "read"):
+    for op, kv, raw in RATIO_OPS:
+        best_raw = max((m[f"raw_{raw}_{x}"] for x in raw_modes), key=lambda s: s["median"] or 0)
         for mode in modes:
-            ratios[f"{op}_{mode}"] = ratio(m.get(f"kv_{op}_{mode}"), m.get(f"raw_{op}_{mode}"))
-        best_kv = max((m[f"kv_{op}_{x}"] for x in modes), key=lambda s: s["median"] or 0)
-        best_raw = max((m[f"raw_{op}_{x}"] for x in modes), key=lambda s: s["median"] or 0)
+            base_raw = m[f"raw_{raw}_{mode}"] if mode in raw_modes else best_raw
+            ratios[f"{op}_{mode}"] = ratio(m.get(f"kv_{kv}_{mode}"), base_raw)
+        best_kv = max((m[f"kv_{kv}_{x}"] for x in modes), key=lambda s: s["median"] or 0)
         ratios[f"{op}_best"] = ratio(best_kv, best_raw)
+        if default in modes:
+            ratios[f"{op}_default"] = ratio(m[f"kv_{kv}_{default}"], best_raw)
     return {
         "kvbucket_version": installed_version(),
-        "workload": {**asdict(wl), "n_objects": wl.n_objects, "bytes": wl.nbytes, "io_modes": modes,
+        "workload": {**asdict(wl), "n_objects": wl.n_objects, "bytes": wl.nbytes, "per_bucket": wl.per_bucket,
+                     "io_modes": modes, "raw_io_modes": raw_modes, "default_io_mode": default,
                      "durability": durability, "repeats": repeats},
         "raw_engine": fio if engine == "fio" else "python os.pwritev/os.preadv loop",
         "cold_cache": cold,
@@ -641,29 +843,48 @@ def _fmt(s: dict[str, Any] | None) -> str:
     return f"{s['median']:8.0f} ({s['min']:.0f}-{s['max']:.0f})"
 
 
+REPORT_ROWS = (("write", "durable write"), ("read", "cold random read"), ("async_read", "async cold random read"))
+"""The rows of :func:`format_report`: a ratio name of :data:`RATIO_OPS` and its label."""
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of a :func:`run` result, with the ratios."""
     wl = result["workload"]
     m = result["measurements"]
     r = result["ratios"]
+    default = wl.get("default_io_mode")
+    raw_modes = wl.get("raw_io_modes", wl["io_modes"])
+    per_bucket = wl.get("per_bucket", wl["bucket_size"] // wl["object_size"])
     lines = [
         f"kvbucket {result['kvbucket_version']} bench: {wl['n_objects']} x {wl['object_size'] // 1024} KiB "
-        f"= {wl['bytes'] / MiB:.0f} MiB, buckets of {wl['bucket_size'] // MiB} MiB, "
+        f"= {wl['bytes'] / MiB:.0f} MiB, buckets of {per_bucket} objects "
+        f"({per_bucket * wl['object_size'] / MiB:.0f} MiB), "
         f"reads in batches of {wl['batch']} over {wl['threads']} threads, "
         f"durability={wl['durability']}, median of {wl['repeats']} (min-max)",
         f"raw baseline: {result['raw_engine']}; cold cache: {result['cold_cache']}; "
         f"disk: {result['machine'].get('device', '?')} ({result['machine'].get('fstype', '?')})",
+        f"async: submit_load with {wl.get('depth', '?')} batches in flight, against {wl['threads']} threads "
+        "of os.preadv with no barrier between batches",
         "",
-        f"{'':28}{'raw MiB/s':>22}  {'kvbucket MiB/s':>22}  {'ratio':>6}",
+        f"{'':44}{'raw MiB/s':>22}  {'kvbucket MiB/s':>22}  {'ratio':>6}",
     ]
-    for op, label in (("write", "durable write"), ("read", "cold random read")):
+    for op, label in REPORT_ROWS:
+        _, kv, raw = next(row for row in RATIO_OPS if row[0] == op)
+        best_raw = max((m.get(f"raw_{raw}_{x}") or {} for x in raw_modes), key=lambda s: s.get("median") or 0)
         for mode in wl["io_modes"]:
-            ratio_ = r.get(f"{op}_{mode}")
-            lines.append(
-                f"{label + ' (' + mode + ')':28}{_fmt(m.get(f'raw_{op}_{mode}')):>22}  "
-                f"{_fmt(m.get(f'kv_{op}_{mode}')):>22}  {ratio_ if ratio_ is None else f'{ratio_:.2f}x':>6}"
-            )
-    for op in ("write", "read"):
-        best = r.get(f"{op}_best")
-        lines.append(f"best kvbucket mode / best raw mode, {op}: {'-' if best is None else f'{best:.2f}x'}")
+            if f"kv_{kv}_{mode}" not in m:
+                continue
+            row = f"{label} ({mode})" + (" [default]" if mode == default else "") + ("" if mode in raw_modes else " [vs best raw]")
+            base = m.get(f"raw_{raw}_{mode}") if mode in raw_modes else best_raw
+            lines.append(f"{row:44}{_fmt(base):>22}  {_fmt(m.get(f'kv_{kv}_{mode}')):>22}  {_x(r.get(f'{op}_{mode}')):>6}")
+    for op, _ in REPORT_ROWS:
+        lines.append(f"best kvbucket mode / best raw mode, {op.replace('_', ' ')}: {_x(r.get(f'{op}_best'))}")
+    if default is not None:
+        figures = ", ".join(f"{op.replace('_', ' ')} {_x(r.get(f'{op}_default'))}" for op, _ in REPORT_ROWS)
+        lines.append(f"default configuration (io_mode={default}) / best raw mode: {figures}")
     return "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    """A ratio as ``0.93x``, or ``-``."""
+    return "-" if value is None else f"{value:.2f}x"

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from .. import mooncake
 from .._core.arguments import is_int
+from .._core.format import MAX_BUCKET_KEYS
 from .._core.fs import FileSystem, stat_directory
 from ..config import parse_size
 from ..errors import CorruptionError, KeyNotFound, KvBucketError, StoreLocked
@@ -807,24 +808,44 @@ def _size_param(_ctx: click.Context, param: click.Parameter, value: str) -> int:
     return size
 
 
+def _optional_size_param(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else _size_param(ctx, param, value)
+
+
 @cli.command()
 @click.argument("directory", required=False)
 @click.option("--object-size", default="1MiB", show_default=True, callback=_size_param, help="Bytes per object (e.g. 64KiB, 1MiB).")
 @click.option("--total", default="1GiB", show_default=True, callback=_size_param, help="Bytes written and read per pass.")
 @click.option("--threads", default=16, show_default=True, type=click.IntRange(min=1), help="Reader threads (queue depth).")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="Objects per batch_load.")
+@click.option("--depth", default=4, show_default=True, type=click.IntRange(min=1), help="Batches in flight in the submit_load pass.")
+@click.option("--bucket-size", default=None, callback=_optional_size_param, help="Most bytes per bucket [default: the store's].")
+@click.option("--bucket-keys", default=None, type=click.IntRange(min=1, max=MAX_BUCKET_KEYS), help="Most objects per bucket [default: the store's].")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Runs; the median is reported.")
 @click.option("--durability", type=click.Choice(["strict", "relaxed"]), default="strict", show_default=True)
 @_json_option
 @_verbose_option
 @_guarded
 def bench(
-    directory: str | None, object_size: int, total: int, threads: int, batch: int, repeats: int, durability: str, as_json: bool
+    directory: str | None,
+    object_size: int,
+    total: int,
+    threads: int,
+    batch: int,
+    depth: int,
+    bucket_size: int | None,
+    bucket_keys: int | None,
+    repeats: int,
+    durability: str,
+    as_json: bool,
 ) -> int:
-    """Measure the disk under DIRECTORY (default: the temp dir), then kvbucket
-    on the same workload, and print both with their ratio.
+    """Measure the disk under DIRECTORY (default: the temp dir), then
+    kvbucket on the same workload, and print both with their ratio.
 
-    Only a scratch sub-directory is written, and it is removed afterwards."""
+    kvbucket runs in every io_mode, the default configuration otherwise;
+    besides batch_load, the submit_load pass keeps --depth batches in flight
+    against a raw read that keeps --threads reads in flight. Only a scratch
+    sub-directory is written, and it is removed afterwards."""
     from . import bench as bench_module
 
     log.info("benchmarking the disk under %s: %d-byte objects, %d bytes a pass", directory or "the temp dir", object_size, total)
@@ -835,6 +856,9 @@ def bench(
             total_bytes=total,
             threads=threads,
             batch=batch,
+            depth=depth,
+            bucket_size=bucket_size,
+            bucket_keys=bucket_keys,
             repeats=repeats,
             durability=durability,
             progress=not as_json and sys.stderr.isatty(),
