@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import TypeVar
 
 from ..errors import StorageIOError
@@ -207,13 +209,15 @@ def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> lis
 
 
 def _advance(chunk: list[memoryview], written: int) -> list[memoryview]:
-    """What remains of ``chunk`` after ``written`` bytes of it went out."""
-    while chunk and written >= len(chunk[0]):
-        written -= len(chunk[0])
-        chunk = chunk[1:]
-    if written:
-        chunk = [chunk[0][written:], *chunk[1:]]
-    return chunk
+    """What remains of ``chunk`` after ``written`` bytes of it went out (C-level
+    passes over the pieces and one copy of the rest: linear in the pieces)."""
+    ends = list(accumulate(map(len, chunk)))  # ends[i]: bytes up to the end of piece i
+    done = bisect_right(ends, written)  # pieces wholly written (empty ones at the cut too)
+    rest = chunk[done:]
+    cut = written - ends[done - 1] if done else written
+    if cut:
+        rest[0] = rest[0][cut:]
+    return rest
 
 
 def stat_directory(fs: FileSystem, path: str) -> os.stat_result:
