@@ -49,7 +49,7 @@ from typing import Any
 from ._core.arguments import check_int, check_lookup_key, check_number, key_list, key_mapping, key_value_pairs, lookup_keys
 from ._core.bucket_files import BucketFiles
 from ._core.budget import Budget
-from ._core.buffers import Buffer, views_of_value, writable_views
+from ._core.buffers import Buffer, destination_views, views_of_value
 from ._core.catalog import Catalog
 from ._core.checksum import crc32c_of
 from ._core.commit import NewBucket
@@ -491,7 +491,7 @@ class BucketStore:
         destinations = key_mapping(destinations, method)
         if not destinations:
             raise InvalidArgument(f"{method} needs at least one key")
-        return {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
+        return {key: destination_views(key, buf) for key, buf in destinations.items()}
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""

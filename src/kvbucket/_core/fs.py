@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from ..errors import StorageIOError
 
-__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "run_io", "stat_directory"]
+__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "io_failure", "run_io", "stat_directory"]
 
 _T = TypeVar("_T")
 
@@ -181,10 +181,17 @@ def run_io(what: str, directory: str, operation: Callable[[], _T]) -> _T:
     :class:`~kvbucket.errors.StorageIOError` saying ``what`` failed in ``directory``."""
     try:
         return operation()
+    except StorageIOError:
+        raise
     except OSError as exc:
-        if isinstance(exc, StorageIOError):
-            raise
-        raise StorageIOError(f"{what} in {directory} failed: {exc.strerror or exc}", exc) from exc
+        raise io_failure(what, directory, exc) from exc
+
+
+def io_failure(what: str, directory: str, exc: OSError) -> StorageIOError:
+    """The :class:`~kvbucket.errors.StorageIOError` saying ``what`` failed in
+    ``directory`` with ``exc`` (for a hot path that cannot afford to compose
+    ``what`` before it knows the operation failed)."""
+    return StorageIOError(f"{what} in {directory} failed: {exc.strerror or exc}", exc)
 
 
 def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> list[list[memoryview]]:
