@@ -156,12 +156,15 @@ class FileSystem:
         reads; returns the bytes read, fewer than asked only at end of file."""
         done = 0
         remaining = [v for v in views if len(v)]
-        while remaining:
+        left = sum(map(len, remaining))  # bytes of ``remaining``: a whole read skips advancing
+        while left:
             got = self.preadv(fd, remaining[:IOV_MAX], offset + done)
             if got == 0:
                 break
             done += got
-            remaining = _advance(remaining, got)
+            left -= got
+            if left:
+                remaining = _advance(remaining, got)
         return done
 
     def read_file(self, path: str) -> bytes:
