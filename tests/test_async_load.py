@@ -195,6 +195,71 @@ def test_cancel_before_start_reads_nothing_and_unpins_at_once(store_dir: Path, g
         assert store.counters().read_objects == 1
 
 
+def test_an_ended_read_keeps_its_bucket_pinned_until_its_batch_completes(store_dir: Path, gate: ReadGate) -> None:
+    with BucketStore.open(store_dir, filesystem=gate, io_threads=2) as store:
+        done_first = _offload(store, "a")
+        _offload(store, "b")
+        gate.hold(store, "b")
+        buffers = _buffers("a", "b")
+        handle = store.submit_load(buffers)
+        gate.entered.wait()
+        try:
+            assert handle.key_future("a").result(timeout=60) is None
+            gate.closed.clear()
+            store.delete_bucket(done_first)  # still pinned by the batch: the descriptor stays open
+            assert data_name(done_first) not in gate.closed
+        finally:
+            gate.release.set()  # a failed assertion must not leave the store's close waiting for the held read
+        handle.result()
+        assert data_name(done_first) in gate.closed  # the batch completed: unpinned, closed
+        assert buffers == _values("a", "b")
+
+
+def test_a_batch_unpins_its_buckets_in_one_call(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lock round trip of the read path per batch, not one per object."""
+    with BucketStore.open(store_dir) as store:
+        keys = [f"k{i}" for i in range(32)]
+        _offload(store, *keys[:16])
+        _offload(store, *keys[16:])
+        reads = store._reads
+        calls: list[int] = []
+        unpin = reads.unpin
+
+        def counted(buckets):  # type: ignore[no-untyped-def]
+            buckets = list(buckets)
+            calls.append(len(buckets))
+            unpin(buckets)
+
+        monkeypatch.setattr(reads, "unpin", counted)
+        buffers = _buffers(*keys)
+        store.batch_load(buffers)
+        assert calls == [32]
+        assert buffers == _values(*keys)
+
+
+class ReprCountingKey(str):
+    """A key that counts how often its ``repr`` is composed (error messages use it)."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        type(self).reprs += 1
+        return super().__repr__()
+
+
+def test_a_load_composes_no_message_naming_a_key_that_loads(store_dir: Path) -> None:
+    with BucketStore.open(store_dir, io_threads=2) as store:
+        _offload(store, "a", "b", "c")
+        ReprCountingKey.reprs = 0
+        buffers = {ReprCountingKey("a"): bytearray(SIZE), ReprCountingKey("b"): [bytearray(SIZE // 2), bytearray(SIZE // 2)]}
+        store.batch_load(buffers)
+        store.submit_load({ReprCountingKey("c"): memoryview(bytearray(SIZE))}).result()
+        assert ReprCountingKey.reprs == 0
+        assert bytes(buffers["a"]) == value_for("a", SIZE)
+        with pytest.raises(InvalidArgument, match="'c'"):  # a bad destination is still named by its key
+            store.batch_load({ReprCountingKey("c"): bytes(SIZE)})
+
+
 def test_the_queue_depth_bounds_the_batches_in_flight(store_dir: Path, gate: ReadGate) -> None:
     with BucketStore.open(store_dir, filesystem=gate, io_threads=1, load_queue_depth=1) as store:
         _offload(store, "a", "b")

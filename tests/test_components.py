@@ -9,7 +9,7 @@ import ast
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import pytest
 import kvbucket
 from kvbucket import BucketStore, InvalidArgument, StorageIOError
 from kvbucket._core.format import BucketMeta, MetaRecord
-from kvbucket._core.fs import FileSystem
+from kvbucket._core.fs import FileSystem, _advance
 from kvbucket._core.index import Bucket, Index, rebuilt_meta
 from kvbucket._core.space import Limits, Usage
 from kvbucket.policy.eviction import MAIN, POLICIES, PROBATION, make_policy
@@ -167,6 +167,100 @@ class _DirectoryCheck(FileSystem):
         if os.path.normpath(path) == self.directory:
             self.calls.append("mkdir")
         super().mkdir(path)
+
+
+class _ShortIO(FileSystem):
+    """Writes and reads at most a cycling number of bytes a call (never a
+    whole call's worth), and records the file ranges each call covered."""
+
+    LIMITS = (1, 4095, 4097, 3 * 4096 + 7, 100_003)
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.ranges: list[tuple[int, int]] = []
+
+    def _short(self, buffers: Sequence[memoryview]) -> list[memoryview]:
+        left = self.LIMITS[self.calls % len(self.LIMITS)]
+        self.calls += 1
+        kept = []
+        for buffer in buffers:
+            if not left:
+                break
+            kept.append(buffer[:left])
+            left -= len(kept[-1])
+        return kept
+
+    def pwritev(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        written = super().pwritev(fd, self._short(buffers), offset)
+        self.ranges.append((offset, offset + written))
+        return written
+
+    def preadv(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        got = super().preadv(fd, self._short(buffers), offset)
+        self.ranges.append((offset, offset + got))
+        return got
+
+
+def _pieces(count: int, size: int) -> list[memoryview]:
+    return [memoryview(bytes([i % 251]) * (size - 1) + bytes([i % 256])) for i in range(count)]
+
+
+def test_short_writes_of_many_pieces_land_every_byte_once_and_in_order(tmp_path: Path) -> None:
+    fs, pieces = _ShortIO(), _pieces(1024, 4096)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        assert fs.write_all(fd, pieces, 0) == 1024 * 4096
+    finally:
+        os.close(fd)
+    starts, stops = zip(*fs.ranges)
+    assert starts[0] == 0 and list(starts[1:]) == list(stops[:-1]) and stops[-1] == 1024 * 4096  # each byte written once, in order
+    assert fs.calls > 100  # the writes really were short: one call could have taken all 4 MiB
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+
+
+def test_short_reads_into_many_pieces_fill_every_byte_once_and_in_order(tmp_path: Path) -> None:
+    fs, pieces = _ShortIO(), _pieces(1024, 4096)
+    (tmp_path / "f").write_bytes(b"".join(pieces))
+    dests = [memoryview(bytearray(4096)) for _ in range(1024)]
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert fs.readv_into(fd, dests, 0) == 1024 * 4096
+    finally:
+        os.close(fd)
+    starts, stops = zip(*fs.ranges)
+    assert starts[0] == 0 and list(starts[1:]) == list(stops[:-1]) and stops[-1] == 1024 * 4096
+    assert [bytes(d) for d in dests] == [bytes(p) for p in pieces]
+
+
+class _CountedPieces(list):  # type: ignore[type-arg]
+    """A list of pieces that counts the pieces its slices copy."""
+
+    copied = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        item = super().__getitem__(index)
+        if isinstance(index, slice):
+            type(self).copied += len(item)
+            return _CountedPieces(item)
+        return item
+
+
+@pytest.mark.parametrize("written", [0, 1, 4096, 512 * 4096 + 5, 1023 * 4096, 1024 * 4096])
+def test_advancing_past_written_pieces_copies_each_remaining_piece_once(written: int) -> None:
+    """Linear in the pieces of a call, however many a short write covered."""
+    pieces = _pieces(1024, 4096)
+    _CountedPieces.copied = 0
+    rest = _advance(_CountedPieces(pieces), written)
+    assert b"".join(rest) == b"".join(pieces)[written:]
+    assert _CountedPieces.copied <= len(rest)
+
+
+def test_advancing_skips_empty_pieces_at_the_cut() -> None:
+    pieces = [memoryview(piece) for piece in (b"", b"ab", b"", b"cd", b"")]
+    assert [bytes(p) for p in _advance(pieces, 0)] == [b"ab", b"", b"cd", b""]
+    assert [bytes(p) for p in _advance(pieces, 1)] == [b"b", b"", b"cd", b""]
+    assert [bytes(p) for p in _advance(pieces, 2)] == [b"cd", b""]
+    assert _advance(pieces, 4) == []
 
 
 def test_open_checks_the_store_directory_through_the_filesystem(tmp_path: Path) -> None:

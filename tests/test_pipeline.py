@@ -490,6 +490,28 @@ def test_bad_keys_and_values_stage_nothing(store: BucketStore) -> None:
         assert queue.stats().staged_keys == 0
 
 
+class ReprCountingKey(str):
+    """A key that counts how often its ``repr`` is composed (error messages use it)."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        type(self).reprs += 1
+        return super().__repr__()
+
+
+def test_staging_a_good_value_composes_no_message_naming_its_key(store: BucketStore) -> None:
+    ReprCountingKey.reprs = 0
+    with OffloadQueue(store) as queue:
+        queue.put(ReprCountingKey("one"), b"v" * 8)
+        queue.put_batch({ReprCountingKey(f"k{i}"): [b"a", bytearray(b"bc")] for i in range(5)})
+        assert ReprCountingKey.reprs == 0
+        with pytest.raises(InvalidArgument, match="'bad'"):  # a bad value is still named by its key
+            queue.put(ReprCountingKey("bad"), "text")  # type: ignore[arg-type]
+        queue.flush()
+    assert store.batch_get(["one", "k0"]) == {"one": b"v" * 8, "k0": b"abc"}
+
+
 @pytest.mark.parametrize(
     "call",
     [

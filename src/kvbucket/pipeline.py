@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from ._core.arguments import check_int, check_lookup_key, check_number, key_mapping, key_value_pairs, lookup_keys
-from ._core.buffers import Buffer, value_views, writable_view
+from ._core.buffers import Buffer, views_of_value, writable_view
 from ._core.counters import QueueCounters, QueueSnapshot
 from ._core.format import check_key
 from ._core.interfaces import EvictionListener, GroupCommit, OffloadTarget
@@ -782,10 +782,11 @@ def _resolve(entry: _Entry, error: BaseException | None) -> None:
 
 
 def _prepare(key: str, value: Buffer | list[Buffer]) -> tuple[list[memoryview], int]:
-    """Validate ``key`` and view ``value``'s bytes without copying."""
+    """Validate ``key`` and view ``value``'s bytes without copying (an error
+    message naming the key is composed only when the value is bad)."""
     check_key(key)  # the store's own rule, so a bad key fails here and not in a worker
-    views = value_views(value, f"value of key {key!r}")
-    return views, sum(view.nbytes for view in views)
+    views = views_of_value(key, value)
+    return views, sum(map(len, views))  # flat byte views: a view's length is its byte count
 
 
 def _copy_out(entry: _Entry, dest: memoryview) -> None:

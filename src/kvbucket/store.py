@@ -55,7 +55,7 @@ from ._core.arguments import check_int, check_lookup_key, check_number, key_list
 from ._core.bucket_files import BucketFiles
 from ._core.budget import Budget
 from ._core.budget_member import BudgetMember, admitted, join_budget, open_budget
-from ._core.buffers import Buffer, writable_views
+from ._core.buffers import Buffer, destination_views
 from ._core.catalog import Catalog
 from ._core.counters import CounterSnapshot
 from ._core.eviction import Eviction
@@ -416,7 +416,7 @@ class BucketStore:
         destinations = key_mapping(destinations, method)
         if not destinations:
             raise InvalidArgument(f"{method} needs at least one key")
-        return {key: writable_views(buf, f"buffer for key {key!r}") for key, buf in destinations.items()}
+        return {key: destination_views(key, buf) for key, buf in destinations.items()}
 
     def batch_get(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The values of ``keys`` as ``bytes`` (a copy; :meth:`batch_load` avoids it)."""

@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 from ..errors import InvalidArgument
 
-__all__ = ["Buffer", "byte_view", "value_views", "views_of_value", "writable_view", "writable_views"]
+__all__ = ["Buffer", "byte_view", "destination_views", "value_views", "views_of_value", "writable_view", "writable_views"]
 
 Buffer: TypeAlias = Any
 """Any object exposing the buffer protocol (``collections.abc.Buffer`` on 3.12+)."""
@@ -58,17 +58,26 @@ def value_views(value: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) ->
 
 
 def views_of_value(key: str, value: Buffer | list[Buffer] | tuple[Buffer, ...]) -> list[memoryview]:
-    """:func:`value_views` of the value of ``key``; a flat byte buffer (the
-    usual value) is taken without composing the name used in errors."""
-    if not isinstance(value, (list, tuple)):
-        try:
-            view = memoryview(value)
-        except TypeError:
-            pass
-        else:
-            if view.ndim == 1 and view.format == "B" and view.c_contiguous:
-                return [view]
-    return value_views(value, f"value of key {key!r}")
+    """:func:`value_views` of the value of ``key``; flat byte buffers (the
+    usual value, alone or in a list) are taken without composing the name
+    used in errors."""
+    parts = value if isinstance(value, (list, tuple)) else (value,)
+    views = []
+    for part in parts:
+        view = _flat_bytes(part)
+        if view is None:
+            return value_views(value, f"value of key {key!r}")
+        views.append(view)
+    return views
+
+
+def _flat_bytes(obj: Buffer) -> memoryview | None:
+    """A view of ``obj`` when it already is a flat, contiguous byte buffer, else None."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        return None
+    return view if view.ndim == 1 and view.format == "B" and view.c_contiguous else None
 
 
 def writable_views(dest: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) -> list[memoryview]:
@@ -76,6 +85,20 @@ def writable_views(dest: Buffer | list[Buffer] | tuple[Buffer, ...], what: str) 
     them filled back to back (for example a page's K and V halves)."""
     parts = dest if isinstance(dest, (list, tuple)) else [dest]
     return [writable_view(part, what) for part in parts]
+
+
+def destination_views(key: str, dest: Buffer | list[Buffer] | tuple[Buffer, ...]) -> list[memoryview]:
+    """:func:`writable_views` of the destination of ``key``; flat writable byte
+    buffers (the usual destination, alone or in a list) are taken without
+    composing the name used in errors."""
+    parts = dest if isinstance(dest, (list, tuple)) else (dest,)
+    views = []
+    for part in parts:
+        view = _flat_bytes(part)
+        if view is None or view.readonly:
+            return writable_views(dest, f"buffer for key {key!r}")
+        views.append(view)
+    return views
 
 
 def writable_view(obj: Buffer, what: str) -> memoryview:

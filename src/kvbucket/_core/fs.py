@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import TypeVar
 
 from ..errors import StorageIOError
 
-__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "run_io", "stat_directory"]
+__all__ = ["FileSystem", "IOV_MAX", "WRITE_CHUNK", "io_failure", "run_io", "stat_directory"]
 
 _T = TypeVar("_T")
 
@@ -159,12 +161,15 @@ class FileSystem:
         reads; returns the bytes read, fewer than asked only at end of file."""
         done = 0
         remaining = [v for v in views if len(v)]
-        while remaining:
+        left = sum(map(len, remaining))  # bytes of ``remaining``: a whole read skips advancing
+        while left:
             got = self.preadv(fd, remaining[:IOV_MAX], offset + done)
             if got == 0:
                 break
             done += got
-            remaining = _advance(remaining, got)
+            left -= got
+            if left:
+                remaining = _advance(remaining, got)
         return done
 
     def read_file(self, path: str) -> bytes:
@@ -184,10 +189,17 @@ def run_io(what: str, directory: str, operation: Callable[[], _T]) -> _T:
     :class:`~kvbucket.errors.StorageIOError` saying ``what`` failed in ``directory``."""
     try:
         return operation()
+    except StorageIOError:
+        raise
     except OSError as exc:
-        if isinstance(exc, StorageIOError):
-            raise
-        raise StorageIOError(f"{what} in {directory} failed: {exc.strerror or exc}", exc) from exc
+        raise io_failure(what, directory, exc) from exc
+
+
+def io_failure(what: str, directory: str, exc: OSError) -> StorageIOError:
+    """The :class:`~kvbucket.errors.StorageIOError` saying ``what`` failed in
+    ``directory`` with ``exc`` (for a hot path that cannot afford to compose
+    ``what`` before it knows the operation failed)."""
+    return StorageIOError(f"{what} in {directory} failed: {exc.strerror or exc}", exc)
 
 
 def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> list[list[memoryview]]:
@@ -212,13 +224,15 @@ def _chunks(views: Sequence[memoryview], max_bytes: int, max_pieces: int) -> lis
 
 
 def _advance(chunk: list[memoryview], written: int) -> list[memoryview]:
-    """What remains of ``chunk`` after ``written`` bytes of it went out."""
-    while chunk and written >= len(chunk[0]):
-        written -= len(chunk[0])
-        chunk = chunk[1:]
-    if written:
-        chunk = [chunk[0][written:], *chunk[1:]]
-    return chunk
+    """What remains of ``chunk`` after ``written`` bytes of it went out (C-level
+    passes over the pieces and one copy of the rest: linear in the pieces)."""
+    ends = list(accumulate(map(len, chunk)))  # ends[i]: bytes up to the end of piece i
+    done = bisect_right(ends, written)  # pieces wholly written (empty ones at the cut too)
+    rest = chunk[done:]
+    cut = written - ends[done - 1] if done else written
+    if cut:
+        rest[0] = rest[0][cut:]
+    return rest
 
 
 def stat_directory(fs: FileSystem, path: str) -> os.stat_result:

@@ -6,15 +6,17 @@ looks its keys up and pins their buckets under the store's index lock (the
 catalog), once per object, then queues one *read* per object, in ascending
 (bucket, offset) order, on a queue that the load threads share. A thread
 takes the next read, reads it through the pinned descriptor (no store lock
-held), unpins that one object and resolves its key. A batch never waits
+held) and resolves its key; the buckets of a batch are unpinned together, in
+one call, once its last read has ended. A batch never waits
 for another: a slow read holds one thread, and the others go on with the
 reads queued after it, of the same batch or the next ones. The caller of a
 synchronous load reads its own batch too, from its end, while it waits.
 
 Invariants:
 
-* an object's bucket stays pinned from the submit until its read has
-  ended (or was cancelled before it started), so a bucket evicted,
+* an object's bucket stays pinned from the submit until its batch is
+  complete (or, for a read cancelled before it started, until the
+  cancel), so every read has ended before its bucket is unpinned: a bucket evicted,
   deleted, compacted or replaced by a refresh meanwhile keeps its
   descriptor open and the read returns the right bytes;
 * a read is claimed exactly once, under :attr:`Loads._lock`, by a load
@@ -38,6 +40,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future
+from functools import partial
+from itertools import repeat
+from operator import itemgetter
 
 from ..errors import CapacityExceeded, KvBucketError, StoreClosed
 from .catalog import Catalog
@@ -47,8 +52,12 @@ __all__ = ["LoadHandle", "Loads"]
 
 log = logging.getLogger(__name__)
 
-_QUEUED, _STARTED, _ENDED = 0, 1, 2
-"""The states of one read of a batch."""
+_QUEUED, _STARTED, _ENDED, _CANCELLED = 0, 1, 2, 3
+"""The states of one read of a batch (a cancelled read was unpinned by its cancel, an ended one is
+unpinned with its batch)."""
+
+_location = itemgetter(2)
+"""A read's :class:`~kvbucket._core.index.ObjectMeta`: sorting by it sorts by (bucket id, offset)."""
 
 
 class LoadHandle:
@@ -214,14 +223,14 @@ class Loads:
     def _start(self, views: Mapping[str, list[memoryview]], op: str, partial: bool, helping: bool) -> LoadHandle:
         """Pin the batch and queue its reads (a helping caller takes one share itself)."""
         plan, failed = self._catalog.pin(views, op, partial)
-        plan.sort(key=lambda read: (read[2].bucket_id, read[2].offset))
+        plan.sort(key=_location)  # (bucket, offset) order: an ObjectMeta starts with those two fields
         handle = LoadHandle(self, list(views), plan, failed)
         if not plan:
             self._complete(handle)
             return handle
         with self._lock:
             self._start_workers_locked()
-            self._queue.extend((handle, i) for i in range(len(plan)))
+            self._queue.extend(zip(repeat(handle), range(len(plan))))
             self._work.notify(len(plan) - 1 if helping else len(plan))
         return handle
 
@@ -234,25 +243,47 @@ class Loads:
 
     # -- reading --------------------------------------------------------------
     def _serve(self) -> None:
-        """A load thread: read queued reads until the queue stops."""
+        """A load thread: read queued reads until the queue stops. The end of
+        one read and the claim of the next share one hold of the lock."""
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
                     self._work.wait()
-                if not self._queue:
+                claimed = self._take_queued_locked()
+                if claimed is None and self._stopping:
                     return
-                handle, i = self._queue.popleft()
-                claimed = self._claim_locked(handle, i)
-            if claimed:
-                self._read(handle, i)
+            while claimed is not None:
+                handle, i = claimed
+                claimed = self._end(handle, i, self._read(handle, i), self._take_queued_locked)
+
+    def _take_queued_locked(self) -> tuple[LoadHandle, int] | None:
+        """Claim the next queued read that is not started yet, or None.
+
+        Requires: ``_lock`` held.
+        """
+        while self._queue:
+            handle, i = self._queue.popleft()
+            if self._claim_locked(handle, i):
+                return handle, i
+        return None
 
     def _help(self, handle: LoadHandle) -> None:
         """Read ``handle``'s reads that no thread has started, from its end."""
-        for i in reversed(range(len(handle._plan))):
-            with self._lock:
-                claimed = self._claim_locked(handle, i)
-            if claimed:
-                self._read(handle, i)
+        with self._lock:
+            claimed = self._claim_below_locked(handle, len(handle._plan))
+        while claimed is not None:
+            i = claimed[1]
+            claimed = self._end(handle, i, self._read(handle, i), partial(self._claim_below_locked, handle, i))
+
+    def _claim_below_locked(self, handle: LoadHandle, stop: int) -> tuple[LoadHandle, int] | None:
+        """Claim the last read of ``handle`` before ``stop`` that is not started yet, or None.
+
+        Requires: ``_lock`` held.
+        """
+        for i in range(stop - 1, -1, -1):
+            if self._claim_locked(handle, i):
+                return handle, i
+        return None
 
     def _claim_locked(self, handle: LoadHandle, i: int) -> bool:
         """Whether read ``i`` of ``handle`` was queued; it is started now.
@@ -264,35 +295,45 @@ class Loads:
         handle._states[i] = _STARTED
         return True
 
-    def _read(self, handle: LoadHandle, i: int) -> None:
-        """Read one claimed object and end it."""
+    def _read(self, handle: LoadHandle, i: int) -> BaseException | None:
+        """Read one claimed object; its error, or None."""
         bucket, key, meta, view = handle._plan[i]
-        error: BaseException | None = None
         try:
             self._reads.read(bucket, key, meta, view)
         except Exception as exc:  # noqa: BLE001 - the key fails, the thread goes on
-            error = exc
-        self._end(handle, i, error)
+            return exc
+        return None
 
-    def _end(self, handle: LoadHandle, i: int, error: BaseException | None) -> None:
-        """Unpin read ``i`` of ``handle`` and resolve its key (and the batch, if it was the last)."""
-        bucket, key, _, _ = handle._plan[i]
-        self._reads.unpin([bucket])
+    def _end(
+        self,
+        handle: LoadHandle,
+        i: int,
+        error: BaseException | None,
+        claim_next: Callable[[], tuple[LoadHandle, int] | None] | None = None,
+        state: int = _ENDED,
+    ) -> tuple[LoadHandle, int] | None:
+        """End read ``i`` of ``handle`` in ``state``: resolve its key (and the batch, if it
+        was the last); returns what ``claim_next`` claimed under the same hold of the lock."""
+        key = handle._plan[i][1]
         with self._lock:
-            handle._states[i] = _ENDED
+            handle._states[i] = state
             if error is not None:
                 handle._errors[key] = error
             handle._left -= 1
             last = handle._left == 0
             future = handle._key_futures.get(key) if handle._key_futures is not None else None
+            claimed = claim_next() if claim_next is not None else None
         if future is not None:
             _resolve(future, error)
         if last:
             self._complete(handle)
+        return claimed
 
     def _complete(self, handle: LoadHandle) -> None:
-        """Count the batch, resolve its future (its callbacks run), free its slot."""
-        errors = handle._errors  # no read is left to change it
+        """Unpin the batch's read buckets, count the batch, resolve its future
+        (its callbacks run), free its slot."""
+        errors, states = handle._errors, handle._states  # no read is left to change them
+        self._reads.unpin([read[0] for read, state in zip(handle._plan, states) if state == _ENDED])
         loaded = [meta.size for _, key, meta, _ in handle._plan if key not in errors]
         seconds = None if errors else time.perf_counter() - handle._started
         try:
@@ -317,7 +358,7 @@ class Loads:
             future = handle._key_futures[key] = Future()
             future.set_running_or_notify_cancel()
             position = handle._positions.get(key)
-            ended = key in handle._errors or (position is not None and handle._states[position] == _ENDED)
+            ended = key in handle._errors or (position is not None and handle._states[position] >= _ENDED)
         if ended:
             _resolve(future, handle._errors.get(key))
         return future
@@ -326,8 +367,10 @@ class Loads:
         """Cancel ``handle``'s reads that have not started; return how many."""
         with self._lock:
             cancelled = [i for i in range(len(handle._plan)) if self._claim_locked(handle, i)]
+        self._reads.unpin([handle._plan[i][0] for i in cancelled])
         for i in cancelled:
-            self._end(handle, i, CancelledError(f"the load of key {handle._plan[i][1]!r} was cancelled before it started"))
+            error = CancelledError(f"the load of key {handle._plan[i][1]!r} was cancelled before it started")
+            self._end(handle, i, error, state=_CANCELLED)
         return len(cancelled)
 
     # -- closing --------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..errors import CorruptionError, KeyNotFound, KvBucketError, StorageIOError
 from .checksum import crc32c_of
 from .datafile import open_for_read, read_value
 from .format import data_name
-from .fs import FileSystem, run_io
+from .fs import FileSystem, io_failure
 from .index import Bucket, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,12 @@ class ReadPath:
     # -- I/O ------------------------------------------------------------------
     def read(self, bucket: Bucket, key: str, meta: ObjectMeta, view: list[memoryview]) -> None:
         """Read one object of pinned ``bucket``: the right bytes, or a typed error naming key and bucket."""
-        got = run_io(
-            f"reading key {key!r} from bucket {meta.bucket_id}",
-            self._dir,
-            lambda: read_value(self._fs, bucket.fd, meta.offset, view, self._direct_reads),
-        )
+        try:
+            got = read_value(self._fs, bucket.fd, meta.offset, view, self._direct_reads)
+        except StorageIOError:
+            raise
+        except OSError as exc:  # the message is composed only on failure: reads are the hot path
+            raise io_failure(f"reading key {key!r} from bucket {meta.bucket_id}", self._dir, exc) from exc
         if got != meta.size:
             self._on_corrupt(True)
             raise CorruptionError(f"key {key!r}: bucket {meta.bucket_id}'s data file ends {meta.size - got} bytes early")
