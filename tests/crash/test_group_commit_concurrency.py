@@ -9,8 +9,9 @@ checks, at each call, what the commit protocol requires of that moment:
   ``fsync`` returned;
 * the directory ``fsync`` comes after every rename, with no other call of
   the group in flight and no file of it open for writing;
-* nothing is unlinked while a call is in flight or a file of the group is
-  open for writing (a failed group is removed only once every task ended).
+* no file of a bucket is unlinked while a call on that bucket's files is
+  in flight or one of them is open for writing (a failed group is removed
+  only once every task ended).
 
 The data syncs of a group meet at a barrier, so a group that ran them one
 after another fails. Two canaries (a meta published beside its data rather
@@ -23,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, as_completed
 from functools import partial
@@ -53,8 +55,9 @@ class OrderCheckingFS(FdNames):
     """Runs group commits concurrently and records each protocol break in ``violations``.
 
     ``events`` lists ``(call, file name, thread name)`` in the order the
-    calls started. ``data_sync_gate``, when set, is called with the bucket id
-    at the start of each data ``fdatasync`` (tests hold or fail syncs there).
+    calls started. ``sync_gate``, when set, is called with the file name at
+    the start of each sync of a data file or temporary meta (tests hold or
+    fail syncs there).
     """
 
     concurrent_syncs = True
@@ -67,11 +70,12 @@ class OrderCheckingFS(FdNames):
         self.data_synced: set[str] = set()  # bucket ids whose data fdatasync returned
         self.meta_synced: set[str] = set()  # temporary metas whose fsync returned
         self.unrenamed: set[str] = set()  # temporary metas created, not yet renamed
-        self.writing: set[int] = set()  # descriptors of group files open for writing
+        self.writing: dict[int, str] = {}  # descriptors of group files open for writing -> bucket id
         self.in_flight = 0
-        self.data_sync_gate: Callable[[str], None] | None = None
+        self.busy: Counter[str] = Counter()  # bucket id -> calls on its files in flight
+        self.sync_gate: Callable[[str], None] | None = None
         self.renamed = threading.Event()
-        self.unlinking = threading.Event()
+        self.unlinked_busy = threading.Event()
 
     def clear_events(self) -> None:
         with self._state:
@@ -81,10 +85,14 @@ class OrderCheckingFS(FdNames):
         with self._state:
             self.events.append((call, name, threading.current_thread().name))
             self.in_flight += 1
+            if _group_file(name):
+                self.busy[_bucket(name)] += 1
 
-    def _leave(self) -> None:
+    def _leave(self, name: str) -> None:
         with self._state:
             self.in_flight -= 1
+            if _group_file(name):
+                self.busy[_bucket(name)] -= 1
 
     def _violation(self, what: str) -> None:
         with self._state:
@@ -95,14 +103,14 @@ class OrderCheckingFS(FdNames):
         try:
             return operation()
         finally:
-            self._leave()
+            self._leave(name)
 
     def open(self, path, flags, mode=0o644):
         name = os.path.basename(path)
         fd = self._run("open", name, lambda: super(OrderCheckingFS, self).open(path, flags, mode))
         if _group_file(name) and flags & os.O_CREAT:
             with self._state:
-                self.writing.add(fd)
+                self.writing[fd] = _bucket(name)
                 if name.endswith(".meta.tmp"):
                     self.unrenamed.add(name)
         return fd
@@ -111,7 +119,7 @@ class OrderCheckingFS(FdNames):
         name = self.fd_name.get(fd, "")
         self._run("close", name, lambda: super(OrderCheckingFS, self).close(fd))
         with self._state:
-            self.writing.discard(fd)
+            self.writing.pop(fd, None)
 
     def pwritev(self, fd, buffers, offset):
         return self._run("pwritev", self.fd_name.get(fd, ""), lambda: super(OrderCheckingFS, self).pwritev(fd, buffers, offset))
@@ -122,22 +130,21 @@ class OrderCheckingFS(FdNames):
     def fdatasync(self, fd):
         name = self.fd_name.get(fd, "")
 
-        def sync() -> None:
-            if name.endswith(".bucket") and self.data_sync_gate is not None:
-                self.data_sync_gate(_bucket(name))
-            super(OrderCheckingFS, self).fdatasync(fd)
-
-        self._run("fdatasync", name, sync)
+        self._run("fdatasync", name, lambda: self._gate(name) or super(OrderCheckingFS, self).fdatasync(fd))
         if name.endswith(".bucket"):
             with self._state:
                 self.data_synced.add(_bucket(name))
 
     def fsync(self, fd):
         name = self.fd_name.get(fd, "")
-        self._run("fsync", name, lambda: super(OrderCheckingFS, self).fsync(fd))
+        self._run("fsync", name, lambda: self._gate(name) or super(OrderCheckingFS, self).fsync(fd))
         if name.endswith(".meta.tmp"):
             with self._state:
                 self.meta_synced.add(name)
+
+    def _gate(self, name: str) -> None:
+        if _group_file(name) and self.sync_gate is not None:
+            self.sync_gate(name)
 
     def rename(self, src, dst):
         name = os.path.basename(src)
@@ -162,11 +169,12 @@ class OrderCheckingFS(FdNames):
 
     def unlink(self, path):
         name = os.path.basename(path)
+        bucket_id = _bucket(name)
         with self._state:
-            busy = (self.in_flight, len(self.writing))
+            busy = (self.busy[bucket_id], sum(b == bucket_id for b in self.writing.values()))
         if busy != (0, 0):
-            self._violation(f"{name} unlinked with {busy[0]} call(s) in flight and {busy[1]} file(s) open for writing")
-        self.unlinking.set()
+            self._violation(f"{name} unlinked with {busy[0]} call(s) on its bucket in flight and {busy[1]} of its files open for writing")
+            self.unlinked_busy.set()
         self._run("unlink", name, lambda: super(OrderCheckingFS, self).unlink(path))
 
 
@@ -182,27 +190,50 @@ def fs_and_store(tmp_path) -> Iterator[tuple[OrderCheckingFS, BucketStore]]:
         yield fs, store
 
 
-def data_syncs_meet(fs: OrderCheckingFS, parties: int = GROUP) -> threading.Barrier:
-    """Every data fdatasync waits until ``parties`` of them have started."""
-    barrier = threading.Barrier(parties, timeout=WAIT_S)
-    fs.data_sync_gate = lambda bucket_id: barrier.wait() and None
-    return barrier
+def syncs_meet(fs: OrderCheckingFS, suffix: str, *, fail_one: bool = False, others_wait_for: threading.Event | None = None) -> threading.Event:
+    """The syncs of files ending in ``suffix`` wait until ``GROUP`` of them
+    started (chaining onto the gate already set for other files). With
+    ``fail_one``, one of them raises EIO and sets the returned event, and the
+    others wait for ``others_wait_for`` (by default that event) before syncing:
+    they are mid-sync when the error is raised."""
+    barrier = threading.Barrier(GROUP, timeout=WAIT_S)
+    failed = threading.Event()
+    released = others_wait_for or failed
+    earlier = fs.sync_gate
+
+    def gate(name: str) -> None:
+        if not name.endswith(suffix):
+            if earlier is not None:
+                earlier(name)
+            return
+        first = barrier.wait() == 0
+        if fail_one and first:
+            failed.set()
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if fail_one:
+            released.wait(WAIT_S)
+
+    fs.sync_gate = gate
+    return failed
 
 
 def group_files(directory) -> set[str]:
     return {n for n in os.listdir(directory) if n != "LOCK"}
 
 
-def test_group_runs_its_data_syncs_concurrently_in_protocol_order(fs_and_store):
+def test_group_runs_each_phase_concurrently_in_protocol_order(fs_and_store):
     fs, store = fs_and_store
-    data_syncs_meet(fs)
+    syncs_meet(fs, ".bucket")
+    syncs_meet(fs, ".meta.tmp")
     group = batches("g")
     ids = store.offload_group(group)
     assert not fs.violations, fs.violations
-    data_threads = {thread for call, name, thread in fs.events if call == "fdatasync" and name.endswith(".bucket")}
-    assert len(data_threads) == GROUP and all(t.startswith("kvbucket-commit") for t in data_threads), data_threads
-    assert [e[0] for e in fs.events].count("fsync_dir") == 1
-    assert fs.events[-1][0] == "fsync_dir", "the group returned before its directory fsync was its last call"
+    for suffix in (".bucket", ".meta.tmp"):
+        threads = {thread for call, name, thread in fs.events if call in ("fdatasync", "fsync") and name.endswith(suffix)}
+        assert len(threads) == GROUP and all(t.startswith("kvbucket-commit") for t in threads), (suffix, threads)
+    calls = [call for call, _, _ in fs.events]
+    assert calls.count("fdatasync") == calls.count("fsync") == GROUP and calls.count("fsync_dir") == 1
+    assert calls[-1] == "fsync_dir", "the group returned before its directory fsync was its last call"
     assert len(set(ids)) == GROUP
     for batch in group:
         assert store.batch_get(list(batch)) == batch
@@ -219,31 +250,24 @@ def test_lone_bucket_makes_its_calls_in_turn_on_the_callers_thread(fs_and_store)
     assert not fs.violations, fs.violations
 
 
-def test_failed_data_sync_removes_the_group_after_every_task_ended(fs_and_store):
+@pytest.mark.parametrize("suffix", [".bucket", ".meta.tmp"], ids=["data_fdatasync", "meta_fsync"])
+def test_failed_sync_removes_the_group_after_every_task_ended(fs_and_store, suffix):
     fs, store = fs_and_store
     before = group_files(store.path)
-    failed = threading.Event()
-    barrier = threading.Barrier(GROUP, timeout=WAIT_S)
-
-    def gate(bucket_id: str) -> None:
-        if barrier.wait() == 0:
-            failed.set()
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        failed.wait(WAIT_S)  # the others are mid-sync when the failure is raised
-
-    fs.data_sync_gate = gate
+    failed = syncs_meet(fs, suffix, fail_one=True)
     group = batches("f")
     with pytest.raises(StorageIOError):
         store.offload_group(group)
     assert failed.is_set()
     assert not fs.violations, fs.violations
     calls = [(call, name) for call, name, _ in fs.events]
-    first_unlink = next(i for i, (call, _) in enumerate(calls) if call == "unlink")
-    data_closes = [i for i, (call, name) in enumerate(calls) if call == "close" and name.endswith(".bucket")]
-    assert len(data_closes) == GROUP and max(data_closes) < first_unlink, "a data file was still open at the first unlink"
+    first_cleanup = next(i for i, (call, name) in enumerate(calls) if call == "unlink" and not name.endswith(".meta.tmp"))
+    closes = [i for i, (call, name) in enumerate(calls) if call == "close" and name.endswith(suffix)]
+    assert len(closes) == GROUP and max(closes) < first_cleanup, "a file of the group was still open when its cleanup began"
+    assert "fsync_dir" not in {call for call, _ in calls}
     assert group_files(store.path) == before, "a file of the failed group was left"
     assert not any(store.batch_exists([k for batch in group for k in batch]))
-    fs.data_sync_gate = None
+    fs.sync_gate = None
     store.offload_group(group)  # the store goes on
     for batch in group:
         assert store.batch_get(list(batch)) == batch
@@ -278,7 +302,12 @@ def concurrently_without_waiting(pool: Executor, tasks: Sequence[Callable[[], in
 def test_canary_meta_renamed_before_its_data_sync_is_caught(fs_and_store, monkeypatch):
     fs, store = fs_and_store
     monkeypatch.setattr(bucket_files, "write_group", write_group_meta_beside_data)
-    fs.data_sync_gate = lambda bucket_id: fs.renamed.wait(WAIT_S) and None  # the data syncs wait for a meta's rename
+
+    def data_syncs_wait_for_a_rename(name: str) -> None:
+        if name.endswith(".bucket"):
+            fs.renamed.wait(WAIT_S)
+
+    fs.sync_gate = data_syncs_wait_for_a_rename
     store.offload_group(batches("c"))
     assert any("before its data's fdatasync returned" in v for v in fs.violations), fs.violations
 
@@ -286,14 +315,7 @@ def test_canary_meta_renamed_before_its_data_sync_is_caught(fs_and_store, monkey
 def test_canary_cleanup_before_every_task_ended_is_caught(fs_and_store, monkeypatch):
     fs, store = fs_and_store
     monkeypatch.setattr(commit, "_concurrently", concurrently_without_waiting)
-    barrier = threading.Barrier(GROUP, timeout=WAIT_S)
-
-    def gate(bucket_id: str) -> None:
-        if barrier.wait() == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        fs.unlinking.wait(WAIT_S)  # the others are mid-sync when the cleanup begins
-
-    fs.data_sync_gate = gate
+    syncs_meet(fs, ".bucket", fail_one=True, others_wait_for=fs.unlinked_busy)
     with pytest.raises(StorageIOError):
         store.offload_group(batches("u"))
     assert any("unlinked with" in v for v in fs.violations), fs.violations

@@ -37,8 +37,8 @@ from .write_mode import WriteMode
 __all__ = ["BucketFiles", "COMMIT_THREADS"]
 
 COMMIT_THREADS = 8
-"""Buckets of a group written and synced at once: enough to keep an SSD's
-queue busy with the syncs of 4 MiB buckets (docs/BENCHMARKS.md)."""
+"""Buckets of a group written and synced at once; 4 to 16 measured alike
+with 4 MiB buckets (docs/BENCHMARKS.md, "Group commit")."""
 
 
 class BucketFiles:
