@@ -276,6 +276,7 @@ class BucketStore:
                 return
             self._loads.close()
             self._reads.close()
+            self._files.close()
             _close_quietly(self._dir, "finishing deletions", self._files.finish_deletions)
             _close_quietly(self._dir, "publishing usage in the budget", self._member.leave)
             self._member.close()

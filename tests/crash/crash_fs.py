@@ -93,7 +93,15 @@ def _join(buffers: Sequence[memoryview], nbytes: int) -> bytes:
 
 
 class ForwardingFS(FileSystem):
-    """A FileSystem that forwards every primitive to ``inner``."""
+    """A FileSystem that forwards every primitive to ``inner``.
+
+    ``concurrent_syncs`` is False: the harnesses count calls (kill and fault
+    points by call number, re-run per point) and record one order of them
+    (power loss), so a group commit makes its calls in turn on one thread.
+    The concurrent path is checked by ``test_group_commit_concurrency``.
+    """
+
+    concurrent_syncs = False
 
     def __init__(self, inner: FileSystem | None = None) -> None:
         self.inner = inner if inner is not None else FileSystem()

@@ -8,15 +8,24 @@ import os
 
 import crash_harness as H
 import crash_power as P
-from crash_fs import CANARIES, NoUnlinkFS, unknown_seam_methods
+from crash_fs import CANARIES, GROUP_CANARIES, FaultFS, ForwardingFS, KillFS, NoUnlinkFS, RecordingFS, unknown_seam_methods
 from crash_sweeps import kill_sweep
 from kvbucket import BucketStore
+from kvbucket._core.fs import FileSystem
 
 
 def test_seam_is_fully_wrapped():
     """Every FileSystem method is known to the wrappers; a new primitive would
     bypass the recorder and the fault injector silently."""
     assert not unknown_seam_methods(), f"update crash_fs for new FileSystem methods: {unknown_seam_methods()}"
+
+
+def test_harness_file_systems_run_group_commits_in_turn():
+    """The sweeps count calls and replay by call number: a group commit of
+    theirs makes its calls in one order, on one thread."""
+    assert FileSystem.concurrent_syncs, "production runs a group's syncs concurrently"
+    for wrapper in (ForwardingFS, KillFS, FaultFS, RecordingFS, *CANARIES.values(), *GROUP_CANARIES.values()):
+        assert wrapper.concurrent_syncs is False, wrapper.__name__
 
 
 def _store_with(path: str, pairs: dict[str, bytes]) -> int:

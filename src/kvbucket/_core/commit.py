@@ -8,7 +8,11 @@ Order of a write (docs/FORMAT.md, "Commit protocol"):
 4. ``fsync`` the directory.
 
 A group (:func:`write_group`) runs step 1 for every bucket, then steps 2-3
-for every bucket, then one step 4.
+for every bucket, then one step 4. A durable group of several buckets runs
+each phase's buckets concurrently on the pool it is given (their syncs are
+independent: each bucket's order is kept by its own task), and every task
+of a phase has ended before the next phase, the directory ``fsync`` or the
+cleanup of a failure begins.
 
 Invariant: ``<id>.meta`` names a bucket only after its data file is durable,
 and it appears atomically (rename), so a crash anywhere leaves either no meta
@@ -25,13 +29,17 @@ import logging
 import os
 from array import array
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
+from functools import partial
+from typing import NamedTuple, TypeVar
 
 from .datafile import write_values
 from .format import BucketMeta, data_name, encode_meta, meta_name, tmp_name
 from .fs import O_DIRECT, FileSystem
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 __all__ = ["NewBucket", "write_group", "publish_meta", "delete_bucket_files", "unlink_if_present"]
 
@@ -44,31 +52,66 @@ class NewBucket(NamedTuple):
     checksums: Callable[[], array[int]] | None
 
 
-def write_group(fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *, durable: bool) -> list[int]:
+def write_group(
+    fs: FileSystem, directory: str, buckets: Sequence[NewBucket], *, durable: bool, pool: Executor | None = None
+) -> list[int]:
     """Write and commit new buckets (one or several) with one directory
     ``fsync``; return each one's allocated bytes.
 
     Every data file is written and synced, then every meta is published
     (temporary, ``fsync``, ``rename``), then the directory is synced once:
     each bucket keeps the order data, meta, directory, and none is durable
-    for the caller before that last sync. On any failure every bucket's
-    files are removed before the error propagates. A bucket's
-    ``checksums``, when given, supplies ``meta.crcs`` once its data is
-    durable (the caller computes them while the data is written).
+    for the caller before that last sync. When ``durable``, the group has
+    several buckets, ``pool`` is given and ``fs.concurrent_syncs`` is true,
+    each phase runs its buckets concurrently on ``pool``; otherwise every
+    call is made in turn on the caller's thread. On any failure every task
+    has ended before every bucket's files are removed and the first error
+    propagates. A bucket's ``checksums``, when given, supplies ``meta.crcs``
+    once its data is durable (the caller computes them while the data is
+    written).
     """
+    run = _in_turn if pool is None or len(buckets) < 2 or not durable or not fs.concurrent_syncs else partial(_concurrently, pool)
     try:
-        physical = [_write_data(fs, directory, b.meta, b.values, durable=durable) for b in buckets]
+        physical = run([partial(_write_data, fs, directory, b.meta, b.values, durable=durable) for b in buckets])
         for bucket in buckets:
             if bucket.checksums is not None:
                 bucket.meta.crcs = bucket.checksums()
-        physical = [p + _publish(fs, directory, b.meta, durable=durable) for p, b in zip(physical, buckets)]
+        published = run([partial(_publish, fs, directory, b.meta, durable=durable) for b in buckets])
         if durable:
             fs.fsync_dir(directory)
-        return physical
+        return [p + q for p, q in zip(physical, published)]
     except BaseException:
         for bucket in buckets:
             _discard(fs, directory, bucket.meta.bucket_id)
         raise
+
+
+def _in_turn(tasks: Sequence[Callable[[], _T]]) -> list[_T]:
+    """Each task's result, the tasks run one after another on this thread."""
+    return [task() for task in tasks]
+
+
+def _concurrently(pool: Executor, tasks: Sequence[Callable[[], _T]]) -> list[_T]:
+    """Each task's result, the tasks run on ``pool``; raises the first
+    failed task's error (in task order).
+
+    Invariant: when this returns or raises, no task is running or will run
+    (after a failure the tasks not yet started are cancelled, the others
+    waited for), so the caller may remove what any task created.
+    """
+    futures: list[Future[_T]] = []
+    try:
+        futures.extend(pool.submit(task) for task in tasks)
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+    errors = (future.exception() for future in futures if not future.cancelled())
+    first = next((error for error in errors if error is not None), None)
+    if first is not None:
+        raise first
+    return [future.result() for future in futures]
 
 
 def _write_data(fs: FileSystem, directory: str, meta: BucketMeta, values: Sequence[Sequence[memoryview]], *, durable: bool) -> int:

@@ -35,6 +35,12 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 class FileSystem:
     """POSIX file operations, one method per system call."""
 
+    concurrent_syncs: bool = True
+    """Whether the store may run the independent writes and syncs of a group
+    commit on several threads at once (each file's own calls stay in order).
+    A file system that is not thread-safe, or whose calls must come in one
+    reproducible order (a recorder replayed by call number), says False."""
+
     # -- primitives -------------------------------------------------------
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         """A new descriptor (close-on-exec) of ``path`` opened with ``flags``; raises

@@ -5,9 +5,10 @@ and the batches before it in the group (:class:`KeyExists`, or left out),
 its size against the bucket limits. Room is made for the whole group (the
 store's limits, then the shared budget), then every bucket is written and
 committed with one directory ``fsync``
-(:meth:`~kvbucket._core.bucket_files.BucketFiles.add_group`). A bucket's
-checksums are computed on the read path's helper threads while its data is
-written. A bucket whose ``on_complete`` raises is rolled back (deleted).
+(:meth:`~kvbucket._core.bucket_files.BucketFiles.add_group`; in strict
+durability the buckets' data files, then their metas, are written and
+synced concurrently on the commit pool). A bucket's checksums are computed
+on the read path's helper threads while its data is written. A bucket whose ``on_complete`` raises is rolled back (deleted).
 
 :class:`GroupCommit` holds no state of its own: it runs holding the store's
 writer lock, and its components take their own locks.

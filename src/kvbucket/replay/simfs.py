@@ -58,6 +58,8 @@ class _Open:
 class SimulatedFileSystem(FileSystem):
     """A directory tree in memory; ``root`` (and its parents) exist from the start."""
 
+    concurrent_syncs = False  # its counters are not thread-safe, and its syncs cost nothing
+
     def __init__(self, root: str) -> None:
         self._root = _Directory(inode=1)
         self._descriptors: dict[int, _Open] = {}
