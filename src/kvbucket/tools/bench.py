@@ -847,6 +847,10 @@ REPORT_ROWS = (("write", "durable write"), ("read", "cold random read"), ("async
 """The rows of :func:`format_report`: a ratio name of :data:`RATIO_OPS` and its label."""
 
 
+LABEL_WIDTH = 56
+"""Width of the report's row labels (the longest: an async read row of the default mode)."""
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of a :func:`run` result, with the ratios."""
     wl = result["workload"]
@@ -866,7 +870,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"async: submit_load with {wl.get('depth', '?')} batches in flight, against {wl['threads']} threads "
         "of os.preadv with no barrier between batches",
         "",
-        f"{'':44}{'raw MiB/s':>22}  {'kvbucket MiB/s':>22}  {'ratio':>6}",
+        f"{'':{LABEL_WIDTH}}{'raw MiB/s':>22}  {'kvbucket MiB/s':>22}  {'ratio':>6}",
     ]
     for op, label in REPORT_ROWS:
         _, kv, raw = next(row for row in RATIO_OPS if row[0] == op)
@@ -876,7 +880,7 @@ def format_report(result: dict[str, Any]) -> str:
                 continue
             row = f"{label} ({mode})" + (" [default]" if mode == default else "") + ("" if mode in raw_modes else " [vs best raw]")
             base = m.get(f"raw_{raw}_{mode}") if mode in raw_modes else best_raw
-            lines.append(f"{row:44}{_fmt(base):>22}  {_fmt(m.get(f'kv_{kv}_{mode}')):>22}  {_x(r.get(f'{op}_{mode}')):>6}")
+            lines.append(f"{row:{LABEL_WIDTH}}{_fmt(base):>22}  {_fmt(m.get(f'kv_{kv}_{mode}')):>22}  {_x(r.get(f'{op}_{mode}')):>6}")
     for op, _ in REPORT_ROWS:
         lines.append(f"best kvbucket mode / best raw mode, {op.replace('_', ' ')}: {_x(r.get(f'{op}_best'))}")
     if default is not None:
