@@ -270,7 +270,8 @@ def size_table(label: str, size: dict[str, Any], default: str | None = None) -> 
     lines = [
         f"### {label} objects ({size['n_objects']} objects, {size['bytes'] / MiB:.0f} MiB)",
         "",
-        f"Raw reference: write = {ref['write']['system']}, read = {ref['read']['system']} (the faster fio mode).",
+        f"Raw reference: write = {ref['write']['system']}, read = {ref['read']['system']} "
+        "(the faster raw mode: fio's where fio is installed, else the Python loop's).",
         "",
         "| system | durable | write MiB/s median (min–max) | × raw | cold random read MiB/s median (min–max) | × raw | exists keys/s |",
         "|---|---|---|---|---|---|---|",
