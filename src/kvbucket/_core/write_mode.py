@@ -32,11 +32,12 @@ from .fs import O_DIRECT, FileSystem, run_io
 
 __all__ = ["AUTO_DIRECT_MIN_OBJECT", "WriteMode", "reads_direct", "accepts_direct", "writer_mode"]
 
-AUTO_DIRECT_MIN_OBJECT = 256 << 10
+AUTO_DIRECT_MIN_OBJECT = 128 << 10
 """Least mean object size of a bucket that ``auto`` writes with O_DIRECT.
-Measured with durable offloads in 256 MiB buckets: buffered writes were
-faster at 64 KiB (870 vs 659 MiB/s), O_DIRECT at 1 MiB (965 vs 848 MiB/s);
-``benchmarks/io_mode.py`` sweeps the sizes between."""
+``benchmarks/io_mode.py`` (durable offloads in 256 MiB buckets, the store's
+O_DIRECT write speed over its buffered one, median of the trials): 0.89x at
+64 KiB, 1.13x at 128 KiB (two runs alike), 0.95-1.11x at 256 KiB, 1.20-1.23x
+at 512 KiB, 1.19x at 1 MiB."""
 
 
 def reads_direct(io_mode: str) -> bool:
