@@ -127,7 +127,9 @@ class BucketConfig:
     """How long :meth:`~kvbucket.BucketStore.group_for_offload` may carry a
     partial bucket before emitting it anyway (0 disables the time flush)."""
     io_threads: int = 8
-    """Load threads: objects read in parallel, across every load in flight."""
+    """Load threads: objects read in parallel, across every load in flight.
+    Eight saturate a local NVMe-class disk at 1 MiB (cold random loads as
+    fast as with 16); raise it for small objects on a faster device."""
     load_queue_depth: int = 64
     """Most load batches in flight (submitted and not yet done); a
     :meth:`~kvbucket.BucketStore.submit_load` beyond it waits for one to
