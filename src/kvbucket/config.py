@@ -128,8 +128,8 @@ class BucketConfig:
     partial bucket before emitting it anyway (0 disables the time flush)."""
     io_threads: int = 8
     """Load threads: objects read in parallel, across every load in flight.
-    Eight saturate a local NVMe-class disk at 1 MiB (cold random loads as
-    fast as with 16); raise it for small objects on a faster device."""
+    Eight loaded 1 MiB objects cold as fast as sixteen on the disk measured
+    (docs/BENCHMARKS.md); raise it for small objects on a faster device."""
     load_queue_depth: int = 64
     """Most load batches in flight (submitted and not yet done); a
     :meth:`~kvbucket.BucketStore.submit_load` beyond it waits for one to
