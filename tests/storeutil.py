@@ -131,3 +131,14 @@ class SetOnRecord(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.fragment in record.getMessage():
             self.event.set()
+
+
+class ReprCountingKey(str):
+    """A key that counts how often its ``repr`` is composed (error messages
+    use it); set ``reprs`` to 0 before the calls counted."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        type(self).reprs += 1
+        return super().__repr__()

@@ -19,7 +19,7 @@ from kvbucket import BucketStore, LoadHandle
 from kvbucket._core.format import data_name
 from kvbucket._core.fs import FileSystem
 from kvbucket.errors import CapacityExceeded, CorruptionError, InvalidArgument, KeyNotFound, SizeMismatch, StorageIOError, StoreClosed
-from storeutil import SetOnRecord, value_for
+from storeutil import ReprCountingKey, SetOnRecord, value_for
 
 SIZE = 64 << 10
 
@@ -236,15 +236,6 @@ def test_a_batch_unpins_its_buckets_in_one_call(store_dir: Path, monkeypatch: py
         assert calls == [32]
         assert buffers == _values(*keys)
 
-
-class ReprCountingKey(str):
-    """A key that counts how often its ``repr`` is composed (error messages use it)."""
-
-    reprs = 0
-
-    def __repr__(self) -> str:
-        type(self).reprs += 1
-        return super().__repr__()
 
 
 def test_a_load_composes_no_message_naming_a_key_that_loads(store_dir: Path) -> None:

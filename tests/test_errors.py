@@ -22,7 +22,7 @@ from kvbucket.errors import (
     StoreClosed,
     StoreLocked,
 )
-from storeutil import snapshot
+from storeutil import ReprCountingKey, snapshot
 
 
 @pytest.fixture
@@ -190,23 +190,15 @@ def test_every_error_class_is_exported_from_kvbucket() -> None:
         assert name in kvbucket.__all__
 
 
-class _ReprCountingKey(str):
-    """A key that counts how often an error message was composed for it."""
-
-    reprs = 0
-
-    def __repr__(self) -> str:
-        type(self).reprs += 1
-        return super().__repr__()
-
 
 def test_a_valid_batch_composes_no_error_message(store_dir: Path) -> None:
     """Naming a key in an error costs a repr; a batch with nothing wrong pays
     none (per-object cost), while a bad value still names its key."""
-    keys = [_ReprCountingKey(f"k{i}") for i in range(8)]
+    ReprCountingKey.reprs = 0
+    keys = [ReprCountingKey(f"k{i}") for i in range(8)]
     with BucketStore.open(store_dir) as store:
         store.batch_offload({k: np.full(16, i, dtype=np.uint8) for i, k in enumerate(keys)})
-        assert _ReprCountingKey.reprs == 0
+        assert ReprCountingKey.reprs == 0
         assert store.batch_get(["k3"])["k3"] == bytes([3] * 16)
         with pytest.raises(InvalidArgument, match="'bad'"):
-            store.batch_offload({_ReprCountingKey("bad"): np.zeros((4, 4))[:, 1]})
+            store.batch_offload({ReprCountingKey("bad"): np.zeros((4, 4))[:, 1]})

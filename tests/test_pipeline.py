@@ -27,7 +27,7 @@ from kvbucket._core.format import FileKind, parse_name
 from kvbucket._core.fs import FileSystem
 from kvbucket.errors import CapacityExceeded, InvalidArgument, KvBucketError, SizeMismatch, StoreClosed
 from kvbucket.pipeline import OffloadQueue
-from storeutil import value_for
+from storeutil import ReprCountingKey, value_for
 
 SIZE = 4096
 
@@ -489,15 +489,6 @@ def test_bad_keys_and_values_stage_nothing(store: BucketStore) -> None:
             queue.put_batch({})
         assert queue.stats().staged_keys == 0
 
-
-class ReprCountingKey(str):
-    """A key that counts how often its ``repr`` is composed (error messages use it)."""
-
-    reprs = 0
-
-    def __repr__(self) -> str:
-        type(self).reprs += 1
-        return super().__repr__()
 
 
 def test_staging_a_good_value_composes_no_message_naming_its_key(store: BucketStore) -> None:
