@@ -54,18 +54,14 @@ def admitted(budget: Budget | None, directory: str) -> Iterator[None]:
 
 def join_budget(fs: FileSystem, budget: Budget | None, lock: StoreLock | None, directory: str, config: BucketConfig) -> None:
     """Join ``budget`` with the directory's measured usage (before recovery,
-    which only frees space); releases ``lock`` when it fails. Nothing without
-    a budget or without a lock (readonly).
+    which only frees space). Nothing without a budget or without a lock
+    (readonly); when it fails, the caller releases ``lock``.
 
     Requires: inside :func:`admitted`, the writer's ``lock`` taken."""
     if budget is None or lock is None:
         return
-    try:
-        count_foreign = config.physical_scope == "directory"
-        run_io("joining the budget", directory, lambda: budget.join(measure_store(fs, directory, foreign=count_foreign).total))
-    except BaseException:
-        lock.release()
-        raise
+    count_foreign = config.physical_scope == "directory"
+    run_io("joining the budget", directory, lambda: budget.join(measure_store(fs, directory, foreign=count_foreign).total))
 
 
 class BudgetMember:
