@@ -171,13 +171,7 @@ class Loads:
         ``timeout`` seconds (None: as long as it takes), then raises
         :class:`CapacityExceeded`. Raises :class:`StoreClosed` once closed.
         """
-        self._enter(timeout)
-        try:
-            handle = self._start(views, op, partial=True, helping=False)
-        except BaseException:
-            self._leave()
-            raise
-        return handle
+        return self._admit(views, op, timeout, partial=True, helping=False)
 
     def run(self, views: Mapping[str, list[memoryview]], op: str) -> None:
         """Load the batch ``views`` and wait for it; raise the first failed key's error.
@@ -185,14 +179,19 @@ class Loads:
         A key not stored, or a buffer of the wrong size, raises before
         anything is read. The caller reads its own batch too while it waits.
         """
-        self._enter(None)
+        handle = self._admit(views, op, None, partial=False, helping=True)
+        self._help(handle)
+        handle.result()
+
+    def _admit(self, views: Mapping[str, list[memoryview]], op: str, timeout: float | None, *, partial: bool, helping: bool) -> LoadHandle:
+        """Take a slot of the queue depth (see :meth:`_enter`), then :meth:`_start`
+        the batch; the slot is given back if the start fails."""
+        self._enter(timeout)
         try:
-            handle = self._start(views, op, partial=False, helping=True)
+            return self._start(views, op, partial, helping)
         except BaseException:
             self._leave()
             raise
-        self._help(handle)
-        handle.result()
 
     def _enter(self, timeout: float | None) -> None:
         """Take a slot of the queue depth, waiting up to ``timeout`` seconds for one."""
