@@ -108,6 +108,16 @@ def _bucket_sizes(b: int, sizes, direct_every: int):
     return AUTO_DIRECT_SIZES if direct_every and b % direct_every == 1 else sizes
 
 
+def check_strict_sweep(failures, stats, root, io_mode: str) -> None:
+    """A strict power-loss sweep under ``root`` checked states beyond its crash
+    points and found no failure; under ``auto`` its recorded store holds
+    buckets of both layouts."""
+    assert stats["states_checked"] > stats["crash_points_tried"]
+    assert not failures, format_failures(failures)
+    if io_mode == "auto":
+        assert layouts(os.path.join(root, "recorded")) == {True, False}, "the workload wrote both layouts"
+
+
 def layouts(path) -> set[bool]:
     """The aligned flags of the metas in the store directory ``path``."""
     return {

@@ -41,10 +41,7 @@ def test_powerloss_group_strict(tmp_path, crash_counts, small_writes, io_mode, m
     kw = sweep_kw(4) if io_mode != "auto" or H.FULL else {"point_budget": 40, "n_random": 4}
     failures, stats = powerloss_sweep(tmp_path, ops, config, seed=4, **kw)
     crash_counts(**stats)
-    assert stats["states_checked"] > stats["crash_points_tried"]
-    assert not failures, H.format_failures(failures)
-    if io_mode == "auto":
-        assert H.layouts(tmp_path / "recorded") == {True, False}, "the workload wrote both layouts"
+    H.check_strict_sweep(failures, stats, tmp_path, io_mode)
 
 
 def test_powerloss_group_relaxed(tmp_path, crash_counts, small_writes):

@@ -39,10 +39,7 @@ def test_powerloss_strict(tmp_path, crash_counts, small_writes, io_mode, monkeyp
     config = {"durability": "strict", "io_mode": io_mode, "io_threads": 1}
     failures, stats = powerloss_sweep(tmp_path, ops, config, seed=1, **sweep_kw(10**9, 4))
     crash_counts(**stats)
-    assert stats["states_checked"] > stats["crash_points_tried"]
-    assert not failures, H.format_failures(failures)
-    if io_mode == "auto":
-        assert H.layouts(tmp_path / "recorded") == {True, False}, "the workload wrote both layouts"
+    H.check_strict_sweep(failures, stats, tmp_path, io_mode)
 
 
 def test_powerloss_relaxed(tmp_path, crash_counts, small_writes):
